@@ -1,0 +1,1 @@
+"""Evaluation: FID with torch-fidelity."""

@@ -1,0 +1,1 @@
+"""The method: ECT pair schedule, losses, augmentations, sampling, EMA."""

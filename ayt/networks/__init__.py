@@ -1,0 +1,1 @@
+"""Networks: the EDM-preconditioned U-Net and the manifold feature map."""

@@ -1,0 +1,1 @@
+"""Studies: Ray Tune + Optuna sweeps on a shared runner, tracked in MLflow."""

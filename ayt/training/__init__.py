@@ -1,0 +1,1 @@
+"""Training: shared step, single-process loop, pretraining, feature map, Ray Train."""
