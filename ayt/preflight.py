@@ -1,0 +1,347 @@
+"""Checks run on the driver before a study starts trials, each failure naming the field to fix.
+
+On a cluster a wrong storage path, a tracking server that is down or GPUs that no node can
+provide otherwise show up late: after minutes of autoscaling, inside a trial, or as a placement
+group that waits forever. These checks take seconds and stop at the first problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ayt.errors import ConfigError
+
+TRACKING_TIMEOUT_S = 5.0  # per HTTP request to the tracking server
+# Written by `ray up` on the head node: the autoscaler's view of the node types.
+RAY_BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+# Endpoints that answer on an MLflow server without side effects, tried in order.
+_MLFLOW_PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
+
+
+class PreflightError(ConfigError):
+    """A precondition of the study fails. ``str(err)`` is one line: ``field: problem``."""
+
+
+def preflight(
+    cfg: DictConfig | Mapping[str, Any],
+    cluster_resources: Mapping[str, float] | None = None,
+    autoscaler_config: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Check storage, tracking server and GPU capacity; return one line per check.
+
+    Run it after ``ayt.config.load_config`` (types and ranges) and, to see a running cluster,
+    after ``ray.init``.
+
+    ``cluster_resources`` are a running cluster's totals (``ray.cluster_resources()``);
+    ``autoscaler_config`` is a Ray cluster launcher config (``available_node_types``). When
+    both are None they are discovered: the running Ray (if initialised), ``~/ray_bootstrap_config.yaml``
+    on a ``ray up`` head, or the node groups the autoscaler reported to Ray.
+
+    Raises ``PreflightError`` (naming the field) at the first failed check.
+    """
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    lines = [_check_scaling(cfg)]
+    lines.append(_check_writable("ray.storage_path", cfg.ray.get("storage_path"), cfg, "ray"))
+    # The artifact cache is read with plain file APIs (torch.load, torch-fidelity): no URIs.
+    lines.append(_check_writable("cache_dir", cfg.get("cache_dir"), cfg, "cache", uri_ok=False))
+    lines.append(_check_tracking(cfg.tracking.get("uri")))
+    may_autoscale_unseen = False
+    if cluster_resources is None and autoscaler_config is None:
+        cluster_resources, autoscaler_config = _discover_cluster()
+        # A cluster we joined may have an autoscaler whose node types we cannot see.
+        may_autoscale_unseen = autoscaler_config is None and _joins_cluster(cfg)
+    lines.append(_check_capacity(cfg, cluster_resources, autoscaler_config, may_autoscale_unseen))
+    return lines
+
+
+def _joins_cluster(cfg: DictConfig) -> bool:
+    """ray.address null or "local" starts a Ray on this machine; anything else joins a cluster."""
+    return cfg.ray.get("address") not in (None, "local")
+
+
+# --- config -------------------------------------------------------------------------------
+
+def worker_bundle(cfg: DictConfig) -> dict[str, float]:
+    """Resources of one Ray Train worker, as Ray Train computes them (ScalingConfig)."""
+    bundle = {k: float(v) for k, v in (cfg.scaling.get("resources_per_worker") or {}).items() if v}
+    if cfg.scaling.use_gpu:
+        bundle.setdefault("GPU", 1.0)  # use_gpu alone means one GPU per worker
+    elif not bundle:
+        bundle = {"CPU": 1.0}
+    return bundle
+
+
+def _check_scaling(cfg: DictConfig) -> str:
+    """Types and ranges are ``ayt.config.validate_config``'s job; this is what Ray adds."""
+    if not cfg.scaling.use_gpu and (cfg.scaling.get("resources_per_worker") or {}).get("GPU", 0) > 0:
+        # Ray Train's ScalingConfig refuses this combination; say it before Ray does.
+        raise PreflightError("scaling.use_gpu", "is false but scaling.resources_per_worker asks for GPUs")
+    return f"scaling: {cfg.scaling.num_workers} worker(s) per trial, each {_fmt(worker_bundle(cfg))}"
+
+
+# --- storage ------------------------------------------------------------------------------
+
+def _probe_local(path: str) -> None:
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".ayt-preflight-{uuid.uuid4().hex}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
+def _probe_pyarrow(uri: str) -> None:
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    filesystem.create_dir(root, recursive=True)
+    probe = f"{root.rstrip('/')}/.ayt-preflight-{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(probe) as out:
+        out.write(b"ok")
+    filesystem.delete_file(probe)
+
+
+# URI scheme -> probe; "" is a plain path. Any other scheme goes through pyarrow (s3, gs, hdfs, file).
+_STORAGE_PROBES: dict[str, Callable[[str], None]] = {"": _probe_local}
+
+
+def _scheme(location: str) -> str:
+    scheme = urllib.parse.urlparse(location).scheme
+    return scheme if len(scheme) > 1 else ""  # "C:\\..." is a path, not a URI
+
+
+def resolve_location(value: str | None, cfg: DictConfig, default_subdir: str) -> str:
+    """A storage location as the study will use it: null -> <out_dir>/<subdir>, paths absolute."""
+    if value is None:
+        value = os.path.join(str(cfg.out_dir), default_subdir)
+    value = str(value)
+    if _scheme(value):
+        return value
+    return str(Path(value).expanduser().absolute())
+
+
+def _check_writable(field: str, value: str | None, cfg: DictConfig, default_subdir: str,
+                    uri_ok: bool = True) -> str:
+    location = resolve_location(value, cfg, default_subdir)
+    if _scheme(location) and not uri_ok:
+        raise PreflightError(field, f"must be a path (a mount every node shares: NFS, EFS, a PVC), got {location!r}")
+    probe = _STORAGE_PROBES.get(_scheme(location), _probe_pyarrow)
+    try:
+        probe(location)
+    except (OSError, ValueError) as err:  # pyarrow's errors subclass these
+        raise PreflightError(
+            field,
+            f"cannot write {location!r} from the driver ({type(err).__name__}: {_one_line(err)}); "
+            "give a writable location that every node sees "
+            + ("(s3://, gs:// or a shared mount)" if uri_ok else "(a shared mount)"),
+        ) from err
+    shared = _joins_cluster(cfg) and not _scheme(location)
+    note = " (a path: every node must see it as the same shared mount)" if shared else ""
+    return f"{field}: {location} writable from the driver{note}"
+
+
+# --- tracking -----------------------------------------------------------------------------
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's own client would send (its documented environment variables)."""
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _check_tracking(uri: str | None) -> str:
+    if uri is None:
+        return "tracking.uri: sqlite under out_dir, written by the driver only"
+    if _scheme(uri) not in ("http", "https"):
+        return f"tracking.uri: {uri} (not a server; not checked)"
+    problem = "no answer"
+    for path in _MLFLOW_PROBES:
+        request = urllib.request.Request(uri.rstrip("/") + path, headers=_auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=TRACKING_TIMEOUT_S) as response:
+                if 200 <= response.status < 300:
+                    return f"tracking.uri: MLflow server answers at {uri}"
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            problem = f"HTTP {err.code} on {path.split('?')[0]}"
+        except (urllib.error.URLError, OSError) as err:
+            problem = _one_line(getattr(err, "reason", err))
+            break  # nothing listens: the second endpoint cannot answer either
+    raise PreflightError(
+        "tracking.uri",
+        f"no MLflow server answers at {uri} ({problem}); start one "
+        "(`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri ...`) reachable from the driver",
+    )
+
+
+# --- GPUs and capacity --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _NodeGroup:
+    """Nodes of one kind: ``count`` of them (inf: unbounded), ``resources`` each (None: unknown)."""
+
+    name: str
+    resources: Mapping[str, float] | None
+    count: float
+    autoscaled: bool  # counts against the autoscaler's global max_workers
+
+
+def _node_groups(autoscaler_config: Mapping[str, Any]) -> tuple[list[_NodeGroup], float]:
+    """Node types of a Ray launcher config and its global ``max_workers`` (inf if absent).
+
+    Missing per-type ``max_workers`` default as in Ray's ``fill_node_type_min_max_workers``:
+    the global value for worker types, 0 extra nodes for the head type.
+    """
+    global_max = autoscaler_config.get("max_workers")
+    global_max = math.inf if global_max is None or global_max < 0 else float(global_max)
+    head = autoscaler_config.get("head_node_type")
+    groups = []
+    for name, spec in (autoscaler_config.get("available_node_types") or {}).items():
+        resources = spec.get("resources") or None  # {}: auto-detected from the instance type at launch
+        count = spec.get("max_workers", 0 if name == head else global_max)
+        count = math.inf if count is None or count < 0 else float(count)
+        if name == head:
+            groups.append(_NodeGroup(name, resources, 1.0, autoscaled=False))
+        if count > 0:
+            groups.append(_NodeGroup(name, resources, count, autoscaled=True))
+    return groups, global_max
+
+
+def _slots(resources: Mapping[str, float], bundle: Mapping[str, float]) -> int:
+    """How many worker bundles one node holds."""
+    return min(math.floor(float(resources.get(k, 0)) / v + 1e-9) for k, v in bundle.items())
+
+
+def _max_placeable(groups: list[_NodeGroup], global_max: float, bundle: Mapping[str, float]) -> float:
+    """Most workers placeable at once; autoscaled nodes fill the global max, best types first."""
+    total, budget = 0.0, global_max
+    known = [g for g in groups if g.resources is not None]
+    for group in sorted(known, key=lambda g: -_slots(g.resources, bundle)):
+        slots = _slots(group.resources, bundle)
+        if slots <= 0:
+            continue
+        nodes = min(group.count, budget) if group.autoscaled else group.count
+        if group.autoscaled:
+            budget -= nodes
+        total += nodes * slots
+    return total
+
+
+def _check_capacity(
+    cfg: DictConfig,
+    cluster_resources: Mapping[str, float] | None,
+    autoscaler_config: Mapping[str, Any] | None,
+    may_autoscale_unseen: bool = False,
+) -> str:
+    bundle, workers = worker_bundle(cfg), int(cfg.scaling.num_workers)
+    sources: list[tuple[str, list[_NodeGroup], float]] = []
+    if cluster_resources is not None:
+        # Totals only: the running cluster is judged as if it were one node.
+        running = {k: float(v) for k, v in cluster_resources.items()}
+        sources.append(("running cluster", [_NodeGroup("running cluster", running, 1.0, False)], math.inf))
+    if autoscaler_config is not None:
+        groups, global_max = _node_groups(autoscaler_config)
+        sources.append(("autoscaler", groups, global_max))
+    if not sources:
+        return "resources: no running cluster or autoscaler config to check against (not checked)"
+
+    groups = [g for _, gs, _ in sources for g in gs]
+    unknown = [g.name for g in groups if g.resources is None]
+    known = [g for g in groups if g.resources is not None]
+    fitting = [g for g in known if _slots(g.resources, bundle) >= 1]
+    best = max(_max_placeable(gs, cap, bundle) for _, gs, cap in sources)
+    offered = ", ".join(f"{g.name} {_fmt(g.resources)}" for g in known) or "none"
+    if unknown and best < workers:
+        return f"resources: node types {unknown} have auto-detected resources (not checked)"
+    if may_autoscale_unseen and best < workers:
+        return (f"resources: the running cluster cannot place {workers} x {_fmt(bundle)} yet and its "
+                "autoscaler config is not visible here; trials wait for nodes up to ray.worker_start_timeout_s")
+    if not fitting:
+        gpus = bundle.get("GPU", 0.0)
+        if gpus and not any(float(g.resources.get("GPU", 0)) >= gpus for g in known):
+            raise PreflightError(
+                "scaling.use_gpu",
+                f"{_num(gpus)} GPU(s) per worker requested, but no node (running or autoscalable) "
+                f"offers that many (node types: {offered}); set scaling.use_gpu=false or add a GPU node type",
+            )
+        raise PreflightError(
+            "scaling.resources_per_worker",
+            f"no single node offers {_fmt(bundle)} (node types: {offered})",
+        )
+    if best < workers:
+        gpu_note = f" = {_num(workers * bundle['GPU'])} GPUs" if "GPU" in bundle else ""
+        raise PreflightError(
+            "scaling.num_workers",
+            f"{workers} workers x {_fmt(bundle)}{gpu_note} exceed what the cluster can ever provide: "
+            f"at most {_num(best)} workers fit (node types: {offered}); lower it or raise max_workers",
+        )
+    parallel = "unbounded" if math.isinf(best) else _num(best // workers)
+    return (f"resources: {workers} x {_fmt(bundle)} fit ({' + '.join(s for s, _, _ in sources)}); "
+            f"at most {parallel} trial(s) at once")
+
+
+def _discover_cluster() -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """The running Ray's totals and the autoscaler's node types, where this process can see them."""
+    cluster_resources = autoscaler_config = None
+    bootstrap = Path(RAY_BOOTSTRAP_CONFIG).expanduser()
+    if bootstrap.is_file():  # `ray up` head: the launcher config with defaults filled in
+        import yaml
+
+        autoscaler_config = yaml.safe_load(bootstrap.read_text())
+    try:
+        import ray
+    except ImportError:
+        return None, autoscaler_config
+    if ray.is_initialized():
+        cluster_resources = dict(ray.cluster_resources())
+        if autoscaler_config is None:
+            autoscaler_config = _reported_node_groups()
+    return cluster_resources, autoscaler_config
+
+
+def _reported_node_groups() -> dict[str, Any] | None:
+    """Node groups an autoscaler reported to the GCS (what Ray Train's own check reads); private API."""
+    try:
+        from ray._private.state import state
+
+        reported = state.get_cluster_config()
+    except Exception:  # private API: absent or changed means "not visible", not a failure
+        return None
+    if reported is None or not reported.node_group_configs:
+        return None
+    return {
+        "max_workers": -1,
+        "available_node_types": {
+            g.name: {"resources": dict(g.resources), "max_workers": g.max_count}
+            for g in reported.node_group_configs
+        },
+    }
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+def _num(x: float) -> str:
+    return "inf" if math.isinf(x) else (str(int(x)) if float(x).is_integer() else f"{x:g}")
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"}
+    return "{" + ", ".join(f"{k}: {_num(float(v))}" for k, v in sorted(shown.items())) + "}"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
