@@ -1,0 +1,254 @@
+"""Compose the Hydra config, make its paths absolute and validate all of it before any
+work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: ...``."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ayt.errors import ConfigError
+
+CONFIG_MODULE = "ayt.conf"
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides; Hydra errors become ConfigError."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    except MissingConfigException as err:
+        raise _missing_option_error(err) from None
+    except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", _first_line(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        text = str(cause).strip()
+    return " ".join(text.split("\n")[0].split())
+
+
+def _missing_option_error(err: MissingConfigException) -> ConfigError:
+    """'loss=foo' with no conf/loss/foo.yaml: name the group and list its options."""
+    missing = getattr(err, "missing_cfg_file", None) or ""
+    group, _, wrong = missing.rpartition("/")
+    options = getattr(err, "options", None) or []
+    if group and options:
+        return ConfigError(group, f"unknown option {wrong!r}; allowed: " + ", ".join(sorted(options)))
+    return ConfigError(group or "overrides", _first_line(err))
+
+
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """Make every path absolute (Tune and Ray workers run in other directories)."""
+    OmegaConf.set_struct(cfg, False)
+    out = Path(str(cfg.out_dir)).expanduser().resolve()
+    cfg.out_dir = str(out)
+    cfg.cache_dir = _absolute(cfg.cache_dir) if cfg.cache_dir else str(out / "cache")
+    if cfg.dataset.get("root"):
+        cfg.dataset.root = _absolute(cfg.dataset.root)
+    storage = cfg.ray.storage_path
+    cfg.ray.storage_path = str(out / "ray") if not storage else (storage if "://" in str(storage) else _absolute(storage))
+    uri = cfg.tracking.uri
+    if not uri:
+        cfg.tracking.uri = f"sqlite:///{out / 'mlflow.db'}"
+    elif str(uri).startswith("sqlite:///") and not str(uri).startswith("sqlite:////"):
+        cfg.tracking.uri = "sqlite:///" + _absolute(str(uri)[len("sqlite:///"):])
+    for key in ("vgg_weights", "lin_weights"):
+        if cfg.loss.get(key):
+            cfg.loss[key] = _absolute(cfg.loss[key])
+    if cfg.fid.get("inception_weights"):
+        cfg.fid.inception_weights = _absolute(cfg.fid.inception_weights)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _absolute(path: Any) -> str:
+    return str(Path(str(path)).expanduser().resolve())
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+def _number(cfg: DictConfig, key: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, integer: bool = False,
+            optional: bool = False) -> None:
+    """Check that dotted `key` is a (finite) number inside the given bounds."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(key, f"must be {kind}, got {value!r}")
+    lo_bad = low is not None and (value <= low if low_open else value < low)
+    hi_bad = high is not None and (value >= high if high_open else value > high)
+    if lo_bad or hi_bad:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+        raise ConfigError(key, f"must be {kind} {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
+
+
+def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(key, f"unknown value {value!r}; allowed: " + ", ".join(map(str, allowed)))
+
+
+def _validate_device(cfg: DictConfig) -> None:
+    import torch
+    device = str(cfg.device)
+    if not DEVICE_PATTERN.match(device):
+        raise ConfigError("device", f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda") and not torch.cuda.is_available() and not cfg.scaling.use_gpu:
+        raise ConfigError("device", f"{device!r} requested but this machine has no CUDA GPU; use device=auto or cpu")
+
+
+def _validate_training(cfg: DictConfig) -> None:
+    for key in ("batch_size", "training.iterations", "training.eval_every", "training.checkpoint_every",
+                "training.log_every", "pretrain.iterations", "pretrain.batch_size",
+                "feature_map.batch_size", "fid.batch_size", "fid.classifier.batch_size",
+                "fid.classifier.iterations", "lr_ref_batch"):
+        _number(cfg, key, low=1, integer=True)
+    _number(cfg, "feature_map.iterations", low=0, integer=True)
+    _number(cfg, "feature_map.p_ramp_iterations", low=0, integer=True)
+    _number(cfg, "feature_map.holdout", low=0, high=1, low_open=True, high_open=True)
+    if cfg.training.eval_every > cfg.training.iterations:
+        raise ConfigError("training.eval_every", f"must be <= training.iterations ({cfg.training.iterations}), "
+                          f"got {cfg.training.eval_every}")
+    for key in ("lr", "pretrain.lr", "feature_map.lr", "fid.classifier.lr"):
+        _number(cfg, key, low=0, low_open=True)
+    _choice(cfg, "lr_scaling", ("none", "linear", "sqrt"))
+    _number(cfg, "training.ema_decay", low=0, high=1, high_open=True)
+    _number(cfg, "training.ema_halflife_kimg", low=0, low_open=True, optional=True)
+    _number(cfg, "pretrain.ema_decay", low=0, high=1, high_open=True)
+    _choice(cfg, "training.init", ("pretrained", "scratch"))
+    _choice(cfg, "precision", ("fp32", "bf16"))
+    _number(cfg, "fid.num_samples", low=2, integer=True)
+    _number(cfg, "cpu_threads", low=1, integer=True, optional=True)
+    _number(cfg, "pretrain.p_std", low=0, low_open=True)
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {list(cfg.adam_betas)}")
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    _number(cfg, "edm.sigma_min", low=0, low_open=True)
+    _number(cfg, "edm.sigma_max", low=cfg.edm.sigma_min, low_open=True)
+    _number(cfg, "edm.sigma_data", low=0, low_open=True)
+    _number(cfg, "schedule.q", low=1, low_open=True)
+    _number(cfg, "schedule.p_std", low=0, low_open=True)
+    _number(cfg, "schedule.p_mean")
+    _number(cfg, "schedule.k", low=0)
+    _number(cfg, "schedule.b", low=0)
+    _number(cfg, "schedule.iterations_per_stage", low=1, integer=True, optional=True)
+    _number(cfg, "sampling.t_mid", low=cfg.edm.sigma_min, high=cfg.edm.sigma_max, low_open=True, high_open=True)
+    from ayt.method.losses import validate_loss
+    validate_loss(cfg.loss)
+    from ayt.method.augment import validate_augment
+    validate_augment(cfg.augment)
+
+
+def _validate_network(cfg: DictConfig) -> None:
+    net = cfg.network
+    _number(cfg, "network.model_channels", low=1, integer=True)
+    _number(cfg, "network.num_blocks", low=1, integer=True)
+    _number(cfg, "network.dropout", low=0, high=1, high_open=True)
+    if not net.channel_mult or any(not isinstance(m, int) or m < 1 for m in net.channel_mult):
+        raise ConfigError("network.channel_mult", f"must be a non-empty list of integers >= 1, got {net.channel_mult}")
+    _choice(cfg, "network.embedding", ("positional", "fourier"))
+    _number(cfg, "dataset.resolution", low=4, integer=True)
+    res = int(cfg.dataset.resolution)
+    if res % (2 ** (len(net.channel_mult) - 1)):
+        raise ConfigError("network.channel_mult", f"{len(net.channel_mult)} levels need a resolution divisible by "
+                          f"{2 ** (len(net.channel_mult) - 1)}, got dataset.resolution={res}")
+    if res & (res - 1):
+        raise ConfigError("dataset.resolution", f"must be a power of two (the feature map halves it to 1), got {res}")
+
+
+def _validate_scaling(cfg: DictConfig) -> None:
+    _choice(cfg, "scaling.backend", ("ray", "local"))
+    _number(cfg, "scaling.num_workers", low=1, integer=True)
+    if not isinstance(cfg.scaling.use_gpu, bool):
+        raise ConfigError("scaling.use_gpu", f"must be true or false, got {cfg.scaling.use_gpu!r}")
+    workers = int(cfg.scaling.num_workers)
+    if cfg.batch_size % workers:
+        raise ConfigError("batch_size", f"global batch {cfg.batch_size} is not divisible by "
+                          f"scaling.num_workers={workers}; choose a multiple of {workers}")
+    _number(cfg, "scaling.batch_per_worker_max", low=1, integer=True, optional=True)
+    _number(cfg, "ray.max_failures", low=-1, integer=True)
+    _number(cfg, "ray.worker_start_timeout_s", low=1)
+    for res, amount in (cfg.scaling.resources_per_worker or {}).items():
+        if not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"scaling.resources_per_worker.{res}", f"must be a number >= 0, got {amount!r}")
+
+
+def _validate_tracking(cfg: DictConfig) -> None:
+    uri = str(cfg.tracking.uri)
+    if not re.match(r"^(sqlite:////|https?://|file:/|databricks|postgresql|mysql)", uri):
+        raise ConfigError("tracking.uri", f"unsupported URI {uri!r}; allowed: sqlite:////abs/path.db, http(s)://host:port, "
+                          "file:/abs/path, a database URI")
+    if not cfg.tracking.experiment:
+        raise ConfigError("tracking.experiment", "must be a non-empty name")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    from ayt.data import check_dataset_available
+    check_dataset_available(cfg.dataset)
+    _choice(cfg, "dataset.fid_extractor", ("classifier", "inception"))
+
+
+VALIDATORS: list[Callable[[DictConfig], None]] = [
+    _validate_device, _validate_training, _validate_method, _validate_network, _validate_scaling,
+    _validate_tracking, _validate_data,
+]
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Run every check; raise the first ConfigError. Cheap: touches no data beyond file existence."""
+    for check in VALIDATORS:
+        check(cfg)
+    return cfg
+
+
+def load_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
+    """compose -> absolute paths -> validate: the config every entry point runs on."""
+    return validate_config(resolve_paths(compose_config(overrides, config_name)))
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config to dotted keys (for MLflow params)."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The stable name of a run: `name` if given, else a hash of what defines the run."""
+    from ayt.artifacts import config_hash
+    if cfg.get("name"):
+        return str(cfg.name)
+    spec = OmegaConf.to_container(cfg, resolve=True)
+    for volatile in ("out_dir", "cache_dir", "tracking", "ray", "name"):
+        spec.pop(volatile, None)
+    return f"{cfg.loss.name}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(spec, 8)}"

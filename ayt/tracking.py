@@ -1,0 +1,85 @@
+"""MLflow: one run per training run, found again by its stable name on resume, with
+idempotent metric logging so a restarted worker never writes a step twice."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+RUN_NAME_TAG = "ayt.run_name"
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run_id: str | None = None):
+    """The existing run with this stable name (and parent), or None."""
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=2)
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
+                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Return (run_id, resumed). A new run gets its params and tags; an old one is reopened."""
+    client = MlflowClient(uri)
+    experiment_id = get_or_create_experiment(client, experiment)
+    existing = find_run(client, experiment_id, run_name, parent_run_id)
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id, True
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):          # MLflow caps a batch at 100 params
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id, False
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text[:6000]
+
+
+class RunLogger:
+    """Logs metrics of one run, skipping any (key, step) at or before what is already stored."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.last_step: dict[str, int] = {}
+        run = self.client.get_run(run_id)
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(run_id, key)
+            self.last_step[key] = max((m.step for m in history), default=-1)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        import time
+        now = timestamp_ms or int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if v is not None and step > self.last_step.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+            for m in fresh:
+                self.last_step[m.key] = m.step
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, paths: Iterable[str], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

@@ -1,0 +1,104 @@
+"""`python -m ayt.train [hydra overrides]`: one consistency-training run.
+
+Pipeline: validate the whole config -> shared artifacts (pretrained denoiser, feature map,
+FID extractor + reference statistics) -> consistency training with an FID curve -> MLflow.
+Running the same command again resumes the run of the same name.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ayt.config import flatten, load_config, run_name
+from ayt.errors import ConfigError, NonFiniteLossError
+
+USAGE = """usage: python -m ayt.train [--cfg] [key=value ...]
+
+Hydra overrides, e.g. experiment=smoke out_dir=/tmp/ayt loss=pseudo_huber batch_size=32.
+  --cfg     print the resolved, validated config and exit (a dry run)
+Config groups: dataset, network, schedule, loss, augment, scaling, experiment (see conf/)."""
+
+
+def run_params(cfg: DictConfig) -> dict[str, Any]:
+    """The flattened config plus the short names a researcher filters by in the MLflow UI."""
+    params = flatten(cfg)
+    params.update(loss=cfg.loss.name, huber_c=cfg.loss.get("huber_c"), dataset=cfg.dataset.name,
+                  augment=cfg.augment.name, schedule_q=cfg.schedule.q)
+    return params
+
+
+def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the training run `cfg` describes; returns its summary."""
+    from ayt.tracking import RunLogger, start_or_resume_run
+    from ayt.training.prepare import ensure_artifacts
+
+    name = run_name(cfg)
+    artifacts = ensure_artifacts(cfg, progress=progress)
+    run_id, resumed = start_or_resume_run(cfg.tracking.uri, cfg.tracking.experiment, name, run_params(cfg),
+                                          tags={"ayt.entry": "ayt.train"})
+    logger = RunLogger(cfg.tracking.uri, run_id)
+    logger.log_metrics(artifacts.metrics, step=0)
+    logging.getLogger(__name__).info("%s MLflow run %s (%s)", "resuming" if resumed else "started", run_id, name)
+    try:
+        summary = TRAIN_BACKENDS[str(cfg.scaling.backend)](cfg, artifacts, logger, run_id, progress)
+    except NonFiniteLossError as err:
+        logger.set_tags({"ayt.failure": str(err), "ayt.failed_iteration": err.iteration})
+        logger.finish("FAILED")
+        raise
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish("FINISHED")
+    summary.update(run_id=run_id, run_name=name, resumed=resumed)
+    return summary
+
+
+def _train_local(cfg, artifacts, logger, run_id, progress):
+    """The plain single-process loop (no Ray): the reference the Ray path is measured against."""
+    from ayt.training.loop import WorkerContext, train_consistency
+    from ayt.training.prepare import resolve_device
+    ckpt_dir = Path(cfg.out_dir) / "runs" / run_name(cfg) / "checkpoints"
+    ctx = WorkerContext(resolve_device(str(cfg.device)), checkpoint_dir=ckpt_dir)
+    return train_consistency(cfg, artifacts, ctx, sink=logger, progress=progress)
+
+
+TRAIN_BACKENDS = {"local": _train_local}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    dry_run = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        cfg = load_config(args)
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(cfg)
+    except NonFiniteLossError as err:
+        print(f"ayt: training failed: {err}", file=sys.stderr)
+        return 1
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    fids = {k: v[-1][1] for k, v in summary.get("curves", {}).items() if v}
+    print(f"ayt: run {summary['run_name']} finished at iteration {summary['iteration']}: "
+          + ", ".join(f"{k}={v:.3f}" for k, v in fids.items()) + f" (MLflow run {summary['run_id']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

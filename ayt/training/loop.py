@@ -1,0 +1,313 @@
+"""The consistency-training loop. One code path for 1 or N workers, CPU or GPU: a
+`WorkerContext` supplies what differs (rank, device, DDP wrapping, where checkpoints go),
+and every worker calls the same `ConsistencyStep`. Side effects happen on rank 0 only."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ayt.data import load_dataset
+from ayt.errors import NonFiniteLossError
+from ayt.method.ema import EMA
+from ayt.method.losses import LossResources, build_loss
+from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
+from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
+from ayt.training.prepare import Artifacts, load_feature_map, resolve_device
+from ayt.training.step import ConsistencyStep, unwrap
+
+STATE_FILE = "state.pt"
+FID_KEYS = ("fid_1step", "fid_2step")
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifacts(self, paths: list[str], artifact_path: str | None = None) -> None: ...
+
+
+class WorkerContext:
+    """A single process: no DDP, checkpoints in a local directory (kept: the last two)."""
+
+    def __init__(self, device: torch.device, checkpoint_dir: str | os.PathLike | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def prepare_model(self, net: nn.Module) -> nn.Module:
+        return net
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    def set_epoch(self, loader: DataLoader, epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir or not self.checkpoint_dir.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoint_dir.iterdir() if (p / STATE_FILE).is_file())
+        return done[-1] if done else None
+
+    def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
+        """Persist a checkpoint if given (``write_checkpoint(dir)`` writes this rank's files)."""
+        if write_checkpoint is None or self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoint_dir / f"iter_{int(metrics['iteration']):09d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=".tmp-"))
+        write_checkpoint(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in self.checkpoint_dir.iterdir() if p.name.startswith("iter_"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def accumulation_steps(per_worker_batch: int, batch_per_worker_max: int | None) -> int:
+    """Smallest number of equal micro-batches that keeps each at or under the cap."""
+    if not batch_per_worker_max or per_worker_batch <= batch_per_worker_max:
+        return 1
+    return next(a for a in range(math.ceil(per_worker_batch / batch_per_worker_max), per_worker_batch + 1)
+                if per_worker_batch % a == 0)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the networks and the optimizer."""
+
+    iteration: int = 0
+    curves: dict[str, list[list[float]]] = field(default_factory=lambda: {k: [] for k in FID_KEYS})
+    train_seconds: float = 0.0
+
+
+class FIDProbe:
+    """FID of 1- and 2-step samples of the EMA model on a fixed noise set (rank 0 only)."""
+
+    def __init__(self, cfg: DictConfig, artifacts: Artifacts, data, device: torch.device):
+        from ayt.eval.fid import FIDEvaluator
+        self.cfg = cfg
+        self.evaluator = FIDEvaluator(data, cfg.dataset.fid_extractor, artifacts.fid_weights,
+                                      artifacts.fid_cache, device)
+        gen = torch.Generator().manual_seed(int(cfg.fid.noise_seed))
+        shape = (int(cfg.fid.num_samples), data.channels, data.resolution, data.resolution)
+        self.z = torch.randn(shape, generator=gen).to(device)
+        self.z2 = torch.randn(shape, generator=gen).to(device)
+
+    def samples(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        edm, bs = self.cfg.edm, int(self.cfg.fid.batch_size)
+        one = sample_in_batches(lambda z: sample_one_step(net, z, edm.sigma_max), self.z, batch_size=bs)
+        two = sample_in_batches(lambda z, z2: sample_two_step(net, z, z2, edm.sigma_max, self.cfg.sampling.t_mid,
+                                                              edm.sigma_min), self.z, self.z2, batch_size=bs)
+        return {"fid_1step": one, "fid_2step": two}
+
+    def __call__(self, net: nn.Module) -> dict[str, float]:
+        return {key: float(self.evaluator.fid(images)) for key, images in self.samples(net).items()}
+
+
+def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, data):
+    """Networks, optimizer, loss and step for one worker (pretrained weights loaded)."""
+    from ayt.networks.precond import build_denoiser
+    device = ctx.device
+    net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
+    if cfg.training.init == "pretrained" and artifacts.pretrained:
+        net.load_state_dict(torch.load(artifacts.pretrained, map_location="cpu", weights_only=True))
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = EMA(net, decay=float(cfg.training.ema_decay), halflife_kimg=cfg.training.ema_halflife_kimg)
+    net.train()
+    wrapped = ctx.prepare_model(net)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    lr = float(cfg.lr) * lr_scale(str(cfg.lr_scaling), int(cfg.batch_size), int(cfg.lr_ref_batch))
+    optimizer = torch.optim.Adam(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
+
+    def lpips():
+        from ayt.networks.lpips import LPIPS
+        return LPIPS(cfg.loss.vgg_weights, cfg.loss.lin_weights).to(device)
+
+    resources = LossResources(feature_map=lambda: load_feature_map(artifacts.feature_map, device), lpips=lpips)
+    per_worker = int(cfg.batch_size) // ctx.world_size
+    step = ConsistencyStep(
+        net=wrapped, loss=build_loss(cfg.loss, resources),
+        schedule=ConsistencySchedule.from_config(cfg.schedule, cfg.edm),
+        noise=PairNoise(int(cfg.seed), device), optimizer=optimizer, ema=ema,
+        global_batch=int(cfg.batch_size), rank=ctx.rank, world_size=ctx.world_size,
+        accum_steps=accumulation_steps(per_worker, cfg.scaling.batch_per_worker_max),
+        precision=str(cfg.precision))
+    return step
+
+
+def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: WorkerContext,
+                      sink: MetricSink | None = None, progress: bool = True) -> dict[str, Any]:
+    """Consistency-train from `cfg` on this worker; returns rank 0's summary.
+
+    Reports (and checkpoints) go through `ctx`; metrics also go to `sink` on rank 0.
+    """
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    artifacts = artifacts if isinstance(artifacts, Artifacts) else Artifacts(**artifacts)
+    device = ctx.device
+    torch.manual_seed(int(cfg.seed) * 1009 + ctx.rank)      # per-rank dropout stream
+    data = load_dataset(cfg.dataset, train=True)
+    per_worker = int(cfg.batch_size) // ctx.world_size
+    loader = DataLoader(data.as_torch_dataset(), batch_size=per_worker, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(int(cfg.seed)))
+    loader = ctx.prepare_loader(loader)
+    step = build_training(cfg, artifacts, ctx, data)
+    state = RunState()
+    ckpt = ctx.latest_checkpoint()
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, step, ctx)
+    probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
+    total, it = int(cfg.training.iterations), state.iteration
+    tr = cfg.training
+    batches = len(loader)
+    epoch, skip = divmod(it, batches)
+    bar = tqdm(total=total, initial=it, desc=f"consistency ({cfg.loss.name}, b{cfg.batch_size})",
+               disable=not (progress and ctx.is_chief), mininterval=2.0)
+    tick = time.perf_counter()
+    while it < total:
+        ctx.set_epoch(loader, epoch)
+        for index, (x, _) in enumerate(loader):
+            if index < skip:
+                continue
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            _maybe_fail(cfg, it, ctx)
+            terms = step(x, it)
+            it += 1
+            bar.update(1)
+            metrics: dict[str, float] = {}
+            if it % tr.log_every == 0 or it == total:
+                metrics.update(_scalars(terms, step, it, cfg))      # .item(): a sync point, only here
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+            evaluate = it % tr.eval_every == 0 or it == total
+            checkpoint = it % tr.checkpoint_every == 0 or it == total
+            if evaluate or checkpoint:
+                state.train_seconds += time.perf_counter() - tick
+                if evaluate and probe is not None:
+                    fids = probe(step.ema.model)
+                    metrics.update(fids)
+                    for key, value in fids.items():
+                        state.curves[key].append([it, value])
+                    bar.set_postfix(loss=metrics.get("loss"), fid1=f"{fids['fid_1step']:.2f}")
+                state.iteration = it
+                metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), train_seconds=state.train_seconds)
+                if sink is not None and ctx.is_chief:
+                    sink.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=it)
+                ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx)) if checkpoint else None)
+                tick = time.perf_counter()
+            elif metrics and sink is not None and ctx.is_chief:
+                metrics.update(images_seen=it * int(cfg.batch_size))
+                sink.log_metrics(metrics, step=it)
+            if it >= total:
+                break
+        skip, epoch = 0, epoch + 1
+    bar.close()
+    summary = {"iteration": it, "train_seconds": state.train_seconds, "curves": state.curves}
+    if ctx.is_chief and probe is not None:
+        summary["artifacts"] = write_final_artifacts(cfg, step, state, probe, sink)
+    return summary
+
+
+def _scalars(terms: dict[str, torch.Tensor], step: ConsistencyStep, it: int, cfg: DictConfig) -> dict[str, float]:
+    values = {key: float(value) for key, value in terms.items()}
+    bad = int(step.first_bad_iteration) if step.first_bad_iteration is not None else -1
+    if bad >= 0 or not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(bad if bad >= 0 else it - 1,
+                                 f"loss={values['loss']} with loss.name={cfg.loss.name}, lr={cfg.lr}")
+    return values
+
+
+def _maybe_fail(cfg: DictConfig, it: int, ctx: WorkerContext) -> None:
+    """Test hook: kill this worker process at a chosen iteration, once (marker file)."""
+    target = cfg.training.get("fail_at_iteration")
+    if target is None or it != int(target) or ctx.rank != ctx.world_size - 1:
+        return
+    marker = Path(cfg.out_dir) / f".failed-once-{cfg.get('name') or 'run'}-{target}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    os._exit(1)
+
+
+def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: RunState,
+                    ctx: WorkerContext, extra: dict | None = None) -> None:
+    """Rank 0 writes networks/optimizer/counters; every rank writes its RNG state."""
+    directory = Path(directory)
+    if ctx.is_chief:
+        torch.save({
+            "net": unwrap(step.net).state_dict(), "ema": step.ema.state_dict(),
+            "optimizer": step.optimizer.state_dict(), "iteration": state.iteration,
+            "stage": step.schedule.stage(state.iteration), "curves": state.curves,
+            "train_seconds": state.train_seconds, **(extra or {}),
+        }, directory / STATE_FILE)
+    torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
+
+
+def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext) -> RunState:
+    directory = Path(directory)
+    blob = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
+    unwrap(step.net).load_state_dict(blob["net"])
+    step.ema.load_state_dict(blob["ema"])
+    step.optimizer.load_state_dict(blob["optimizer"])
+    rng_file = directory / f"rng_rank{ctx.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), ctx.device)
+    return RunState(iteration=int(blob["iteration"]), curves=blob["curves"],
+                    train_seconds=float(blob.get("train_seconds", 0.0)))
+
+
+def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunState, probe: FIDProbe,
+                          sink: MetricSink | None) -> list[str]:
+    """Sample grids, the FID-curve PNG and the final EMA weights under out_dir/runs/<name>/."""
+    from ayt.config import run_name
+    from ayt.eval.plots import save_curves, save_sample_grid
+    out = Path(cfg.out_dir) / "runs" / run_name(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = probe.samples(step.ema.model)
+    paths = [
+        save_sample_grid(samples["fid_1step"][:64], out / "samples_1step.png"),
+        save_sample_grid(samples["fid_2step"][:64], out / "samples_2step.png"),
+        save_curves({"1-step": state.curves["fid_1step"], "2-step": state.curves["fid_2step"]}, out / "fid_curve.png",
+                    title=f"{cfg.loss.name}, batch {cfg.batch_size}"),
+    ]
+    torch.save(step.ema.state_dict(), out / "ema.pt")
+    paths.append(out / "ema.pt")
+    paths = [str(p) for p in paths]
+    if sink is not None:
+        sink.log_artifacts(paths)
+    return paths

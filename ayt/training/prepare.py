@@ -1,0 +1,162 @@
+"""Shared artifacts every run (and every trial of a study) needs, each built once and
+cached by the hash of the config that defines it: the pretrained EDM denoiser, the
+feature map for an augmentation setting, the FID extractor and its reference statistics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ayt.artifacts import ArtifactCache, config_hash
+from ayt.data import ImageData, load_dataset
+from ayt.method.losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Artifacts:
+    """Absolute paths of the shared artifacts one run uses, plus how good they are."""
+
+    pretrained: str | None = None      # EDM denoiser EMA weights (torch.save dict)
+    feature_map: str | None = None     # feature map {kwargs, state_dict, metrics}
+    fid_weights: str | None = None     # FID extractor weights (classifier or Inception)
+    fid_cache: str = ""                # torch-fidelity cache root (reference statistics)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def configure_torch(cfg: DictConfig) -> torch.device:
+    """Apply process-wide torch settings from the config; return the device to use."""
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+    return resolve_device(str(cfg.device))
+
+
+def _data_spec(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.dataset, resolve=True)
+
+
+def pretrained_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "network": OmegaConf.to_container(cfg.network, resolve=True),
+            "edm": OmegaConf.to_container(cfg.edm, resolve=True),
+            "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)}
+
+
+def feature_map_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "augment": OmegaConf.to_container(cfg.augment, resolve=True),
+            "feature_map": OmegaConf.to_container(cfg.feature_map, resolve=True)}
+
+
+def classifier_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "classifier": OmegaConf.to_container(cfg.fid.classifier, resolve=True)}
+
+
+def needs_feature_map(cfg: DictConfig) -> bool:
+    return LOSSES[cfg.loss.name].needs_feature_map
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def ensure_pretrained(cfg: DictConfig, cache: ArtifactCache, data: ImageData, device: torch.device,
+                      progress: bool = True) -> Path:
+    def build(tmp: Path) -> None:
+        from ayt.networks.precond import build_denoiser
+        from ayt.training.pretrain import pretrain_diffusion
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.pretrain.seed))
+            net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels).to(device)
+        state, metrics = pretrain_diffusion(net, data.images.to(device), cfg.pretrain,
+                                            float(cfg.edm.sigma_data), progress=progress)
+        torch.save({k: v.cpu() for k, v in state.items()}, tmp / "denoiser.pt")
+        _write_json(tmp / "metrics.json", metrics)
+    return cache.get_or_build("pretrained", pretrained_spec(cfg), build) / "denoiser.pt"
+
+
+def ensure_feature_map(cfg: DictConfig, cache: ArtifactCache, data: ImageData, device: torch.device,
+                       progress: bool = True) -> Path:
+    def build(tmp: Path) -> None:
+        from ayt.training.feature_map import train_feature_map
+        fm, metrics = train_feature_map(data.images.to(device), cfg.feature_map, cfg.augment,
+                                        seed=int(cfg.feature_map.seed), device=device, progress=progress)
+        torch.save({"kwargs": fm_kwargs(fm), "state_dict": {k: v.cpu() for k, v in fm.state_dict().items()}},
+                   tmp / "feature_map.pt")
+        _write_json(tmp / "metrics.json", {f"feature_map_{k}": float(v) for k, v in metrics.items()})
+    return cache.get_or_build("feature_map", feature_map_spec(cfg), build) / "feature_map.pt"
+
+
+def fm_kwargs(fm) -> dict:
+    return {"in_channels": fm.in_channels, "resolution": fm.resolution,
+            "channels": [stage[0].out_channels for stage in fm.stages], "num_labels": fm.num_labels,
+            "convs_per_stage": sum(isinstance(m, torch.nn.Conv2d) for m in fm.stages[0])}
+
+
+def load_feature_map(path: str | os.PathLike, device: torch.device):
+    """The frozen feature map: eval mode, no parameter gradients."""
+    from ayt.networks.feature_map import FeatureMap
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    fm = FeatureMap(**blob["kwargs"])
+    fm.load_state_dict(blob["state_dict"])
+    return fm.to(device).freeze()
+
+
+def ensure_fid_extractor(cfg: DictConfig, cache: ArtifactCache, device: torch.device,
+                         progress: bool = True) -> Path | None:
+    """Classifier weights for datasets without a standard extractor; Inception's path otherwise."""
+    if cfg.dataset.fid_extractor == "inception":
+        return Path(cfg.fid.inception_weights) if cfg.fid.inception_weights else None
+
+    def build(tmp: Path) -> None:
+        from ayt.eval.classifier import save_classifier, train_classifier
+        train, test = load_dataset(cfg.dataset, train=True), load_dataset(cfg.dataset, train=False)
+        model, accuracy = train_classifier(train, test, cfg.fid.classifier, seed=int(cfg.fid.classifier.seed),
+                                           device=device, progress=progress)
+        save_classifier(model, str(tmp / "classifier.pt"))
+        _write_json(tmp / "metrics.json", {"fid_classifier_test_accuracy": accuracy})
+    return cache.get_or_build("fid_classifier", classifier_spec(cfg), build) / "classifier.pt"
+
+
+def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
+    """Build (or find) everything a run of `cfg` needs, and the FID reference statistics."""
+    from ayt.eval.fid import FIDEvaluator
+    device = configure_torch(cfg)
+    cache = ArtifactCache(cfg.cache_dir)
+    data = load_dataset(cfg.dataset, train=True)
+    art = Artifacts(fid_cache=str(Path(cfg.cache_dir) / "fid"))
+    if cfg.training.init == "pretrained":
+        art.pretrained = str(ensure_pretrained(cfg, cache, data, device, progress))
+    if needs_feature_map(cfg):
+        art.feature_map = str(ensure_feature_map(cfg, cache, data, device, progress))
+    weights = ensure_fid_extractor(cfg, cache, device, progress)
+    art.fid_weights = str(weights) if weights else None
+    FIDEvaluator(data, cfg.dataset.fid_extractor, art.fid_weights, art.fid_cache, device).ensure_reference_stats()
+    for path in (art.pretrained, art.feature_map, art.fid_weights):
+        if path:
+            art.metrics.update(_read_json(Path(path).parent / "metrics.json"))
+    return art
+
+
+__all__ = ["Artifacts", "ensure_artifacts", "load_feature_map", "resolve_device", "config_hash"]

@@ -1,0 +1,23 @@
+"""Shared test set-up: one thread per torch process (2 cores are shared by every test
+process, Ray worker and MLflow server), no Ray token auth, one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_cfg():
+    """The default config on the embedded dataset (composed through Hydra)."""
+    from ayt.config import compose_config
+    return compose_config([])
