@@ -67,7 +67,13 @@ def _train_local(cfg, artifacts, logger, run_id, progress):
     return train_consistency(cfg, artifacts, ctx, sink=logger, progress=progress)
 
 
-TRAIN_BACKENDS = {"local": _train_local}
+def _train_ray(cfg, artifacts, logger, run_id, progress):
+    """Ray Train: 1..N data-parallel workers, checkpoints and restarts (`scaling.*`, `ray.*`)."""
+    from ayt.training.ray_train import train_with_ray
+    return train_with_ray(cfg, artifacts, logger, run_id, progress)
+
+
+TRAIN_BACKENDS = {"local": _train_local, "ray": _train_ray}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

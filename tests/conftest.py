@@ -21,3 +21,10 @@ def digits_cfg():
     """The default config on the embedded dataset (composed through Hydra)."""
     from ayt.config import compose_config
     return compose_config([])
+
+
+@pytest.fixture(scope="session")
+def shared_out_dir(tmp_path_factory):
+    """One out_dir per test session: its artifact cache (pretrained model, feature map,
+    FID extractor and statistics) is built once and shared by every end-to-end test."""
+    return tmp_path_factory.mktemp("ayt-out")

@@ -17,6 +17,9 @@ def save_sample_grid(samples: Tensor, path: str | Path, nrow: int | None = None)
     """Save images in [-1, 1] (N, C, H, W) as one PNG grid."""
     from torchvision.utils import save_image
     samples = samples.detach().float().cpu()
+    if samples.shape[-1] < 64:      # small images: enlarge (nearest) so the grid is readable
+        scale = -(-64 // samples.shape[-1])
+        samples = samples.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     nrow = nrow or int(math.ceil(math.sqrt(samples.shape[0])))
     save_image((samples + 1) / 2, str(path), nrow=nrow, padding=1)
     return Path(path)

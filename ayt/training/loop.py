@@ -11,12 +11,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ayt.data import load_dataset
@@ -61,11 +61,16 @@ class WorkerContext:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
-    def latest_checkpoint(self) -> Path | None:
+    def restore(self, load: Callable[[Path], "RunState"]) -> "RunState | None":
+        """Apply `load` to the latest checkpoint directory, if there is one."""
         if not self.checkpoint_dir or not self.checkpoint_dir.is_dir():
             return None
         done = sorted(p for p in self.checkpoint_dir.iterdir() if (p / STATE_FILE).is_file())
-        return done[-1] if done else None
+        return load(done[-1]) if done else None
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """Max of `flag` over all workers (so every rank stops at the same report)."""
+        return flag
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
         """Persist a checkpoint if given (``write_checkpoint(dir)`` writes this rank's files)."""
@@ -181,14 +186,14 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     torch.manual_seed(int(cfg.seed) * 1009 + ctx.rank)      # per-rank dropout stream
     data = load_dataset(cfg.dataset, train=True)
     per_worker = int(cfg.batch_size) // ctx.world_size
-    loader = DataLoader(data.as_torch_dataset(), batch_size=per_worker, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(int(cfg.seed)))
-    loader = ctx.prepare_loader(loader)
+    # The sampler shards one seeded global order, so the global batch of each step holds the
+    # same images whatever the worker count (Ray's default sampler would ignore the seed).
+    sampler = DistributedSampler(data.as_torch_dataset(), num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=True, seed=int(cfg.seed), drop_last=True)
+    loader = ctx.prepare_loader(DataLoader(sampler.dataset, batch_size=per_worker, sampler=sampler,
+                                           drop_last=True))
     step = build_training(cfg, artifacts, ctx, data)
-    state = RunState()
-    ckpt = ctx.latest_checkpoint()
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, step, ctx)
+    state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx)) or RunState()
     probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
     total, it = int(cfg.training.iterations), state.iteration
     tr = cfg.training
@@ -211,7 +216,7 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
             bar.update(1)
             metrics: dict[str, float] = {}
             if it % tr.log_every == 0 or it == total:
-                metrics.update(_scalars(terms, step, it, cfg))      # .item(): a sync point, only here
+                metrics.update(_scalars(terms, step, it, cfg, ctx))      # .item(): a sync point, only here
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             evaluate = it % tr.eval_every == 0 or it == total
             checkpoint = it % tr.checkpoint_every == 0 or it == total
@@ -242,12 +247,14 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     return summary
 
 
-def _scalars(terms: dict[str, torch.Tensor], step: ConsistencyStep, it: int, cfg: DictConfig) -> dict[str, float]:
+def _scalars(terms: dict[str, torch.Tensor], step: ConsistencyStep, it: int, cfg: DictConfig,
+             ctx: WorkerContext) -> dict[str, float]:
+    """Loss terms as floats; raises on every rank at once if any rank saw a non-finite loss."""
     values = {key: float(value) for key, value in terms.items()}
-    bad = int(step.first_bad_iteration) if step.first_bad_iteration is not None else -1
-    if bad >= 0 or not math.isfinite(values["loss"]):
-        raise NonFiniteLossError(bad if bad >= 0 else it - 1,
-                                 f"loss={values['loss']} with loss.name={cfg.loss.name}, lr={cfg.lr}")
+    bad = int(ctx.any_rank(step.first_bad_iteration.clone()))
+    if bad >= 0:
+        raise NonFiniteLossError(bad, f"loss={values['loss']} (loss.name={cfg.loss.name}, lr={cfg.lr}, "
+                                 f"batch_size={cfg.batch_size})")
     return values
 
 

@@ -1,0 +1,127 @@
+"""Ray Train wraps the trainer: `TorchTrainer` runs `train_consistency` on every worker with
+a `RayWorkerContext` (DDP through `prepare_model`, sharded data through
+`prepare_data_loader`, checkpoints through `ray.train.report`). Same loop, same step."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import torch
+from omegaconf import DictConfig, OmegaConf
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ayt.errors import NonFiniteLossError
+from ayt.training.loop import RunState, WorkerContext, train_consistency
+from ayt.training.prepare import Artifacts, configure_torch
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class RayWorkerContext(WorkerContext):
+    """Rank, device, DDP and checkpoints from Ray Train."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        super().__init__(ray.train.torch.get_device(), rank=context.get_world_rank(),
+                         world_size=context.get_world_size())
+
+    def prepare_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(net, move_to_device=self.device)
+
+    def prepare_loader(self, loader):
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=True)
+
+    def restore(self, load: Callable[[Path], RunState]) -> RunState | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load(Path(directory))
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
+
+    def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(Path(tmp))
+            # Every rank adds its files (state on rank 0, RNG on each) to one directory.
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"iter_{int(metrics['iteration']):09d}")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function TorchTrainer runs."""
+    cfg = OmegaConf.create(config["cfg"])
+    configure_torch(cfg)
+    ctx = RayWorkerContext()
+    sink = None
+    if ctx.is_chief and config.get("run_id"):
+        from ayt.tracking import RunLogger
+        sink = RunLogger(cfg.tracking.uri, config["run_id"])
+    try:
+        train_consistency(cfg, config["artifacts"], ctx, sink=sink, progress=config.get("progress", True))
+    except NonFiniteLossError as err:
+        # Not a worker failure to retry: every rank reports the reason and the run ends.
+        ray.train.report({"failure": str(err), "failed_iteration": err.iteration})
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join `ray.address`, or start a local Ray with its dashboard on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if cfg.ray.address:
+        ray.init(address=str(cfg.ray.address), log_to_driver=True)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def scaling_config(cfg: DictConfig) -> ScalingConfig:
+    resources = OmegaConf.to_container(cfg.scaling.resources_per_worker, resolve=True) or None
+    if resources and not cfg.scaling.use_gpu:
+        resources = {k: v for k, v in resources.items() if k != "GPU"}
+    return ScalingConfig(num_workers=int(cfg.scaling.num_workers), use_gpu=bool(cfg.scaling.use_gpu),
+                         resources_per_worker=resources)
+
+
+def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, name: str,
+                  progress: bool = True, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for the run `name`; the same name and storage path resume it."""
+    os.environ[START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "artifacts": artifacts.to_dict(),
+                           "run_id": run_id, "progress": progress},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=name, storage_path=str(cfg.ray.storage_path),
+            failure_config=FailureConfig(max_failures=int(cfg.ray.max_failures), controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None),
+    )
+
+
+def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, progress: bool = True) -> dict:
+    """`scaling.backend=ray`: fit the TorchTrainer; the rank-0 worker writes the MLflow run."""
+    from ayt.config import run_name
+    from ayt.preflight import preflight
+    init_ray(cfg)
+    preflight(cfg)     # storage, tracking server, GPUs: a clear error instead of a hung worker group
+    result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
+    metrics = result.metrics or {}
+    if "failure" in metrics:
+        raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
+    curves = {key: [[s, v] for s, v in logger.history(key)] for key in ("fid_1step", "fid_2step")}
+    return {"iteration": int(metrics.get("iteration", 0)), "curves": curves,
+            "train_seconds": metrics.get("train_seconds"), "checkpoint": getattr(result.checkpoint, "path", None)}
