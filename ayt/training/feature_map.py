@@ -1,0 +1,173 @@
+"""Training the manifold feature map φ on augmentation-label regression (ALGORITHM §5).
+
+    x_aug, labels = augment(x, p)          p ramps linearly from 0 to augment.p
+    loss = mean((head(φ(x_aug)) − labels)²)
+
+RAdam; a held-out split measures how well the labels are predicted, against the
+constant-zero predictor (most labels are 0 at small p, so the raw MSE alone says little).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ayt.errors import ConfigError
+from ayt.method.augment import AugmentPipeline, validate_augment
+from ayt.networks.feature_map import FeatureMap
+
+_EVAL_PASSES = 8  # augmented passes over the held-out set for `label_mse` (more draws, less noise)
+_BN_CALIBRATION_BATCHES = 20  # idt preset: batches that set BatchNorm statistics of the untrained net
+
+
+def _int_at_least(cfg: Mapping[str, Any], key: str, low: int) -> int:
+    value = cfg[key] if key in cfg else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"feature_map.{key}", f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def validate_feature_map(cfg_feature_map: Mapping[str, Any]) -> None:
+    """Check the `feature_map` config block; raise `ConfigError` naming the first bad field."""
+    cfg = cfg_feature_map
+    channels = cfg["channels"] if "channels" in cfg else None
+    if channels is None or isinstance(channels, str) or not hasattr(channels, "__iter__"):
+        raise ConfigError("feature_map.channels", f"must be a list of channel counts, got {channels!r}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
+        raise ConfigError("feature_map.channels", f"entries must be integers >= 1, got {list(channels)}")
+    _int_at_least(cfg, "convs_per_stage", 1)
+    _int_at_least(cfg, "iterations", 0)
+    _int_at_least(cfg, "batch_size", 2)  # BatchNorm on a 1×1 map needs two images
+    _int_at_least(cfg, "p_ramp_iterations", 0)
+    lr = cfg["lr"] if "lr" in cfg else None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError("feature_map.lr", f"must be a number > 0, got {lr!r}")
+    holdout = cfg["holdout"] if "holdout" in cfg else None
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise ConfigError("feature_map.holdout", f"must be in (0, 1), got {holdout!r}")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless index batches: a fresh permutation per epoch, batches may straddle epochs."""
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while pending.numel() < batch_size:
+            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def ramped_p(iteration: int, p: float, ramp_iterations: int) -> float:
+    """p rises linearly from 0 at iteration 0 to `p` at `ramp_iterations` (ALGORITHM §5)."""
+    if ramp_iterations <= 0:
+        return float(p)
+    return float(p) * min(1.0, iteration / ramp_iterations)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: FeatureMap,
+    augment: AugmentPipeline,
+    images: Tensor,
+    p: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[float, float]:
+    """(label MSE, constant-zero MSE) over `_EVAL_PASSES` augmented passes of `images`."""
+    sq_err = sq_zero = count = 0.0
+    for _ in range(_EVAL_PASSES):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device)
+            x_aug, labels = augment(x, p, generator)
+            sq_err += (model(x_aug) - labels).square().sum().item()
+            sq_zero += labels.square().sum().item()
+            count += labels.numel()
+    return sq_err / count, sq_zero / count
+
+
+def train_feature_map(
+    images: Tensor,
+    cfg_feature_map: Mapping[str, Any],
+    cfg_augment: Mapping[str, Any],
+    seed: int,
+    device: torch.device | str,
+    progress: bool = True,
+) -> tuple[FeatureMap, dict[str, float | int]]:
+    """Train φ on `images` ``[N, C, H, W]`` in [-1, 1]; returns the frozen net and its metrics.
+
+    Metrics: ``label_mse`` (held-out, at the full augment.p), ``zero_mse`` (the constant-zero
+    predictor on the same held-out labels), ``num_labels`` and ``iterations``. The run is a
+    function of `seed`: it fixes the initial weights, the split, the data order and every
+    augmentation draw. With no labels (the `idt` preset) nothing is optimised: the randomly
+    initialised net only gets its BatchNorm statistics from the data.
+    """
+    validate_feature_map(cfg_feature_map)
+    validate_augment(cfg_augment)
+    cfg = cfg_feature_map
+    device = torch.device(device)
+    n, channels, height, width = images.shape
+    if height != width:
+        raise ConfigError("dataset.resolution", f"the feature map needs square images, got {height}x{width}")
+
+    # Split, data order: CPU generator. Augmentations: a generator on the training device.
+    data_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    eval_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    order = torch.randperm(n, generator=data_gen)
+    n_hold = int(round(float(cfg["holdout"]) * n))
+    if n_hold < 1 or n - n_hold < 2:
+        raise ConfigError(
+            "feature_map.holdout", f"leaves {n - n_hold} training and {n_hold} held-out images out of {n}"
+        )
+    held_out, train = images[order[:n_hold]], images[order[n_hold:]]
+
+    augment = AugmentPipeline(cfg_augment, channels)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = FeatureMap(channels, height, list(cfg["channels"]), augment.num_labels, cfg["convs_per_stage"])
+    model.to(device).train()
+
+    batch_size = int(cfg["batch_size"])
+    batches = _batches(train.shape[0], batch_size, data_gen)
+    p_full = float(cfg_augment["p"])
+    iterations = int(cfg["iterations"]) if augment.num_labels > 0 else 0
+
+    if augment.num_labels == 0:
+        # Cumulative BatchNorm averages over a few plain batches, so eval mode is meaningful.
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        with torch.no_grad():
+            for _ in range(_BN_CALIBRATION_BATCHES):
+                model(train[next(batches)].to(device))
+    else:
+        optimizer = torch.optim.RAdam(model.parameters(), lr=float(cfg["lr"]))
+        bar = tqdm(range(iterations), desc="feature map", disable=not progress, leave=False)
+        for iteration in bar:
+            x = train[next(batches)].to(device, non_blocking=True)
+            x_aug, labels = augment(x, ramped_p(iteration, p_full, cfg["p_ramp_iterations"]), aug_gen)
+            loss = (model(x_aug) - labels).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if iteration % 50 == 0 or iteration == iterations - 1:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+
+    model.freeze()
+    if augment.num_labels > 0:
+        label_mse, zero_mse = _evaluate(model, augment, held_out, p_full, batch_size, eval_gen, device)
+    else:
+        label_mse = zero_mse = 0.0
+    metrics = {
+        "label_mse": label_mse,
+        "zero_mse": zero_mse,
+        "num_labels": augment.num_labels,
+        "iterations": iterations,
+    }
+    return model, metrics
