@@ -1,0 +1,300 @@
+"""FID through torch-fidelity (ALGORITHM §6): the FID curve's metric, never a hand-written FID.
+
+Two feature extractors, chosen by `dataset.fid_extractor`:
+
+* ``inception``: torch-fidelity's ``inception-v3-compat`` (standard FID, e.g. CIFAR-10),
+  weights from `fid.inception_weights` or the torch hub cache; nothing is downloaded.
+* ``classifier``: ``ayt-classifier``, a `DigitClassifier` trained on the dataset's labels
+  (the usual practice for MNIST-like data), registered with torch-fidelity here.
+
+Reference statistics are computed once and cached by torch-fidelity under `cache_root`.
+torch-fidelity's cache key is (cache name, extractor name, layer) and does not see the
+extractor's weights, so the cache name carries a hash of the weights file and of the
+reference images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from torch_fidelity import KEY_METRIC_FID, calculate_metrics, register_feature_extractor
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.helpers import vassert
+from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
+
+from ayt.data import ImageData
+from ayt.errors import ConfigError
+from ayt.eval.classifier import load_classifier
+
+CLASSIFIER_EXTRACTOR = "ayt-classifier"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+
+
+class ClassifierFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor around a `DigitClassifier` saved by `save_classifier`.
+
+    torch-fidelity feeds uint8 [B, 3, H, W]; the classifier wants its own channel count and
+    [-1, 1] at its training resolution, so the conversion is undone here.
+    """
+
+    FEATURES = ("embedding", "logits")
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs):
+        super().__init__(name, features_list)
+        vassert(
+            feature_extractor_weights_path is not None,
+            f"{name} needs feature_extractor_weights_path (a file written by ayt.eval.classifier.save_classifier)",
+        )
+        self.classifier = load_classifier(feature_extractor_weights_path)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ClassifierFeatureExtractor.FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"fid": "embedding", "kid": "embedding", "prc": "embedding", "isc": "logits"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+        vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {x.shape}")
+        h = x.to(torch.float32) / 127.5 - 1.0
+        if self.classifier.in_channels == 1:
+            h = h.mean(dim=1, keepdim=True)  # exact inverse of the grey -> RGB repeat in `to_uint8_rgb`
+        res = self.classifier.resolution
+        if h.shape[-2:] != (res, res):
+            h = F.interpolate(h, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+        embedding = self.classifier.features(h)
+        out = {"embedding": embedding, "logits": self.classifier.head(embedding)}
+        return tuple(out[name].to(torch.float32) for name in self.features_list)
+
+
+if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:  # a second import (e.g. reload) must not fail
+    register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatureExtractor)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs and cache keys
+
+
+def to_uint8_rgb(images: Tensor) -> Tensor:
+    """float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> uint8 [N, 3, H, W] on CPU, as torch-fidelity wants."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 1|3, H, W], got {tuple(images.shape)}")
+    u8 = ((images.detach().to("cpu", torch.float32) + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1).contiguous() if u8.shape[1] == 1 else u8
+
+
+class UInt8ImageDataset(Dataset):
+    """Items are single uint8 [3, H, W] tensors (torch-fidelity rejects (image, label) tuples)."""
+
+    def __init__(self, images_u8: Tensor):
+        self.images = images_u8
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_tensor(t: Tensor) -> str:
+    digest = hashlib.sha256(str(tuple(t.shape)).encode())
+    digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_inception_weights_path() -> str:
+    """Where torch.hub would have cached torch-fidelity's Inception weights."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+# ---------------------------------------------------------------------------------------
+# Extractor choice (`dataset.fid_extractor`): name -> (torch-fidelity extractor, weights file)
+
+
+def _resolve_classifier(weights_path: str | None) -> tuple[str, str]:
+    if weights_path is None or not os.path.isfile(weights_path):
+        raise ConfigError(
+            "dataset.fid_extractor",
+            f"the classifier extractor needs a trained classifier weights file; got {weights_path!r}",
+        )
+    return CLASSIFIER_EXTRACTOR, os.path.abspath(weights_path)
+
+
+def _resolve_inception(weights_path: str | None) -> tuple[str, str]:
+    if weights_path is not None:
+        path = os.path.abspath(os.path.expanduser(weights_path))
+        if not os.path.isfile(path):
+            raise ConfigError("fid.inception_weights", f"file {path} does not exist")
+        return INCEPTION_EXTRACTOR, path
+    path = default_inception_weights_path()
+    if not os.path.isfile(path):
+        raise ConfigError(
+            "fid.inception_weights",
+            f"no Inception weights: nothing is downloaded at run time; download {URL_INCEPTION_V3} on a "
+            f"machine with internet and set fid.inception_weights to its path (or place it at {path})",
+        )
+    return INCEPTION_EXTRACTOR, path
+
+
+_EXTRACTORS: dict[str, Callable[[str | None], tuple[str, str]]] = {
+    "classifier": _resolve_classifier,
+    "inception": _resolve_inception,
+}
+
+
+class FIDEvaluator:
+    """FID of generated samples against one reference set, with cached reference statistics.
+
+    Reference stats are computed at most once per (weights, reference images) and shared by
+    every process that points at the same `cache_root` (torch-fidelity saves atomically).
+    """
+
+    def __init__(
+        self,
+        reference: ImageData,
+        extractor: str,
+        weights_path: str | None,
+        cache_root: str,
+        device: torch.device | str,
+        batch_size: int = 64,
+    ):
+        if extractor not in _EXTRACTORS:
+            raise ConfigError(
+                "dataset.fid_extractor", f"unknown FID extractor {extractor!r}; allowed: {', '.join(sorted(_EXTRACTORS))}"
+            )
+        self.extractor = extractor
+        self.feature_extractor, self.weights_path = _EXTRACTORS[extractor](weights_path)
+        self.cache_root = os.path.abspath(os.path.expanduser(cache_root))
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.reference_channels = reference.channels
+        # Kept as uint8 (a quarter of the float size): torch-fidelity reads it only on a cache miss.
+        self._reference_u8 = to_uint8_rgb(reference.images)
+        weights_sha = _sha256_file(self.weights_path)
+        digest = hashlib.sha256(f"{weights_sha}:{_sha256_tensor(self._reference_u8)}".encode()).hexdigest()
+        self.reference_cache_name = f"ayt-{reference.name}-{len(reference)}x{reference.resolution}-{extractor}-{digest[:16]}"
+        self.feature_layer = FEATURE_EXTRACTORS_REGISTRY[self.feature_extractor].get_default_feature_layer_for_metric("fid")
+
+    @property
+    def reference_stats_path(self) -> str:
+        """torch-fidelity's file name for cached FID statistics (utils/metric_fid in 0.4.0)."""
+        name = f"{self.reference_cache_name}-{self.feature_extractor}-stat-fid-{self.feature_layer}.pt"
+        return os.path.join(self.cache_root, name)
+
+    def _reference_dataset(self) -> UInt8ImageDataset:
+        return UInt8ImageDataset(self._reference_u8)
+
+    def _kwargs(self) -> dict:
+        return dict(
+            fid=True,
+            feature_extractor=self.feature_extractor,
+            feature_extractor_weights_path=self.weights_path,
+            cache_root=self.cache_root,
+            cuda=self.device.type == "cuda",
+            batch_size=self.batch_size,
+            save_cpu_ram=True,  # no DataLoader worker processes (PLATFORM_NOTES)
+            verbose=False,
+        )
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """torch-fidelity moves the extractor with `.cuda()`: make that mean our device."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def ensure_reference_stats(self) -> str:
+        """Compute and cache the reference statistics if missing; returns their path. Idempotent."""
+        if os.path.isfile(self.reference_stats_path):
+            return self.reference_stats_path
+        os.makedirs(self.cache_root, exist_ok=True)
+        # The stats half of torch-fidelity's `calculate_fid`, for input2 only: a full
+        # calculate_metrics would also pay for an FID (a 2048x2048 eigensolve with Inception).
+        kwargs = dict(self._kwargs(), input2=self._reference_dataset(), input2_cache_name=self.reference_cache_name)
+        with self._on_device():
+            extractor = create_feature_extractor(self.feature_extractor, [self.feature_layer], **kwargs)
+            fid_input_id_to_statistics_cached(2, extractor, self.feature_layer, **kwargs)
+        # torch-fidelity also caches the raw features (400 MB for CIFAR-10 + Inception); the
+        # stats file is all that FID needs, and it is looked up before the features are.
+        features = f"{self.reference_cache_name}-{self.feature_extractor}-features-{self.feature_layer}.pt"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.cache_root, features))
+        if not os.path.isfile(self.reference_stats_path):  # torch-fidelity renamed its cache files
+            raise RuntimeError(f"torch-fidelity did not write {self.reference_stats_path}")
+        return self.reference_stats_path
+
+    def fid(self, samples: Tensor) -> float:
+        """FID of samples [N, C, H, W] float in [-1, 1] (C as the reference) against the reference set."""
+        if samples.dim() != 4 or samples.shape[1] != self.reference_channels:
+            raise ValueError(
+                f"samples must be [N, {self.reference_channels}, H, W] like the reference, got {tuple(samples.shape)}"
+            )
+        if samples.shape[0] < 2:
+            raise ValueError("FID needs at least 2 samples")
+        self.ensure_reference_stats()
+        with self._on_device():
+            metrics = calculate_metrics(
+                input1=UInt8ImageDataset(to_uint8_rgb(samples)),
+                input2=self._reference_dataset(),
+                input2_cache_name=self.reference_cache_name,
+                **self._kwargs(),
+            )
+        return float(metrics[KEY_METRIC_FID])
+
+
+def write_random_inception_weights(path: str, seed: int = 0) -> str:
+    """Save a randomly initialised state dict for torch-fidelity's `FeatureExtractorInceptionV3`.
+
+    Lets tests run the Inception path offline. The shapes come from torch-fidelity's own
+    module: it is built with loading disabled, then re-initialised (He-normal convolutions so
+    activations neither vanish nor explode through the ~100 layers).
+    """
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the fresh init
+            return None
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = os.path.join(tmp, "empty.pt")
+        torch.save({}, empty)
+        net = _Unloaded(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
+            elif isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=0.01, generator=gen)
+                torch.nn.init.zeros_(module.bias)
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return path
