@@ -38,6 +38,9 @@ def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     from ayt.training.prepare import ensure_artifacts
 
     name = run_name(cfg)
+    if cfg.scaling.backend == "ray":
+        from ayt.training.ray_train import connect
+        connect(cfg)       # preflight before any artifact, MLflow run or Ray actor
     artifacts = ensure_artifacts(cfg, progress=progress)
     run_id, resumed = start_or_resume_run(cfg.tracking.uri, cfg.tracking.experiment, name, run_params(cfg),
                                           tags={"ayt.entry": "ayt.train"})
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = run(cfg)
+        summary = run(cfg, progress=bool(cfg.progress))
     except NonFiniteLossError as err:
         print(f"ayt: training failed: {err}", file=sys.stderr)
         return 1

@@ -28,3 +28,23 @@ def shared_out_dir(tmp_path_factory):
     """One out_dir per test session: its artifact cache (pretrained model, feature map,
     FID extractor and statistics) is built once and shared by every end-to-end test."""
     return tmp_path_factory.mktemp("ayt-out")
+
+
+@pytest.fixture
+def ray_session():
+    """The test session's one local Ray (dashboard and state API on 127.0.0.1), started on
+    first use; tests that need their own cluster shut it down and it starts again here."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False)
+    yield ray
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down is best effort at exit
+        pass

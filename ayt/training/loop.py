@@ -4,8 +4,10 @@ and every worker calls the same `ConsistencyStep`. Side effects happen on rank 0
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
 import shutil
 import tempfile
 import time
@@ -34,6 +36,7 @@ FID_KEYS = ("fid_1step", "fid_2step")
 
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifacts(self, paths: list[str], artifact_path: str | None = None) -> None: ...
 
 
@@ -45,6 +48,11 @@ class WorkerContext:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker ran (written into each checkpoint for provenance)."""
+        return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+                "host": socket.gethostname(), "pid": os.getpid()}
 
     @property
     def is_chief(self) -> bool:
@@ -68,9 +76,9 @@ class WorkerContext:
         done = sorted(p for p in self.checkpoint_dir.iterdir() if (p / STATE_FILE).is_file())
         return load(done[-1]) if done else None
 
-    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
-        """Max of `flag` over all workers (so every rank stops at the same report)."""
-        return flag
+    def all_reduce(self, value: torch.Tensor, op: str = "max") -> torch.Tensor:
+        """`value` reduced over all workers ("max" or "mean"); a single process has nothing to do."""
+        return value
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
         """Persist a checkpoint if given (``write_checkpoint(dir)`` writes this rank's files)."""
@@ -194,6 +202,8 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                                            drop_last=True))
     step = build_training(cfg, artifacts, ctx, data)
     state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx)) or RunState()
+    if state.iteration and sink is not None and ctx.is_chief:
+        sink.set_tags({"ayt.resumed_from_iteration": state.iteration})
     probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
     total, it = int(cfg.training.iterations), state.iteration
     tr = cfg.training
@@ -249,9 +259,12 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
 
 def _scalars(terms: dict[str, torch.Tensor], step: ConsistencyStep, it: int, cfg: DictConfig,
              ctx: WorkerContext) -> dict[str, float]:
-    """Loss terms as floats; raises on every rank at once if any rank saw a non-finite loss."""
-    values = {key: float(value) for key, value in terms.items()}
-    bad = int(ctx.any_rank(step.first_bad_iteration.clone()))
+    """Loss terms averaged over workers, as floats; raises on every rank at once if any rank
+    saw a non-finite loss."""
+    keys = sorted(terms)
+    means = ctx.all_reduce(torch.stack([terms[k].float() for k in keys]), "mean")
+    values = {key: float(v) for key, v in zip(keys, means.tolist())}
+    bad = int(ctx.all_reduce(step.first_bad_iteration.clone(), "max"))
     if bad >= 0:
         raise NonFiniteLossError(bad, f"loss={values['loss']} (loss.name={cfg.loss.name}, lr={cfg.lr}, "
                                  f"batch_size={cfg.batch_size})")
@@ -283,6 +296,7 @@ def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: 
             "train_seconds": state.train_seconds, **(extra or {}),
         }, directory / STATE_FILE)
     torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
+    (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps(ctx.describe()))
 
 
 def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext) -> RunState:

@@ -44,10 +44,16 @@ class RayWorkerContext(WorkerContext):
         with checkpoint.as_directory() as directory:
             return load(Path(directory))
 
-    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, value: torch.Tensor, op: str = "max") -> torch.Tensor:
         if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag
+            reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+            torch.distributed.all_reduce(value, op=reduce_op)
+            if op == "mean":
+                value = value / self.world_size
+        return value
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
         if write_checkpoint is None:
@@ -76,21 +82,23 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report({"failure": str(err), "failed_iteration": err.iteration})
 
 
-def init_ray(cfg: DictConfig) -> None:
-    """Join `ray.address`, or start a local Ray with its dashboard on 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if cfg.ray.address:
-        ray.init(address=str(cfg.ray.address), log_to_driver=True)
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+def connect(cfg: DictConfig) -> list[str]:
+    """Join `ray.address` (or start a local Ray with its dashboard on 127.0.0.1), then run
+    the preflight: storage, tracking server and GPUs fail here, before any actor starts."""
+    from ayt.preflight import preflight
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        if cfg.ray.address:
+            ray.init(address=str(cfg.ray.address))
+        else:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    return preflight(cfg)
 
 
 def scaling_config(cfg: DictConfig) -> ScalingConfig:
     resources = OmegaConf.to_container(cfg.scaling.resources_per_worker, resolve=True) or None
-    if resources and not cfg.scaling.use_gpu:
-        resources = {k: v for k, v in resources.items() if k != "GPU"}
+    if resources:
+        resources = {k: v for k, v in resources.items() if v and (k != "GPU" or cfg.scaling.use_gpu)} or None
     return ScalingConfig(num_workers=int(cfg.scaling.num_workers), use_gpu=bool(cfg.scaling.use_gpu),
                          resources_per_worker=resources)
 
@@ -113,11 +121,9 @@ def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, nam
 
 
 def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, progress: bool = True) -> dict:
-    """`scaling.backend=ray`: fit the TorchTrainer; the rank-0 worker writes the MLflow run."""
+    """`scaling.backend=ray`: fit the TorchTrainer (after `connect`); the rank-0 worker
+    writes the MLflow run."""
     from ayt.config import run_name
-    from ayt.preflight import preflight
-    init_ray(cfg)
-    preflight(cfg)     # storage, tracking server, GPUs: a clear error instead of a hung worker group
     result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
     metrics = result.metrics or {}
     if "failure" in metrics:
