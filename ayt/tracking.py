@@ -3,6 +3,7 @@ idempotent metric logging so a restarted worker never writes a step twice."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 from mlflow.entities import Metric, Param, RunTag
@@ -11,9 +12,19 @@ from mlflow.tracking import MlflowClient
 RUN_NAME_TAG = "ayt.run_name"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store live next to the database (MLflow's default is ./mlruns
+    under whatever directory the process happens to run in); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
 
 
 def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run_id: str | None = None):

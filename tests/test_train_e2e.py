@@ -38,6 +38,8 @@ def test_smoke_run_logs_fid_curve_params_and_artifacts(smoke_run):
     assert all(m.value == m.step * 32 for m in seen) and seen
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"samples_1step.png", "samples_2step.png", "fid_curve.png", "ema.pt"} <= artifacts
+    # Artifacts live under out_dir, not in ./mlruns of whatever directory the process ran in.
+    assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())
     metrics = run.data.metrics
     assert metrics["fid_classifier_test_accuracy"] > 0.9
     assert metrics["feature_map_label_mse"] < metrics["feature_map_zero_mse"]
