@@ -1,0 +1,378 @@
+"""The shared study runner: every study module is a search space in `conf/study/<name>.yaml`
+plus a call to `study_main(name)`.
+
+    CLI overrides -> plan (compose + validate the study and every trial config; no Ray yet)
+      -> Ray (+ preflight) -> shared artifacts built once per distinct setting
+      -> Tuner(function trainable -> TorchTrainer per trial, OptunaSearch, optional ASHA)
+      -> StudyTracker (driver): parent MLflow run + one child per trial
+      -> report (markdown + PNGs + CSV) under out_dir/<study>/, logged to the parent run
+
+`resume=true` on the same out_dir and study config restores the Tuner: finished trials stay
+finished, unfinished ones continue from their Ray Train checkpoints, and the tracker finds
+their MLflow child runs again instead of creating new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ayt.artifacts import config_hash
+from ayt.config import compose_config, flatten, load_config, run_name
+from ayt.errors import ConfigError, NonFiniteLossError
+from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER_CPU = 0.01      # the Tune trial actor only waits on its TorchTrainer
+
+
+@dataclass
+class StudyPlan:
+    """Everything a study needs, resolved and validated before Ray starts."""
+
+    name: str
+    study: dict[str, Any]                  # the study block, resolved
+    space: StudySpace
+    base_overrides: list[str]              # every trial starts from these
+    base: DictConfig                       # the validated base trial config
+    study_id: str                          # name + hash of what defines the study
+    argv: list[str] = field(default_factory=list)                   # the command line it came from
+    trial_configs: list[DictConfig] = field(default_factory=list)   # grid: every trial; else the corners
+    skipped: list[str] = field(default_factory=list)                # axis values a study hook dropped, and why
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.base.out_dir) / self.name
+
+    @property
+    def storage_path(self) -> str:
+        return str(self.base.ray.storage_path)
+
+    @property
+    def experiment_path(self) -> str:
+        return _join(self.storage_path, self.study_id)
+
+    @property
+    def metric(self) -> str:
+        return str(self.study["metric"])
+
+    def trial_overrides(self, params: dict[str, Any], trial_id: str | None) -> list[str]:
+        batch = int(params.get("batch_size", self.base.batch_size))
+        extra = [f"name={self.study_id}-{trial_id}"] if trial_id else []
+        return [*self.base_overrides, *self.space.overrides(params, batch), *extra,
+                f"ray.storage_path={_join(self.storage_path, self.study_id, 'trials')}",
+                "scaling.backend=ray", "progress=false"]
+
+    def trial_config(self, params: dict[str, Any], trial_id: str | None = None) -> DictConfig:
+        return load_config(self.trial_overrides(params, trial_id))
+
+    def describe(self, trial) -> tuple[str, dict[str, Any], int, Path]:
+        """MLflow child run name, params, planned iterations and artifact directory of a Tune trial."""
+        cfg = self.trial_config(trial.config, trial.trial_id)
+        name = run_name(cfg)
+        params = {**_run_params(cfg), **{f"axis.{k}": v for k, v in trial.config.items()}}
+        return name, params, int(cfg.training.iterations), Path(cfg.out_dir) / "runs" / name
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _run_params(cfg: DictConfig) -> dict[str, Any]:
+    from ayt.train import run_params
+    return run_params(cfg)
+
+
+# ---- planning: everything that can fail does so here, before Ray ---------------------------
+
+def split_argv(argv: Sequence[str]) -> list[str]:
+    """`resume=true` is shorthand for `study.resume=true`."""
+    return [("study." + a) if a.split("=", 1)[0] == "resume" else a for a in argv]
+
+
+def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
+    argv = split_argv(argv)
+    study_args = [a for a in argv if a.lstrip("+~").startswith("study.")]
+    train_args = [a for a in argv if a not in study_args]
+    composed = compose_config([f"+study={name}", *study_args, *train_args])
+    study = composed.study
+    for key in ("metric", "scheduler", "max_failures", "preset"):
+        if key not in study:
+            raise ConfigError(f"study.{key}", "missing from the study config")
+    if str(study.scheduler) not in SCHEDULERS:
+        raise ConfigError("study.scheduler", f"unknown value {study.scheduler!r}; allowed: " + ", ".join(SCHEDULERS))
+    if str(study.metric) not in ("fid_1step", "fid_2step"):
+        raise ConfigError("study.metric", f"unknown value {study.metric!r}; allowed: fid_1step, fid_2step")
+    space = parse_space(study)
+    base_overrides = []
+    if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
+        base_overrides.append(f"experiment={study.preset}")
+    base_overrides += [str(o) for o in (study.fixed or [])]
+    if not any(a.startswith("tracking.experiment=") for a in train_args):
+        base_overrides.append(f"tracking.experiment={space.name}")
+    base_overrides += train_args
+    base = load_config(base_overrides)
+    check_axis_keys(space, base)
+    spec = {"study": OmegaConf.to_container(study, resolve=True), "overrides": base_overrides}
+    spec["study"].pop("resume", None)
+    spec["study"].pop("max_concurrent_trials", None)
+    plan = StudyPlan(name=space.name, study=OmegaConf.to_container(study, resolve=True), space=space,
+                     base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
+                     argv=list(argv))
+    _validate_scheduler(plan)
+    _load_study_module(name)
+    hook = STUDY_HOOKS.get(name)
+    if hook is not None:
+        hook(plan)
+    plan.trial_configs = [plan.trial_config(p) for p in _validation_points(plan)]
+    return plan
+
+
+def _load_study_module(name: str) -> None:
+    """Import ayt.studies.<name> so its hooks register (a study may be only a yaml)."""
+    import importlib
+    try:
+        importlib.import_module(f"ayt.studies.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"ayt.studies.{name}":
+            raise
+
+
+def _validation_points(plan: StudyPlan) -> list[dict[str, Any]]:
+    """Grid: every point. Sampled: each axis at its corners, the others at their first value."""
+    space = plan.space
+    if space.search == "grid":
+        return space.grid()
+    first = {a.param: a.corners()[0] for a in space.all_axes}
+    points = [first]
+    for axis in space.all_axes:
+        points += [{**first, axis.param: v} for v in axis.corners()[1:]]
+    return points
+
+
+def _validate_scheduler(plan: StudyPlan) -> None:
+    study = plan.study
+    if study["scheduler"] != "asha":
+        return
+    asha = study.get("asha") or {}
+    grace, rf = asha.get("grace_evals", 1), asha.get("reduction_factor", 2)
+    if not isinstance(grace, int) or not 1 <= grace <= plan.space.evals:
+        raise ConfigError("study.asha.grace_evals", f"must be an integer in [1, study.budget.evals="
+                          f"{plan.space.evals}], got {grace!r}")
+    if not isinstance(rf, (int, float)) or rf <= 1:
+        raise ConfigError("study.asha.reduction_factor", f"must be a number > 1, got {rf!r}")
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+def run_trial(config: dict[str, Any], plan: StudyPlan) -> None:
+    """The Tune function trainable: one TorchTrainer per trial. Worker reports reach Tune
+    through TuneReportCallback; the trial's stable name lets a retried or restored trial
+    resume from its last Ray Train checkpoint."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ayt.training.prepare import ensure_artifacts
+    from ayt.training.ray_train import build_trainer
+    trial_id = tune.get_context().get_trial_id()
+    cfg = plan.trial_config(config, trial_id)
+    artifacts = ensure_artifacts(cfg, progress=False)       # cached: built before the study, or once here
+    trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    if "failure" in metrics:
+        raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
+
+
+def prebuild_artifacts(plan: StudyPlan, progress: bool = True) -> int:
+    """Build each distinct shared artifact once, on the driver, before any trial starts."""
+    from ayt.training.prepare import classifier_spec, ensure_artifacts, feature_map_spec, needs_feature_map, \
+        pretrained_spec
+    seen: set[str] = set()
+    for cfg in plan.trial_configs:
+        key = config_hash([pretrained_spec(cfg), feature_map_spec(cfg) if needs_feature_map(cfg) else None,
+                           classifier_spec(cfg)])
+        if key not in seen:
+            seen.add(key)
+            ensure_artifacts(cfg, progress=progress)
+    return len(seen)
+
+
+def max_concurrent_trials(plan: StudyPlan) -> int:
+    """Configured, or as many trials as the cluster's resources can hold at once."""
+    configured = plan.study.get("max_concurrent_trials")
+    if configured:
+        return int(configured)
+    import ray
+
+    from ayt.preflight import worker_bundle
+    available = ray.cluster_resources()
+    per_trial = {k: v * int(plan.base.scaling.num_workers) for k, v in worker_bundle(plan.base).items()}
+    fits = [available.get(k, 0.0) / v for k, v in per_trial.items() if v > 0]
+    return max(1, int(min(fits))) if fits else 1
+
+
+def _searcher(plan: StudyPlan):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    space, seed = plan.space, int(plan.study.get("sampler_seed", 0))
+    if space.search == "grid":
+        sampler = optuna.samplers.GridSampler(space.grid_space(), seed=seed)
+    elif space.search == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode="min", sampler=sampler,
+                        study_name=plan.study_id, storage=storage)
+
+
+def _scheduler(plan: StudyPlan):
+    if plan.study["scheduler"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    asha = plan.study.get("asha") or {}
+    batches = [int(c.batch_size) for c in plan.trial_configs] or [int(plan.base.batch_size)]
+    max_t = plan.space.max_images(batches)
+    grace = max_t // plan.space.evals * int(asha.get("grace_evals", 1))
+    return ASHAScheduler(time_attr="images_seen", metric=plan.metric, mode="min", max_t=max_t,
+                         grace_period=grace, reduction_factor=float(asha.get("reduction_factor", 2)))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _experiment_exists(plan: StudyPlan) -> bool:
+    path = plan.experiment_path
+    if "://" in path:
+        import pyarrow.fs
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        return fs.get_file_info(inner + "/tuner.pkl").type != pyarrow.fs.FileType.NotFound
+    return (Path(path) / "tuner.pkl").exists()
+
+
+def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a planned study; returns the report summary."""
+    from ray import tune
+
+    from ayt.studies.report import write_report
+    from ayt.studies.tracker import StudyTracker
+    from ayt.tracking import RunLogger, start_or_resume_run
+    from ayt.training.ray_train import connect
+
+    resume = bool(plan.study.get("resume"))
+    exists = _experiment_exists(plan)
+    if exists and not resume:
+        raise ConfigError("study.resume", f"study {plan.study_id} already exists under {plan.experiment_path}; "
+                          "pass resume=true to finish it, or change study.name")
+    if resume and not exists:
+        log.info("resume=true but no earlier study %s: starting it", plan.study_id)
+    connect(plan.base)                            # Ray + preflight, before any artifact or trial
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # a failed trial's last report has no FID
+    built = prebuild_artifacts(plan, progress=progress)
+    log.info("shared artifacts ready (%d distinct settings)", built)
+
+    uri = str(plan.base.tracking.uri)
+    parent_id, resumed = start_or_resume_run(
+        uri, str(plan.base.tracking.experiment), plan.study_id,
+        {**{f"study.{k}": v for k, v in flatten(_study_params(plan)).items()}},
+        tags={"ayt.study": plan.name, "ayt.git_commit": _git_commit(), "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
+              "ayt.entry": f"ayt.studies.{plan.name}"})
+    parent = RunLogger(uri, parent_id)
+    tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})
+    try:
+        if exists:
+            tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=_searcher(plan), scheduler=_scheduler(plan),
+                                            num_samples=plan.space.trial_count(),
+                                            max_concurrent_trials=max_concurrent_trials(plan), reuse_actors=False),
+                run_config=tune.RunConfig(name=plan.study_id, storage_path=plan.storage_path, callbacks=[tracker],
+                                          failure_config=tune.FailureConfig(max_failures=int(plan.study["max_failures"])),
+                                          verbose=1 if progress else 0))
+        grid = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    errors = sum(1 for r in grid if r.error is not None)
+    summary = write_report(plan, uri, parent_id)
+    parent.log_artifacts(summary["files"], artifact_path="report")
+    parent.set_tags({"ayt.trials": len(grid), "ayt.trials_failed": errors})
+    parent.finish("FINISHED" if errors == 0 else "FAILED")
+    summary.update(parent_run_id=parent_id, resumed=resumed, trials=len(grid), errors=errors)
+    return summary
+
+
+def _study_params(plan: StudyPlan) -> dict[str, Any]:
+    study = dict(plan.study)
+    study.pop("resume", None)
+    study["base_overrides"] = " ".join(plan.base_overrides)
+    return study
+
+
+# ---- hooks and CLI ---------------------------------------------------------------------------
+
+STUDY_HOOKS: dict[str, Callable[[StudyPlan], None]] = {}
+
+
+def study_hook(name: str):
+    """Register a per-study adjustment of the plan (e.g. drop an axis value that cannot run)."""
+    def register(fn: Callable[[StudyPlan], None]):
+        STUDY_HOOKS[name] = fn
+        return fn
+    return register
+
+
+USAGE = """usage: python -m ayt.studies.{name} [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+
+Study keys (conf/study/{name}.yaml): study.axes.*, study.seeds, study.budget.amount,
+study.budget.unit (images|iterations), study.budget.evals, study.scheduler (none|asha),
+study.search (grid|tpe|random), study.num_samples, study.max_concurrent_trials.
+Any other key=value applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2)."""
+
+
+def study_main(name: str, argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE.format(name=name))
+        return 0
+    dry_run = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        plan = plan_study(name, args)
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id, "trials": plan.space.trial_count(),
+                                 "base_overrides": plan.base_overrides}))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_study(plan, progress=bool(plan.base.progress))
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    print(f"ayt: study {plan.study_id}: {summary['trials']} trials ({summary['errors']} failed); "
+          f"report {summary['report']}; MLflow parent run {summary['parent_run_id']}")
+    return 0 if summary["errors"] == 0 else 1

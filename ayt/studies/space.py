@@ -1,0 +1,229 @@
+"""A study's search space: axes over config keys or config groups, seeds as a repeat axis,
+and a budget in images seen (or iterations) that becomes each trial's training schedule.
+
+An axis is a list of values (categorical; the only kind a grid allows) or a range
+``{low, high, log, int}`` that Optuna samples. Axis names are dotted config keys
+(``batch_size``, ``loss.huber_c``, ``augment.geo.p``) or config groups (``loss``, ``augment``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ayt.errors import ConfigError
+
+CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling")
+SEARCHES = ("grid", "tpe", "random")
+SCHEDULERS = ("none", "asha")
+BUDGET_UNITS = ("images", "iterations")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept dimension of a study."""
+
+    key: str                                   # dotted config key or config group
+    values: tuple | None = None                # categorical values
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @property
+    def param(self) -> str:
+        """The name Optuna and Tune see (no dots: Tune would nest dotted keys)."""
+        return self.key.replace(".", "__")
+
+    @property
+    def is_group(self) -> bool:
+        return self.key in CONFIG_GROUPS
+
+    def suggest(self, trial) -> Any:
+        if self.values is not None:
+            return trial.suggest_categorical(self.param, list(self.values))
+        if self.integer:
+            return trial.suggest_int(self.param, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.param, float(self.low), float(self.high), log=self.log)
+
+    def corners(self) -> list:
+        """Values that stand for the whole axis when validating it up front."""
+        return list(self.values) if self.values is not None else [self.low, self.high]
+
+    def override(self, value: Any) -> str:
+        return f"{self.key}={_hydra_value(value)}"
+
+
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+@dataclass
+class StudySpace:
+    """Axes, seeds and budget of one study, checked on construction."""
+
+    name: str
+    search: str
+    axes: list[Axis]
+    seeds: list[int]
+    num_samples: int | None
+    budget_unit: str
+    budget_amount: int
+    evals: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed_axis(self) -> Axis | None:
+        if self.search == "grid" or len(self.seeds) > 1:
+            return Axis("seed", values=tuple(self.seeds))
+        return None
+
+    @property
+    def all_axes(self) -> list[Axis]:
+        return self.axes + ([self.seed_axis] if self.seed_axis else [])
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of a grid study (axis param name -> value), seeds innermost."""
+        axes = self.all_axes
+        return [dict(zip([a.param for a in axes], point)) for point in itertools.product(*(a.values for a in axes))]
+
+    def trial_count(self) -> int:
+        return len(self.grid()) if self.search == "grid" else int(self.num_samples)
+
+    def define_by_run(self, trial) -> None:
+        """Optuna define-by-run space (OptunaSearch calls it with an Optuna trial)."""
+        for axis in self.all_axes:
+            axis.suggest(trial)
+
+    def grid_space(self) -> dict[str, list]:
+        return {a.param: list(a.values) for a in self.all_axes}
+
+    def overrides(self, params: dict[str, Any], batch_size: int) -> list[str]:
+        """Hydra overrides of one trial: its axis values, its seed and the budget schedule."""
+        by_param = {a.param: a for a in self.all_axes}
+        out = [by_param[p].override(v) for p, v in params.items() if p in by_param]
+        if self.seed_axis is None:
+            out.append(f"seed={self.seeds[0]}")
+        out += self.schedule_overrides(batch_size)
+        return out
+
+    def schedule_overrides(self, batch_size: int) -> list[str]:
+        iterations, eval_every = self.schedule(batch_size)
+        return [f"training.iterations={iterations}", f"training.eval_every={eval_every}",
+                f"training.checkpoint_every={eval_every}",
+                f"training.log_every={math.gcd(eval_every, 25) if eval_every >= 25 else eval_every}"]
+
+    def schedule(self, batch_size: int) -> tuple[int, int]:
+        """(iterations, eval_every) for a trial at this batch size."""
+        if self.budget_unit == "iterations":
+            iterations = self.budget_amount
+        else:
+            if self.budget_amount % batch_size:
+                raise ConfigError("study.budget.amount", f"{self.budget_amount} images is not a multiple of "
+                                  f"batch_size={batch_size}; choose a multiple of every swept batch size")
+            iterations = self.budget_amount // batch_size
+        if iterations % self.evals:
+            raise ConfigError("study.budget.evals", f"{iterations} iterations (batch {batch_size}) do not split into "
+                              f"{self.evals} equal evaluation intervals")
+        return iterations, iterations // self.evals
+
+    def max_images(self, batch_sizes: Iterable[int]) -> int:
+        if self.budget_unit == "images":
+            return self.budget_amount
+        return self.budget_amount * max(batch_sizes)
+
+
+def parse_space(study: DictConfig) -> StudySpace:
+    """The study block of the config as a StudySpace; one clear line per problem."""
+    name = str(study.get("name") or "")
+    if not name or any(c in name for c in "/\\ "):
+        raise ConfigError("study.name", f"must be a non-empty name without spaces or slashes, got {name!r}")
+    search = str(study.search)
+    if search not in SEARCHES:
+        raise ConfigError("study.search", f"unknown value {search!r}; allowed: " + ", ".join(SEARCHES))
+    if not isinstance(study.axes, DictConfig) or len(study.axes) == 0:
+        raise ConfigError("study.axes", "a study needs at least one axis (config key or group -> values)")
+    axes = [_parse_axis(k, v, search) for k, v in _axis_nodes(study.axes)]
+    seeds = list(study.seeds) if study.seeds is not None else []
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError("study.seeds", f"must be a non-empty list of integers >= 0, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("study.seeds", f"repeats a seed: {seeds}")
+    num_samples = study.get("num_samples")
+    if search != "grid" and (not isinstance(num_samples, int) or num_samples < 1):
+        raise ConfigError("study.num_samples", f"search={search} needs a number of trials >= 1, got {num_samples!r}")
+    budget = study.budget
+    unit = str(budget.unit)
+    if unit not in BUDGET_UNITS:
+        raise ConfigError("study.budget.unit", f"unknown value {unit!r}; allowed: " + ", ".join(BUDGET_UNITS))
+    amount = budget.amount
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
+        raise ConfigError("study.budget.amount", f"must be an integer >= 1 ({unit}), got {amount!r}")
+    evals = budget.evals
+    if not isinstance(evals, int) or evals < 1:
+        raise ConfigError("study.budget.evals", f"must be an integer >= 1, got {evals!r}")
+    return StudySpace(name=name, search=search, axes=axes, seeds=seeds, num_samples=num_samples,
+                      budget_unit=unit, budget_amount=int(amount), evals=int(evals))
+
+
+def _axis_nodes(node: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """Axes nest like the config: ``loss: {huber_c: {low: .., high: ..}}`` is the axis
+    ``loss.huber_c``; a list or a ``{low, high}`` range ends the nesting. ``_option`` under a
+    group sweeps the group's option next to its keys: ``augment: {_option: [geo, deg], p: ..}``."""
+    out = []
+    for key, value in node.items():
+        name = prefix.rstrip(".") if key == "_option" and prefix else f"{prefix}{key}"
+        if isinstance(value, DictConfig) and len(value) and not ({"low", "high"} & set(value.keys())):
+            out += _axis_nodes(value, name + ".")
+        else:
+            out.append((name, value))
+    return out
+
+
+def _parse_axis(key: str, spec: Any, search: str) -> Axis:
+    where = f"study.axes.{key}"
+    if key == "seed":
+        raise ConfigError(where, "seeds are a repeat axis: set study.seeds instead")
+    if isinstance(spec, ListConfig):
+        values = tuple(OmegaConf.to_container(spec, resolve=True))
+        if not values:
+            raise ConfigError(where, "empty list of values")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(where, f"repeats a value: {list(values)}")
+        return Axis(key, values=values)
+    if isinstance(spec, DictConfig):
+        if search == "grid":
+            raise ConfigError(where, "a grid needs a list of values, not a range; use search=tpe or random for ranges")
+        unknown = set(spec.keys()) - {"low", "high", "log", "int"}
+        if unknown:
+            raise ConfigError(where, f"unknown range field(s) {sorted(unknown)}; allowed: low, high, log, int")
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+            raise ConfigError(where, f"a range needs numbers low < high, got low={low!r}, high={high!r}")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(where, f"a log range needs low > 0, got {low}")
+        return Axis(key, low=low, high=high, log=bool(spec.get("log", False)), integer=bool(spec.get("int", False)))
+    raise ConfigError(where, f"must be a list of values or a range {{low, high, log}}, got {spec!r}")
+
+
+def check_axis_keys(space: StudySpace, base: DictConfig) -> None:
+    """Every axis names a config group or a key that exists in the trial config."""
+    for axis in space.axes:
+        if axis.is_group:
+            continue
+        parent, _, leaf = axis.key.rpartition(".")
+        node = OmegaConf.select(base, parent) if parent else base
+        if not isinstance(node, DictConfig) or leaf not in node:
+            raise ConfigError(f"study.axes.{axis.key}", "unknown axis: not a config key; allowed: a config group ("
+                              + ", ".join(CONFIG_GROUPS) + ") or an existing dotted key such as batch_size, "
+                              "loss.huber_c, augment.geo.p")

@@ -1,0 +1,89 @@
+"""The study's one MLflow writer: a Ray Tune callback on the driver that keeps one child run
+per trial under the study's parent run.
+
+Ray's stock `MLflowLoggerCallback` logs against Tune's report counter, has no parent run and
+creates a second run for a trial that `Tuner.restore` resumes. Here a child run is found again
+by its stable name (study + Tune trial id) under its parent, and metrics are logged with
+step = training iteration, skipping steps already stored, so a resumed or retried trial adds
+only what is new.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from ayt.tracking import RunLogger, start_or_resume_run
+
+CURVE_KEYS = ("fid_1step", "fid_2step")
+SCALAR_KEYS = CURVE_KEYS + ("loss", "images_seen", "train_seconds")
+STOPPED_TAG = "ayt.stopped_early"
+
+
+class StudyTracker(Callback):
+    """Child runs for trials; `describe(trial)` returns (run name, params, planned iterations, run dir)."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, study: str,
+                 describe: Callable[[Any], tuple[str, dict[str, Any], int, Path]]):
+        self.uri, self.experiment, self.parent_run_id, self.study = uri, experiment, parent_run_id, study
+        self.describe = describe
+        self.loggers: dict[str, RunLogger] = {}
+        self.planned: dict[str, int] = {}
+        self.run_dirs: dict[str, Path] = {}
+
+    def child(self, trial) -> RunLogger:
+        logger = self.loggers.get(trial.trial_id)
+        if logger is None:
+            name, params, planned, run_dir = self.describe(trial)
+            run_id, _ = start_or_resume_run(self.uri, self.experiment, name, params, parent_run_id=self.parent_run_id,
+                                            tags={"ayt.study": self.study, "ayt.trial_id": trial.trial_id,
+                                                  "ayt.entry": "ayt.studies"})
+            logger = self.loggers[trial.trial_id] = RunLogger(self.uri, run_id)
+            self.planned[trial.trial_id], self.run_dirs[trial.trial_id] = planned, run_dir
+        return logger
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.child(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = result.get("iteration")
+        if step is None:
+            return
+        metrics = {k: float(result[k]) for k in SCALAR_KEYS
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
+        logger = self.child(trial)
+        logger.log_metrics(metrics, step=int(step))
+        images = result.get("images_seen")
+        if images is not None:
+            # The same curves against images seen, the x-axis that compares batch sizes fairly.
+            logger.log_metrics({f"{k}_vs_images": metrics[k] for k in CURVE_KEYS if k in metrics}, step=int(images))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        logger = self.child(trial)
+        done = int((trial.last_result or {}).get("iteration", 0))
+        stopped = done < self.planned[trial.trial_id]
+        logger.set_tags({STOPPED_TAG: str(stopped).lower(), "ayt.final_iteration": done})
+        run_dir = self.run_dirs[trial.trial_id]
+        if run_dir.is_dir():
+            logger.log_artifacts([str(p) for p in sorted(run_dir.iterdir()) if p.is_file()])
+        logger.finish("KILLED" if stopped else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        logger = self.child(trial)
+        reason = _error_line(trial)
+        logger.set_tags({"ayt.failure": reason})
+        logger.finish("FAILED")
+
+
+def _error_line(trial) -> str:
+    """The last line of the trial's error file (the exception), for the MLflow tag."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]
