@@ -37,13 +37,16 @@ def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
-                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> tuple[str, bool]:
-    """Return (run_id, resumed). A new run gets its params and tags; an old one is reopened."""
+                        tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                        reopen_finished: bool = True) -> tuple[str, bool]:
+    """Return (run_id, resumed). A new run gets its params and tags; an old one is reopened
+    (a FINISHED one only if `reopen_finished`: a study's completed trial stays as it was)."""
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
     existing = find_run(client, experiment_id, run_name, parent_run_id)
     if existing is not None:
-        client.update_run(existing.info.run_id, status="RUNNING")
+        if reopen_finished or existing.info.status != "FINISHED":
+            client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
     all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:

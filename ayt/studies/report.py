@@ -293,7 +293,7 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
 def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str]) -> str:
     from ayt.studies.runner import _git_commit
     lines = [f"# Study `{plan.name}` ({plan.study_id})", "",
-             f"- command: `python -m ayt.studies.{plan.name} " + " ".join(plan.argv) + "`",
+             f"- command: `python -m ayt.studies.{plan.module} " + " ".join(plan.argv) + "`",
              f"- git commit: `{_git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
              f"- machine: {platform.node()} ({platform.processor() or platform.machine()}, "
              f"{_cpu_count()} CPUs); written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",

@@ -33,13 +33,15 @@ from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_spa
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER_CPU = 0.01      # the Tune trial actor only waits on its TorchTrainer
+VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "cpu_threads")
 
 
 @dataclass
 class StudyPlan:
     """Everything a study needs, resolved and validated before Ray starts."""
 
-    name: str
+    name: str                              # study.name: MLflow experiment, report directory
+    module: str                            # the study module (ayt.studies.<module>) and conf/study/<module>.yaml
     study: dict[str, Any]                  # the study block, resolved
     space: StudySpace
     base_overrides: list[str]              # every trial starts from these
@@ -122,10 +124,13 @@ def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
     base_overrides += train_args
     base = load_config(base_overrides)
     check_axis_keys(space, base)
-    spec = {"study": OmegaConf.to_container(study, resolve=True), "overrides": base_overrides}
-    spec["study"].pop("resume", None)
-    spec["study"].pop("max_concurrent_trials", None)
-    plan = StudyPlan(name=space.name, study=OmegaConf.to_container(study, resolve=True), space=space,
+    # The identity of a study: what its trials compute, not where or how fast they run.
+    spec = {"study": OmegaConf.to_container(study, resolve=True), "base": OmegaConf.to_container(base, resolve=True)}
+    for volatile in ("resume", "max_concurrent_trials", "max_failures"):
+        spec["study"].pop(volatile, None)
+    for volatile in VOLATILE_KEYS:
+        spec["base"].pop(volatile, None)
+    plan = StudyPlan(name=space.name, module=name, study=OmegaConf.to_container(study, resolve=True), space=space,
                      base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
                      argv=list(argv))
     _validate_scheduler(plan)
@@ -285,6 +290,10 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
         log.info("resume=true but no earlier study %s: starting it", plan.study_id)
     connect(plan.base)                            # Ray + preflight, before any artifact or trial
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # a failed trial's last report has no FID
+    # Save Tune's experiment state at every step (cheap at study sizes) so a killed driver
+    # loses as little as possible: a trial finished but not yet saved restarts from its final
+    # checkpoint and trains nothing.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     built = prebuild_artifacts(plan, progress=progress)
     log.info("shared artifacts ready (%d distinct settings)", built)
 
@@ -293,7 +302,7 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
         uri, str(plan.base.tracking.experiment), plan.study_id,
         {**{f"study.{k}": v for k, v in flatten(_study_params(plan)).items()}},
         tags={"ayt.study": plan.name, "ayt.git_commit": _git_commit(), "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
-              "ayt.entry": f"ayt.studies.{plan.name}"})
+              "ayt.entry": f"ayt.studies.{plan.module}"})
     parent = RunLogger(uri, parent_id)
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})

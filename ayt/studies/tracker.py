@@ -33,6 +33,11 @@ class StudyTracker(Callback):
         self.loggers: dict[str, RunLogger] = {}
         self.planned: dict[str, int] = {}
         self.run_dirs: dict[str, Path] = {}
+        self.finished: set[str] = set()
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into the experiment state; MLflow clients stay behind.
+        return {**self.__dict__, "loggers": {}, "finished": set()}
 
     def child(self, trial) -> RunLogger:
         logger = self.loggers.get(trial.trial_id)
@@ -40,8 +45,12 @@ class StudyTracker(Callback):
             name, params, planned, run_dir = self.describe(trial)
             run_id, _ = start_or_resume_run(self.uri, self.experiment, name, params, parent_run_id=self.parent_run_id,
                                             tags={"ayt.study": self.study, "ayt.trial_id": trial.trial_id,
-                                                  "ayt.entry": "ayt.studies"})
+                                                  "ayt.entry": "ayt.studies"}, reopen_finished=False)
             logger = self.loggers[trial.trial_id] = RunLogger(self.uri, run_id)
+            if logger.client.get_run(run_id).info.status == "FINISHED":
+                # Finished before the driver died but Tune had not saved that yet: the trial
+                # restarts from its final checkpoint, trains nothing, and its run stays as it is.
+                self.finished.add(trial.trial_id)
             self.planned[trial.trial_id], self.run_dirs[trial.trial_id] = planned, run_dir
         return logger
 
@@ -63,7 +72,11 @@ class StudyTracker(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         logger = self.child(trial)
-        done = int((trial.last_result or {}).get("iteration", 0))
+        if trial.trial_id in self.finished:
+            return
+        # The last reported iteration: Tune's final result of a returned function may carry
+        # no metrics, and a resumed driver has seen only part of the reports.
+        done = max(int((trial.last_result or {}).get("iteration") or 0), logger.last_step.get("images_seen", 0))
         stopped = done < self.planned[trial.trial_id]
         logger.set_tags({STOPPED_TAG: str(stopped).lower(), "ayt.final_iteration": done})
         run_dir = self.run_dirs[trial.trial_id]
