@@ -4,7 +4,6 @@ work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: 
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,14 +15,14 @@ from ayt import preflight as pf
 from ayt.errors import ConfigError
 from ayt.preflight import PreflightError, preflight
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-LAUNCHER = yaml.safe_load((CONF / "cluster" / "ray-cluster.yaml").read_text())
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+LAUNCHER = yaml.safe_load((CONF / "cluster" / "ray-cluster.yaml").read_text())
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -54,54 +46,6 @@ def _cfg(tmp_path: Path, *overrides: str):
 def _no_bootstrap_config(monkeypatch, tmp_path):
     """Discovery must not pick up a ~/ray_bootstrap_config.yaml of the machine running the tests."""
     monkeypatch.setattr(pf, "RAY_BOOTSTRAP_CONFIG", str(tmp_path / "absent.yaml"))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1; yields its http URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    exe = str(exe) if exe.exists() else shutil.which("mlflow")
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [exe, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT,
-        # No background job runners (huey): a plain tracking server starts faster.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,  # its own process group: teardown stops the uvicorn child too
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        _stop_group(proc)
-        log.close()
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the server and every process it started (its own session), whatever state it is in."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
-    proc.wait()
 
 
 def _cpu_only_launcher() -> dict:

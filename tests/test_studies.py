@@ -86,7 +86,7 @@ def test_smoke_batch_size_sweep_parent_children_curves_report(ray_session, share
     for name in ("report.md", "fid_1step.png", "fid_2step.png", "final_vs_axis.png", "trials.csv", "curves.csv"):
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
-    assert "batch_size=16, loss=mfd" in text and "iters to target" in text
+    assert "batch_size=16, loss=mfd" in text and "iterations to target" in text
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.md" in logged
 

@@ -32,6 +32,7 @@ class Trial:
     stopped_early: bool
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # key -> [(iteration, fid)]
     train_seconds: float | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)   # artifact.* params: cache keys, their metrics
 
     @property
     def seed(self) -> str:
@@ -85,7 +86,8 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
                                                           key=lambda m: m.step)] for key in CURVES}
         trials.append(Trial(run.info.run_id, run.info.run_name, axes, int(params.get("batch_size", 0)),
                             run.info.status, run.data.tags.get("ayt.stopped_early") == "true", curves,
-                            run.data.metrics.get("train_seconds")))
+                            run.data.metrics.get("train_seconds"),
+                            {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")}))
     return sorted(trials, key=lambda t: (_sort_key(t.group), t.seed))
 
 
@@ -136,7 +138,10 @@ def write_report(plan, uri: str, parent_run_id: str) -> dict[str, Any]:
     groups = _group_rows(trials, tgt, key, plan.study)
     files.append(_write_rows(groups, out / "groups.csv"))
     files += _plots(trials, out, plan)
-    files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files]))
+    started = MlflowClient(uri).get_run(parent_run_id).info.start_time
+    wall = time.time() - started / 1000 if started else None
+    files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files],
+                                 wall))
     return {"report": str(out / "report.md"), "files": [str(f) for f in files], "groups": groups,
             "trials": len(trials)}
 
@@ -152,6 +157,9 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
             for what, fn in (("final", Trial.final), ("best", Trial.best)):
                 m, h, _ = mean_ci([fn(t, k) for t in members])
                 row[f"{what}_{k}_mean"], row[f"{what}_{k}_ci95"] = m, h
+        label = [float(t.artifacts["feature_map_label_mse"]) for t in members if "feature_map_label_mse" in t.artifacts]
+        if label:
+            row["feature_map_label_mse"] = float(np.mean(label))
         target = tgt.get(group)
         row["target_fid"] = target
         if target is not None:
@@ -160,6 +168,7 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
             row["iters_to_target_mean"], row["iters_to_target_ci95"], row["reached"] = m, h, n
             batch = members[0].batch_size
             row["images_to_target_mean"] = m * batch if math.isfinite(m) else math.nan
+            row["images_to_target_ci95"] = h * batch if math.isfinite(h) else math.nan
         rows.append(row)
     _mark_significance(rows, by_group, study, key)
     return rows
@@ -177,15 +186,28 @@ def _mark_significance(rows, by_group, study, key) -> None:
         if other is None or other is row:
             row["vs_reference"] = "reference" if other is row else "–"
             continue
-        a, b = (row[f"final_{key}_mean"], row[f"final_{key}_ci95"]), (other[f"final_{key}_mean"], other[f"final_{key}_ci95"])
-        if not all(math.isfinite(v) for v in (*a, *b)):
-            row["vs_reference"] = "n/a (need ≥ 2 seeds)"
-        elif a[0] + a[1] < b[0] - b[1]:
-            row["vs_reference"] = "better (CIs disjoint)"
-        elif a[0] - a[1] > b[0] + b[1]:
-            row["vs_reference"] = "worse (CIs disjoint)"
-        else:
-            row["vs_reference"] = "not significant"
+        row["vs_reference"] = _compare(row, other, f"final_{key}")
+        # Speed on the x-axis that is fair across batch sizes: images seen to the target FID.
+        if "images_to_target_mean" in row and "images_to_target_mean" in other:
+            mine, theirs = row["images_to_target_mean"], other["images_to_target_mean"]
+            if math.isfinite(mine) and math.isfinite(theirs) and mine > 0 and row.get("reached") == row["seeds"]:
+                row["speedup_vs_reference"] = theirs / mine
+            row["speed_vs_reference"] = (_compare(row, other, "images_to_target", lower="faster", higher="slower")
+                                         if row.get("reached") == row["seeds"] else
+                                         f"reached the target in {row.get('reached', 0)}/{row['seeds']} seeds")
+
+
+def _compare(row: dict, other: dict, prefix: str, lower: str = "better", higher: str = "worse") -> str:
+    """Significant only when the two 95% CIs do not overlap (a conservative test)."""
+    a = (row.get(f"{prefix}_mean", math.nan), row.get(f"{prefix}_ci95", math.nan))
+    b = (other.get(f"{prefix}_mean", math.nan), other.get(f"{prefix}_ci95", math.nan))
+    if not all(math.isfinite(v) for v in (*a, *b)):
+        return "n/a (need ≥ 2 seeds)"
+    if a[0] + a[1] < b[0] - b[1]:
+        return f"{lower} (CIs disjoint)"
+    if a[0] - a[1] > b[0] + b[1]:
+        return f"{higher} (CIs disjoint)"
+    return "not significant"
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> str:
@@ -205,7 +227,8 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
         rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "status": t.status,
                      "stopped_early": t.stopped_early, "iterations": t.curves[key][-1][0] if t.curves.get(key) else 0,
                      **{f"final_{k}": t.final(k) for k in CURVES}, **{f"best_{k}": t.best(k) for k in CURVES},
-                     "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds})
+                     "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds,
+                     **{f"artifact.{k}": v for k, v in t.artifacts.items()}})
     return _write_rows(rows, path)
 
 
@@ -277,7 +300,11 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
             stats = [mean_ci(points[x]) for x in xs]
             ax.errorbar(xs, [m for m, _, _ in stats], yerr=[h if math.isfinite(h) else 0 for _, h, _ in stats],
                         marker="o", capsize=3, label=group_label(rest))
-        ax.set_xscale("log", base=2)
+        xs_all = [float(t.axes[x_key]) for t in trials]
+        if min(xs_all) > 0:
+            ax.set_xscale("log", base=2)
+        else:
+            ax.set_xscale("symlog", linthresh=min((x for x in xs_all if x > 0), default=1.0))
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"final {key} (mean, 95% CI)")
         ax.grid(alpha=0.3)
@@ -290,8 +317,15 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
     return [str(path)]
 
 
-def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str]) -> str:
+def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str],
+                    wall_seconds: float | None = None) -> str:
     from ayt.studies.runner import _git_commit
+    has_target = any(r.get("target_fid") is not None for r in groups)
+    has_label = any("feature_map_label_mse" in r for r in groups)
+    extractors = sorted({t.artifacts.get("fid_classifier_hash") or t.artifacts.get("fid_extractor", "?") for t in trials})
+    accuracy = sorted({t.artifacts["fid_classifier_test_accuracy"] for t in trials
+                       if "fid_classifier_test_accuracy" in t.artifacts})
+    worker_minutes = sum(t.train_seconds or 0 for t in trials) / 60
     lines = [f"# Study `{plan.name}` ({plan.study_id})", "",
              f"- command: `python -m ayt.studies.{plan.module} " + " ".join(plan.argv) + "`",
              f"- git commit: `{_git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
@@ -302,29 +336,68 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
              f"scheduler {plan.study['scheduler']}",
              f"- trials: {len(trials)} ({sum(t.status == 'FINISHED' for t in trials)} finished, "
              f"{sum(t.stopped_early for t in trials)} stopped early, {sum(t.status == 'FAILED' for t in trials)} failed); "
-             f"training time {sum(t.train_seconds or 0 for t in trials) / 60:.1f} worker-minutes",
-             "", "Values are mean ± 95% t-interval half-width across seeds (no ± with one seed).", "",
-             "| group | seeds | final FID 1-step | final FID 2-step | best FID 1-step | best FID 2-step |"
-             + (" target | iters to target (reached) | vs reference |" if any(r.get("target_fid") is not None for r in groups) else ""),
-             "|---|---|---|---|---|---|" + ("---|---|---|" if any(r.get("target_fid") is not None for r in groups) else "")]
+             f"consistency training {worker_minutes:.1f} worker-minutes"
+             + (f"; study wall-clock {wall_seconds / 60:.1f} min (first start to this report, pauses included)"
+                if wall_seconds else ""),
+             f"- FID extractor (cache key): {', '.join(f'`{e}`' for e in extractors)}"
+             + (f"; its test accuracy {', '.join(f'{float(a):.3f}' for a in accuracy)}" if accuracy else ""),
+             "", "Values are mean ± 95% t-interval half-width across seeds (no ± with one seed). "
+             "Significance: the two 95% CIs do not overlap.", ""]
+    header = "| group | seeds | final FID 1-step | final FID 2-step | best FID 1-step | best FID 2-step |"
+    rule = "|---|---|---|---|---|---|"
+    if has_label:
+        header, rule = header + " feature-map label MSE |", rule + "---|"
+    if has_target:
+        header += (" target FID | iterations to target (reached) | images to target | speed-up vs reference |"
+                   " FID vs reference | speed vs reference |")
+        rule += "---|---|---|---|---|---|"
+    lines += [header, rule]
     for r in groups:
         row = (f"| {r['group']} | {r['seeds']} | {fmt(r['final_fid_1step_mean'], r['final_fid_1step_ci95'])} | "
                f"{fmt(r['final_fid_2step_mean'], r['final_fid_2step_ci95'])} | "
                f"{fmt(r['best_fid_1step_mean'], r['best_fid_1step_ci95'])} | "
                f"{fmt(r['best_fid_2step_mean'], r['best_fid_2step_ci95'])} |")
-        if any(g.get("target_fid") is not None for g in groups):
+        if has_label:
+            row += f" {fmt(r.get('feature_map_label_mse', math.nan), math.nan, 4)} |"
+        if has_target:
             t = r.get("target_fid")
+            speedup = r.get("speedup_vs_reference")
             row += (f" {fmt(t, math.nan) if t is not None else '–'} | "
                     f"{fmt(r.get('iters_to_target_mean', math.nan), r.get('iters_to_target_ci95', math.nan), 0)}"
-                    f" ({r.get('reached', 0)}/{r['seeds']}) | {r.get('vs_reference', '–')} |")
+                    f" ({r.get('reached', 0)}/{r['seeds']}) | "
+                    f"{fmt(r.get('images_to_target_mean', math.nan), r.get('images_to_target_ci95', math.nan), 0)} | "
+                    f"{f'{speedup:.2f}×' if speedup else '–'} | {r.get('vs_reference', '–')} | "
+                    f"{r.get('speed_vs_reference', '–')} |")
         lines.append(row)
     if plan.skipped:
         lines += ["", "Skipped: " + "; ".join(plan.skipped)]
+    lines += ["", "## Findings (computed)", ""] + _findings(groups, key)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures if f.endswith(".png")]
     lines += ["", "## Data", "", "`trials.csv` (one row per trial), `curves.csv` (every evaluation), "
               "`groups.csv` (the table above with full precision).", ""]
     path.write_text("\n".join(lines))
     return str(path)
+
+
+def _findings(groups: list[dict[str, Any]], key: str) -> list[str]:
+    """Plain sentences from the table: the best group, and every significant difference."""
+    finite = [r for r in groups if math.isfinite(r.get(f"final_{key}_mean", math.nan))]
+    if not finite:
+        return ["- No trial produced an FID curve."]
+    best = min(finite, key=lambda r: r[f"final_{key}_mean"])
+    out = [f"- Lowest final {key}: {best['group']} "
+           f"({fmt(best[f'final_{key}_mean'], best[f'final_{key}_ci95'])}, {best['seeds']} seeds)."]
+    for r in groups:
+        verdicts = [(what, r.get(field, "")) for what, field in (("final FID", "vs_reference"),
+                                                                  ("images to target", "speed_vs_reference"))]
+        significant = [f"{what}: {v}" for what, v in verdicts if "disjoint" in str(v)]
+        if significant:
+            speed = r.get("speedup_vs_reference")
+            out.append(f"- {r['group']} vs reference — " + "; ".join(significant)
+                       + (f" (speed-up {speed:.2f}×)" if speed else "") + ".")
+    if len(out) == 1 and any(r.get("vs_reference") not in (None, "reference", "–") for r in groups):
+        out.append("- No difference from the reference group is significant at 95% (overlapping CIs).")
+    return out
 
 
 def _cpu_count() -> int:

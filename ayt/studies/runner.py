@@ -15,7 +15,6 @@ their MLflow child runs again instead of creating new ones.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -81,7 +80,9 @@ class StudyPlan:
         """MLflow child run name, params, planned iterations and artifact directory of a Tune trial."""
         cfg = self.trial_config(trial.config, trial.trial_id)
         name = run_name(cfg)
-        params = {**_run_params(cfg), **{f"axis.{k}": v for k, v in trial.config.items()}}
+        from ayt.training.prepare import artifact_record
+        params = {**_run_params(cfg), **{f"axis.{k}": v for k, v in trial.config.items()},
+                  **{f"artifact.{k}": v for k, v in artifact_record(cfg).items()}}
         return name, params, int(cfg.training.iterations), Path(cfg.out_dir) / "runs" / name
 
 

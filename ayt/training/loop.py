@@ -27,7 +27,7 @@ from ayt.method.ema import EMA
 from ayt.method.losses import LossResources, build_loss
 from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
-from ayt.training.prepare import Artifacts, load_feature_map, resolve_device
+from ayt.training.prepare import Artifacts, load_feature_map
 from ayt.training.step import ConsistencyStep, unwrap
 
 STATE_FILE = "state.pt"

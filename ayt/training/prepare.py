@@ -139,6 +139,27 @@ def ensure_fid_extractor(cfg: DictConfig, cache: ArtifactCache, device: torch.de
     return cache.get_or_build("fid_classifier", classifier_spec(cfg), build) / "classifier.pt"
 
 
+def artifact_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a study records per trial about its shared artifacts, without building any: the
+    cache key of each one `cfg` uses and the metrics it wrote (held-out feature-map label
+    error, FID classifier accuracy), so a report can show them next to the FIDs."""
+    cache = ArtifactCache(cfg.cache_dir)
+    kinds = {"pretrained": pretrained_spec(cfg)}
+    if needs_feature_map(cfg):
+        kinds["feature_map"] = feature_map_spec(cfg)
+    if cfg.dataset.fid_extractor != "inception":
+        kinds["fid_classifier"] = classifier_spec(cfg)
+    record: dict[str, Any] = {}
+    for kind, spec in kinds.items():
+        path = cache.path(kind, spec)
+        record[f"{kind}_hash"] = path.name
+        if (path / "metrics.json").exists():
+            record.update({k: v for k, v in _read_json(path / "metrics.json").items() if k.startswith(kind)})
+    if cfg.dataset.fid_extractor == "inception":
+        record["fid_extractor"] = str(cfg.fid.inception_weights or "torch-fidelity default")
+    return record
+
+
 def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
     """Build (or find) everything a run of `cfg` needs, and the FID reference statistics."""
     from ayt.eval.fid import FIDEvaluator
