@@ -31,7 +31,11 @@ from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_spa
 
 log = logging.getLogger(__name__)
 
-TRIAL_DRIVER_CPU = 0.01      # the Tune trial actor only waits on its TorchTrainer
+# The Tune trial actor only waits on its TorchTrainer, whose workers Ray Train places outside
+# the trial's placement group. It reserves a token of memory, not CPU: Tune refuses an empty
+# bundle, and even 0.01 CPU per trial driver would leave N trials of one 1-CPU worker each
+# 0.01 CPU short of N CPUs, so one of them would wait for a worker slot with a core idle.
+TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
 VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "cpu_threads")
 
 
@@ -306,7 +310,7 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
               "ayt.entry": f"ayt.studies.{plan.module}"})
     parent = RunLogger(uri, parent_id)
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
     try:
         if exists:
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduce the committed study reports: each question of ALGORITHM §7 through the platform's
+# own entry points, one after another, all sharing one out_dir (and so one artifact cache:
+# one pretrained model, one FID extractor, one feature map per augmentation setting).
+# Interrupted? Run it again: a study that exists is resumed (resume=true), finished ones are
+# only re-reported. Then the small report files are copied into studies/<name>/.
+#   usage: studies/run_all.sh [OUT_DIR] [study ...]      (default: runs/studies, all six)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/studies}"; shift || true
+names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget)
+py="${PYTHON:-python}"
+for name in "${names[@]}"; do
+  resume=()
+  [ -d "$out/$name" ] && resume=(resume=true)
+  "$py" -m ayt.studies."$name" out_dir="$out" progress=false "${resume[@]}"
+  mkdir -p "studies/$name"
+  cp "$out/$name"/report.md "$out/$name"/*.png "$out/$name"/*.csv "studies/$name/"
+done
