@@ -15,8 +15,8 @@ from ayt.studies.runner import study_main
 
 @pytest.fixture
 def three_node_cluster():
-    """Head (trial drivers only: 1 CPU, minus what they take, fits no worker) and two
-    one-CPU worker nodes, so a trial's two workers must land on two different nodes."""
+    """Three one-CPU nodes (a head and two workers): a trial's two one-CPU workers cannot
+    share a node, so they must land on two different nodes."""
     import ray
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
