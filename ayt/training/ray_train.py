@@ -55,6 +55,19 @@ class RayWorkerContext(WorkerContext):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "node_id": ray.get_runtime_context().get_node_id()}
 
+    def checkpoint_registered(self, cfg: DictConfig, iteration: int) -> bool:
+        """The controller's snapshot names the checkpoint once it is registered (local
+        storage only; elsewhere this does not wait)."""
+        from ayt.config import run_name
+        storage = str(cfg.ray.storage_path)
+        if "://" in storage:
+            return True
+        snapshot = Path(storage) / run_name(cfg) / "checkpoint_manager_snapshot.json"
+        try:
+            return f"iter_{iteration:09d}" in snapshot.read_text()
+        except OSError:
+            return False
+
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
         if write_checkpoint is None:
             ray.train.report(metrics)
