@@ -57,3 +57,12 @@ def test_overlapping_groups_are_not_significant_and_unreached_targets_are_said()
     assert "speedup_vs_reference" not in rows["loss=mfd"]
     text = "\n".join(_findings(list(rows.values()), "fid_1step"))
     assert "No difference from the reference group is significant" in text
+
+
+def test_reference_reaching_its_target_in_one_seed_is_said_not_hidden():
+    ref = [_trial("pseudo_huber", s, [(100, 35.0), (200, 10.0 if s == 0 else 40.0)]) for s in range(3)]
+    other = [_trial("mfd", s, [(100, 5.0 + s), (200, 4.0 + s)]) for s in range(3)]
+    rows, tgt = _rows(ref + other)
+    assert math.isclose(next(iter(tgt.values())), 30.0)          # mean of 10, 40, 40
+    assert rows["loss=pseudo_huber"]["reached"] == 1
+    assert rows["loss=mfd"]["speed_vs_reference"] == "reference reached the target in 1/3 seeds"

@@ -192,9 +192,14 @@ def _mark_significance(rows, by_group, study, key) -> None:
             mine, theirs = row["images_to_target_mean"], other["images_to_target_mean"]
             if math.isfinite(mine) and math.isfinite(theirs) and mine > 0 and row.get("reached") == row["seeds"]:
                 row["speedup_vs_reference"] = theirs / mine
-            row["speed_vs_reference"] = (_compare(row, other, "images_to_target", lower="faster", higher="slower")
-                                         if row.get("reached") == row["seeds"] else
-                                         f"reached the target in {row.get('reached', 0)}/{row['seeds']} seeds")
+            if row.get("reached") != row["seeds"]:
+                row["speed_vs_reference"] = f"reached the target in {row.get('reached', 0)}/{row['seeds']} seeds"
+            elif other.get("reached", 0) < 2:           # its seeds that reached it give no interval
+                row["speed_vs_reference"] = (f"reference reached the target in "
+                                             f"{other.get('reached', 0)}/{other['seeds']} seeds")
+            else:
+                row["speed_vs_reference"] = _compare(row, other, "images_to_target", lower="faster",
+                                                     higher="slower")
 
 
 def _compare(row: dict, other: dict, prefix: str, lower: str = "better", higher: str = "worse") -> str:
@@ -202,7 +207,7 @@ def _compare(row: dict, other: dict, prefix: str, lower: str = "better", higher:
     a = (row.get(f"{prefix}_mean", math.nan), row.get(f"{prefix}_ci95", math.nan))
     b = (other.get(f"{prefix}_mean", math.nan), other.get(f"{prefix}_ci95", math.nan))
     if not all(math.isfinite(v) for v in (*a, *b)):
-        return "n/a (need ≥ 2 seeds)"
+        return "n/a (needs ≥ 2 finished seeds on both sides)"
     if a[0] + a[1] < b[0] - b[1]:
         return f"{lower} (CIs disjoint)"
     if a[0] - a[1] > b[0] + b[1]:
