@@ -1,5 +1,6 @@
-"""Shared test set-up: one thread per torch process (2 cores are shared by every test
-process, Ray worker and MLflow server), no Ray token auth, one local Ray per session."""
+"""Shared test set-up: no Ray token auth, one local Ray per session. The test process keeps
+torch's default threads (it builds the shared artifacts while nothing else runs); Ray gives
+each worker as many threads as CPUs it reserved."""
 
 from __future__ import annotations
 
@@ -15,14 +16,10 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

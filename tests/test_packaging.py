@@ -24,7 +24,7 @@ def test_editable_install_finds_conf(tmp_path):
     from ayt.config import load_config
     cfg = load_config(["experiment=smoke", f"out_dir={tmp_path}"])
     assert Path(ayt.__file__).resolve().is_relative_to(REPO)
-    assert cfg.training.iterations == 300 and cfg.loss.name == "mfd"
+    assert cfg.training.iterations == 150 and cfg.loss.name == "mfd"
 
 
 def test_built_wheel_carries_conf_and_composes(tmp_path):
@@ -42,4 +42,4 @@ def test_built_wheel_carries_conf_and_composes(tmp_path):
                          capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     where, values = out.stdout.strip().splitlines()[-2:]
     assert Path(where).resolve().is_relative_to(target.resolve())
-    assert values.split() == ["pseudo_huber", "32", "300"]
+    assert values.split() == ["pseudo_huber", "32", "150"]

@@ -67,7 +67,7 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     (One study serves both checks: a Ray Train trial costs ~25 s of start-up on 2 cores.)"""
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=resumable", "study.axes.batch_size=[16,32]",
-            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=1",
+            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2",
             *TINY]
     address = ray_session.get_runtime_context().gcs_address
     log = (out / "resumable-driver.log").open("w")

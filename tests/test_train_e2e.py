@@ -32,7 +32,7 @@ def test_smoke_run_logs_fid_curve_params_and_artifacts(smoke_run):
     assert "huber_c" in run.data.params and "network.model_channels" in run.data.params
     for key in ("fid_1step", "fid_2step"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert [m.step for m in history] == [100, 200, 300]
+        assert [m.step for m in history] == [50, 100, 150]
         assert all(0 < m.value < 1e5 for m in history)
     seen = client.get_metric_history(run.info.run_id, "images_seen")
     assert all(m.value == m.step * 32 for m in seen) and seen
@@ -52,7 +52,7 @@ def test_rerun_with_same_name_resumes_without_new_run_or_duplicate_steps(smoke_r
     same = [r for r in runs if r.data.tags.get("ayt.run_name") == "smoke-local"]
     assert len(same) == 1
     steps = [m.step for m in client.get_metric_history(same[0].info.run_id, "fid_1step")]
-    assert steps == [100, 200, 300]
+    assert steps == [50, 100, 150]
 
 
 def test_non_finite_loss_fails_the_run_with_iteration_and_reason(smoke_run, capsys):
