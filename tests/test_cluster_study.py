@@ -51,7 +51,7 @@ def test_study_on_three_nodes_with_mlflow_server(three_node_cluster, mlflow_serv
         f"out_dir={shared_out_dir}", "study.name=cluster-sim", "study.axes.batch_size=[16]",
         "study.axes.loss=[pseudo_huber,l2]", "study.budget.amount=320", "study.budget.evals=2",
         "scaling.num_workers=2", f"ray.address={cluster.address}", f"ray.storage_path={storage}",
-        f"tracking.uri={mlflow_server}", "fid.num_samples=100", "progress=false"])
+        f"tracking.uri={mlflow_server}", "study.preset=smoke", "fid.num_samples=100", "progress=false"])
     assert code == 0
 
     # Every trial's two workers ran on two different nodes (provenance written into checkpoints).

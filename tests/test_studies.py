@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ayt.studies.runner import plan_study, study_main
 
 # Tiny trials on the smoke preset (its artifacts are shared with the other end-to-end tests).
-TINY = ["fid.num_samples=100", "progress=false", "study.budget.evals=2"]
+TINY = ["study.preset=smoke", "fid.num_samples=100", "progress=false", "study.budget.evals=2"]
 
 
 def _children(out: Path, experiment: str):
@@ -58,6 +58,8 @@ def test_plan_grid_budget_in_images_gives_equal_images_per_trial(tmp_path):
         assert cfg.training.iterations * batch == 20480
         assert cfg.training.eval_every * 4 == cfg.training.iterations
     assert sorted({int(c.seed) for c in plan.trial_configs}) == [0, 1]
+    # The front door runs on the `quick` preset, not the cheaper `smoke` one the tests use.
+    assert {(c.pretrain.iterations, c.fid.num_samples) for c in plan.trial_configs} == {(500, 500)}
 
 
 def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir):
@@ -148,7 +150,7 @@ def test_asha_stopped_trials_release_their_workers_and_are_marked(ray_session, s
         # that barely move (lr=1e-8, 1e-9) reach the first rung behind it and ASHA stops both;
         # the last one starts only after the first stopped trial gave its workers back.
         "study.sampler_seed=1", "scaling.resources_per_worker.CPU=3", "cpu_threads=1",
-        "ray.worker_start_timeout_s=120", "study.budget.evals=2", "fid.num_samples=100", "progress=false"])
+        "ray.worker_start_timeout_s=120", *TINY])
     assert code == 0
     client, parents, children = _children(out, "early-stop")
     assert len(children) == 3

@@ -56,16 +56,17 @@ class RayWorkerContext(WorkerContext):
         return {**super().describe(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def checkpoint_registered(self, cfg: DictConfig, iteration: int) -> bool:
-        """The controller's snapshot names the checkpoint once it is registered (local
-        storage only; elsewhere this does not wait)."""
-        from ayt.config import run_name
-        storage = str(cfg.ray.storage_path)
-        if "://" in storage:
-            return True
-        snapshot = Path(storage) / run_name(cfg) / "checkpoint_manager_snapshot.json"
+        """The controller's checkpoint snapshot names the checkpoint once it is registered
+        (read through Ray Train's storage context, a DeveloperAPI: if that changes, don't wait)."""
         try:
-            return f"iter_{iteration:09d}" in snapshot.read_text()
-        except OSError:
+            storage = ray.train.get_context().get_storage()
+            path, fs = storage.checkpoint_manager_snapshot_path, storage.storage_filesystem
+        except AttributeError:
+            return True
+        try:
+            with fs.open_input_stream(path) as f:
+                return f"iter_{iteration:09d}" in f.read().decode()
+        except (OSError, FileNotFoundError):
             return False
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
