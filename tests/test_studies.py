@@ -123,6 +123,34 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     assert "report/report.md" in logged
 
 
+def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
+    """The race a killed driver can leave behind (the kill-and-resume test hit it): Optuna
+    handed out a grid point, then the driver died before Tune saved the trial. Without the
+    re-queue, the resumed study never runs that point and the GridSampler repeats another."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ayt.studies.runner import _searcher, requeue_orphaned_trials
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
+    searcher = _searcher(plan)
+    first = searcher.suggest("tune-a")                     # a trial Tune owns and saved
+    Path(plan.experiment_path).mkdir(parents=True)
+    searcher.save(str(Path(plan.experiment_path) / "searcher-state-2026-01-01_00-00-00.pkl"))
+    orphan = searcher.suggest("tune-b")                    # asked for, then the driver died
+
+    assert requeue_orphaned_trials(plan) == 1
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert requeue_orphaned_trials(plan) == 0               # idempotent: the retry is not an orphan
+
+    restored = _searcher(plan)                             # what Tuner.restore does
+    restored.restore(str(Path(plan.experiment_path) / "searcher-state-2026-01-01_00-00-00.pkl"))
+    rest = [restored.suggest(f"tune-{k}") for k in "cde"]
+    assert rest[0] == orphan                               # the lost point comes first
+    points = [tuple(sorted(c.items())) for c in [first, *rest]]
+    assert len(set(points)) == 4 == plan.space.trial_count()
+
+
 def _wait_for_finished_child(out: Path, experiment: str, proc, timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

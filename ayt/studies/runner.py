@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -277,6 +278,53 @@ def _experiment_exists(plan: StudyPlan) -> bool:
     return (Path(path) / "tuner.pkl").exists()
 
 
+def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -> int:
+    """Before a resume: Optuna trials the killed driver had asked for but Tune never saved.
+
+    Tune saves its searcher after each step; a driver killed between the searcher's `ask`
+    and that save leaves an Optuna trial RUNNING that no Tune trial owns. The resumed study
+    would never finish it, and Optuna's GridSampler would hand out a duplicate instead. Each
+    such trial is failed and queued again with its grid point (Optuna's own
+    retry callback), so the resumed study runs every point exactly once; an MLflow
+    child run that such a trial had opened is deleted (soft: `mlflow runs restore` undoes it),
+    since its retry opens its own. Returns the number of trials re-queued."""
+    import pickle
+
+    import optuna
+    from optuna.trial import TrialState
+    states = sorted(Path(plan.experiment_path).glob("searcher-state-*.pkl")) if "://" not in plan.experiment_path \
+        else []
+    db = plan.out_dir / "optuna.db"
+    if not states or not db.exists():
+        return 0
+    with states[-1].open("rb") as f:
+        saved = pickle.load(f)
+    owned = saved.get("_ot_trials", {}) if isinstance(saved, dict) else {}
+    owned_ids = {t._trial_id for t in owned.values()}
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{db}")
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t._trial_id not in owned_ids]
+    with warnings.catch_warnings():          # renamed in Optuna 4.9 (and marked experimental)
+        warnings.simplefilter("ignore")
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
+                        optuna.storages.RetryFailedTrialCallback)(max_retry=None)
+    for trial in orphans:
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study._storage.get_trial(trial._trial_id))
+        log.warning("study %s: Optuna trial %d was asked for but never saved by Tune; queued again (%s)",
+                    plan.study_id, trial.number, trial.params)
+    if parent_run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(str(plan.base.tracking.uri))
+        for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+            if run.data.tags.get("ayt.trial_id") not in owned:
+                client.delete_run(run.info.run_id)
+                log.warning("study %s: deleted MLflow run %s of a trial Tune never saved", plan.study_id,
+                            run.info.run_id)
+    return len(orphans)
+
+
 def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a planned study; returns the report summary."""
     from ray import tune
@@ -311,6 +359,8 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent = RunLogger(uri, parent_id)
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
+    if exists:
+        requeue_orphaned_trials(plan, parent_id)
     try:
         if exists:
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
