@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ayt.config import load_config
-from ayt.train import main
+from ayt.train import main, run
 from ayt.training.prepare import ensure_artifacts
 
 SMOKE = ["experiment=smoke", "scaling.backend=ray", "progress=false"]
@@ -79,13 +79,21 @@ def test_worker_death_restarts_from_checkpoint_with_one_clean_fid_curve(ray_sess
     assert (shared_out_dir / f".failed-once-{name}-30").exists()     # the worker really died
     client, runs = _run(shared_out_dir, name)
     assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["ayt.resumed_from_iteration"] == "20"
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.tags["ayt.resumed_from_iteration"] == "20"
     for key in ("fid_1step", "fid_2step", "loss", "images_seen"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        steps = [m.step for m in client.get_metric_history(run_.info.run_id, key)]
         assert steps == sorted(set(steps)), (key, steps)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid_1step")] == [20, 40, 60]
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
+    # The same command once more: the finished run reports its final result again (what a
+    # resumed study needs when its driver died before seeing it) and logs nothing twice.
+    cfg = load_config(SMOKE + [f"out_dir={shared_out_dir}", f"name={name}", "scaling.num_workers=2",
+                               "training.iterations=60", "training.eval_every=20", "training.checkpoint_every=20",
+                               "training.log_every=10", "fid.num_samples=100"])
+    again = run(cfg, progress=False)
+    assert again["iteration"] == 60 and again["run_id"] == run_.info.run_id
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
 
 
 def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_session, shared_out_dir):

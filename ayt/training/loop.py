@@ -214,6 +214,12 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     tr = cfg.training
     batches = len(loader)
     epoch, skip = divmod(it, batches)
+    if state.iteration and it >= total:
+        # Finished before whoever watched it died (a study driver killed before it saw the last
+        # report): report the final result again so the restarted run ends where it ended.
+        final = {key: curve[-1][1] for key, curve in state.curves.items() if curve and curve[-1][0] == it}
+        ctx.report({**final, "iteration": it, "images_seen": it * int(cfg.batch_size),
+                    "train_seconds": state.train_seconds})
     bar = tqdm(total=total, initial=it, desc=f"consistency ({cfg.loss.name}, b{cfg.batch_size})",
                disable=not (progress and ctx.is_chief), mininterval=2.0)
     tick = time.perf_counter()
