@@ -71,10 +71,10 @@ def _pretrained(overrides: list[str]) -> dict:
 
 def test_worker_death_restarts_from_checkpoint_with_one_clean_fid_curve(ray_session, shared_out_dir):
     name = "worker-dies"
-    code = main(SMOKE + [f"out_dir={shared_out_dir}", f"name={name}", "scaling.num_workers=2",
-                         "training.iterations=60", "training.eval_every=20", "training.checkpoint_every=20",
-                         "training.log_every=10", "fid.num_samples=100",
-                         "training.fail_at_iteration=30", "ray.max_failures=1"])
+    args = SMOKE + [f"out_dir={shared_out_dir}", f"name={name}", "scaling.num_workers=2", "training.iterations=60",
+                    "training.eval_every=20", "training.checkpoint_every=20", "training.log_every=10",
+                    "fid.num_samples=100"]
+    code = main(args + ["training.fail_at_iteration=30", "ray.max_failures=1"])
     assert code == 0
     assert (shared_out_dir / f".failed-once-{name}-30").exists()     # the worker really died
     client, runs = _run(shared_out_dir, name)
@@ -88,10 +88,7 @@ def test_worker_death_restarts_from_checkpoint_with_one_clean_fid_curve(ray_sess
     assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
     # The same command once more: the finished run reports its final result again (what a
     # resumed study needs when its driver died before seeing it) and logs nothing twice.
-    cfg = load_config(SMOKE + [f"out_dir={shared_out_dir}", f"name={name}", "scaling.num_workers=2",
-                               "training.iterations=60", "training.eval_every=20", "training.checkpoint_every=20",
-                               "training.log_every=10", "fid.num_samples=100"])
-    again = run(cfg, progress=False)
+    again = run(load_config(args), progress=False)
     assert again["iteration"] == 60 and again["run_id"] == run_.info.run_id
     assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
 

@@ -66,7 +66,7 @@ class RayWorkerContext(WorkerContext):
         try:
             with fs.open_input_stream(path) as f:
                 return f"iter_{iteration:09d}" in f.read().decode()
-        except (OSError, FileNotFoundError):
+        except OSError:                          # not written yet
             return False
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
