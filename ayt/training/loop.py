@@ -80,7 +80,7 @@ class WorkerContext:
         """`value` reduced over all workers ("max" or "mean"); a single process has nothing to do."""
         return value
 
-    def checkpoint_registered(self, cfg: DictConfig, iteration: int) -> bool:
+    def checkpoint_registered(self, iteration: int) -> bool:
         """Whether a restart would now resume from checkpoint `iteration` (a local directory
         is resumable as soon as it is renamed into place)."""
         return True
@@ -297,7 +297,7 @@ def _maybe_fail(cfg: DictConfig, it: int, ctx: WorkerContext) -> None:
         return
     last = it // int(cfg.training.checkpoint_every) * int(cfg.training.checkpoint_every)
     deadline = time.monotonic() + 120
-    while last and not ctx.checkpoint_registered(cfg, last) and time.monotonic() < deadline:
+    while last and not ctx.checkpoint_registered(last) and time.monotonic() < deadline:
         time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))

@@ -55,7 +55,7 @@ class RayWorkerContext(WorkerContext):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def checkpoint_registered(self, cfg: DictConfig, iteration: int) -> bool:
+    def checkpoint_registered(self, iteration: int) -> bool:
         """The controller's checkpoint snapshot names the checkpoint once it is registered
         (read through Ray Train's storage context, a DeveloperAPI: if that changes, don't wait)."""
         try:
