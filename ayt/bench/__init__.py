@@ -1,0 +1,89 @@
+"""`python -m ayt.bench [which ...] [--out FILE]`: timing benchmarks of the trainer.
+
+Each benchmark prints one JSON record (one line): the git commit, the machine (CPU count,
+1-, 5- and 15-minute load averages before and after), torch (version, the threads the
+benchmark actually ran with), the options, the configuration it measured, and for every
+timed quantity the median and spread (IQR, min, max) over the repeats. `which` is any of
+
+  step        the real `ConsistencyStep` (built by `ayt.training.loop.build_training`) for
+              each loss, at the CPU preset and at a CIFAR-sized preset; ratios to pseudo-Huber
+              measured in the same process; a scan of the step for host-device syncs
+  switches    channels_last, precision=bf16 (and torch.compile with --compile) on the CPU preset
+  mfd         the optimised MFD of `ayt.method.losses` against a naive form: equal gradients
+              w.r.t. the prediction, and the speed ratio
+  ray         the same small trial through Ray Train (1 worker) and through the plain loop;
+              a Tune study of small trials against the same trials in a Python loop
+  fid         one FID evaluation (1- and 2-step) against the training time between two of them
+  roofline    the step's achieved FLOP/s against a matmul peak measured in the same process
+  front_door  the README's `python -m ayt.studies.batch_size_sweep` from an empty out_dir, in a
+              subprocess: wall time and the share of core time spent in training + FID
+  all         every one of the above
+
+Timing: warm-up calls first, then `--repeats` timed calls; when several variants are
+compared they run interleaved (round-robin), so a change of machine load hits all of them
+alike. Networks and the feature map are randomly initialised: a step costs the same
+whatever the weights. Every benchmark runs with the process's global state (torch threads,
+default dtype, RNG states, environment, working directory) restored afterwards, so one
+cannot change what the next one measures. Records hold relative paths only (temporary
+directories are `<tmp>`, a benchmark's out_dir `<out_dir>`). Results of a run are committed
+under studies/benchmarks/; `python -m ayt.bench.table FILE` prints their table.
+
+Layout: this module (registry, options), `harness` (timing, machine, records), one module
+per benchmark, `table` (the README table from the records), `__main__` (the CLI).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+BENCHMARKS: dict[str, Callable[["Options"], dict[str, Any]]] = {}
+ALL = ("step", "switches", "mfd", "ray", "fid", "roofline", "front_door")
+
+# The module that registers each benchmark (imported on first use: `ray` would shadow the
+# package of the same name, so its module is `ray_overhead`).
+MODULES = {"step": "step", "switches": "switches", "mfd": "mfd", "ray": "ray_overhead", "fid": "fid",
+           "roofline": "roofline", "front_door": "front_door"}
+
+
+def benchmark(name: str):
+    """Register `fn(opts) -> dict` as the benchmark `name`."""
+    def wrap(fn):
+        BENCHMARKS[name] = fn
+        return fn
+    return wrap
+
+
+def get_benchmark(name: str) -> Callable[["Options"], dict[str, Any]]:
+    if name not in BENCHMARKS and name in MODULES:
+        importlib.import_module(f"{__name__}.{MODULES[name]}")
+    return BENCHMARKS[name]
+
+
+@dataclass
+class Options:
+    """What every benchmark reads; the CLI flags of the same names set them."""
+
+    repeats: int = 5                 # timed calls per variant
+    warmup: int = 1                  # untimed calls per variant first
+    threads: int | None = None       # torch intra-op threads (None: torch's default)
+    device: str = "auto"             # auto | cpu | cuda | mps
+    quick: bool = False              # tiny networks and batches (tests, a dry run of the harness)
+    compile: bool = False            # switches: also measure torch.compile (minutes of compilation)
+    lpips_weights: tuple[str, str] | None = None   # (vgg16.pth, lpips vgg.pth): time the LPIPS loss
+    ray_iterations: int = 150        # ray: optimizer steps of the small trial
+    ray_threads: int = 1             # ray: cpu_threads of the trial, both paths (a Ray worker reserves 1 CPU)
+    front_door_args: tuple[str, ...] = ()   # front_door: extra overrides (shrink it: study.budget.amount=640 ...)
+    front_door_timeout_s: float | None = None   # front_door: kill the study after this long (None: never)
+    seed: int = 0
+
+
+def run_benchmark(name: str, opts: Options) -> dict[str, Any]:
+    from ayt.bench.harness import run_benchmark as run
+    return run(name, opts)
+
+
+def write_records(records: list[dict[str, Any]], path) -> None:
+    from ayt.bench.harness import write_records as write
+    write(records, path)
