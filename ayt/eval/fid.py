@@ -188,6 +188,7 @@ class FIDEvaluator:
         cache_root: str,
         device: torch.device | str,
         batch_size: int = 64,
+        reference_stats: str | None = None,  # precomputed {mu, sigma} (.npz as EDM/AYT ship, or .pt) instead of `reference`
     ):
         if extractor not in _EXTRACTORS:
             raise ConfigError(
@@ -204,6 +205,12 @@ class FIDEvaluator:
         weights_sha = _sha256_file(self.weights_path)
         digest = hashlib.sha256(f"{weights_sha}:{_sha256_tensor(self._reference_u8)}".encode()).hexdigest()
         self.reference_cache_name = f"ayt-{reference.name}-{len(reference)}x{reference.resolution}-{extractor}-{digest[:16]}"
+        self.reference_stats = os.path.abspath(os.path.expanduser(reference_stats)) if reference_stats else None
+        if self.reference_stats:
+            if not os.path.isfile(self.reference_stats):
+                raise ConfigError("fid.reference_stats", f"file {self.reference_stats} does not exist")
+            digest = hashlib.sha256(f"{weights_sha}:{_sha256_file(self.reference_stats)}".encode()).hexdigest()
+            self.reference_cache_name = f"ayt-stats-{reference.name}-{extractor}-{digest[:16]}"
         self.feature_layer = FEATURE_EXTRACTORS_REGISTRY[self.feature_extractor].get_default_feature_layer_for_metric("fid")
 
     @property
@@ -236,6 +243,8 @@ class FIDEvaluator:
         if os.path.isfile(self.reference_stats_path):
             return self.reference_stats_path
         os.makedirs(self.cache_root, exist_ok=True)
+        if self.reference_stats:
+            return self._install_reference_stats()
         # The stats half of torch-fidelity's `calculate_fid`, for input2 only: a full
         # calculate_metrics would also pay for an FID (a 2048x2048 eigensolve with Inception).
         kwargs = dict(self._kwargs(), input2=self._reference_dataset(), input2_cache_name=self.reference_cache_name)
@@ -249,6 +258,26 @@ class FIDEvaluator:
             os.remove(os.path.join(self.cache_root, features))
         if not os.path.isfile(self.reference_stats_path):  # torch-fidelity renamed its cache files
             raise RuntimeError(f"torch-fidelity did not write {self.reference_stats_path}")
+        return self.reference_stats_path
+
+    def _install_reference_stats(self) -> str:
+        """Put `fid.reference_stats` where torch-fidelity looks up cached statistics, in its
+        dtypes (mu float32 as np.mean of float32 features gives, sigma float64 as np.cov)."""
+        import numpy as np
+        path = self.reference_stats
+        try:
+            blob = np.load(path) if path.endswith(".npz") else torch.load(path, map_location="cpu", weights_only=False)
+            mu, sigma = np.asarray(blob["mu"], dtype=np.float32), np.asarray(blob["sigma"], dtype=np.float64)
+        except Exception as err:
+            raise ConfigError("fid.reference_stats", f"cannot read mu and sigma from {path} ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:120]})") from None
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ConfigError("fid.reference_stats", f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} "
+                              "are not [D] and [D, D]")
+        fd, tmp = tempfile.mkstemp(dir=self.cache_root, suffix=".tmp")
+        os.close(fd)
+        torch.save({"mu": mu, "sigma": sigma}, tmp)
+        os.replace(tmp, self.reference_stats_path)
         return self.reference_stats_path
 
     def fid(self, samples: Tensor) -> float:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ayt.artifacts import ArtifactCache, config_hash
 from ayt.data import ImageData, load_dataset
+from ayt.errors import ConfigError
 from ayt.method.losses import LOSSES
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class Artifacts:
     """Absolute paths of the shared artifacts one run uses, plus how good they are."""
 
-    pretrained: str | None = None      # EDM denoiser EMA weights (torch.save dict)
+    pretrained: str | None = None      # EDM denoiser EMA weights (torch.save dict): ours, or the cached init_file
     feature_map: str | None = None     # feature map {kwargs, state_dict, metrics}
     fid_weights: str | None = None     # FID extractor weights (classifier or Inception)
     fid_cache: str = ""                # torch-fidelity cache root (reference statistics)
@@ -58,6 +59,15 @@ def pretrained_spec(cfg: DictConfig) -> dict:
     return {"dataset": _data_spec(cfg), "network": OmegaConf.to_container(cfg.network, resolve=True),
             "edm": OmegaConf.to_container(cfg.edm, resolve=True),
             "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)}
+
+
+def init_file_spec(cfg: DictConfig) -> dict:
+    """training.init=file: keyed by the file's content (sha256), not its path, and by the network
+    it must fit (a run whose network changes checks the file again)."""
+    from ayt.config import file_sha256
+    return {"init_file_sha256": file_sha256(cfg.training.init_file), "resolution": int(cfg.dataset.resolution),
+            "network": OmegaConf.to_container(cfg.network, resolve=True),
+            "edm": OmegaConf.to_container(cfg.edm, resolve=True)}
 
 
 def feature_map_spec(cfg: DictConfig) -> dict:
@@ -94,6 +104,37 @@ def ensure_pretrained(cfg: DictConfig, cache: ArtifactCache, data: ImageData, de
         torch.save({k: v.cpu() for k, v in state.items()}, tmp / "denoiser.pt")
         _write_json(tmp / "metrics.json", metrics)
     return cache.get_or_build("pretrained", pretrained_spec(cfg), build) / "denoiser.pt"
+
+
+def ensure_init_file(cfg: DictConfig, cache: ArtifactCache, data: ImageData) -> Path:
+    """training.init=file: check the state dict fits `cfg.network` (one-line ConfigError naming
+    training.init_file, the key and the shapes), then cache a copy keyed by its sha256."""
+    def build(tmp: Path) -> None:
+        from ayt.networks.precond import build_denoiser
+        path = str(cfg.training.init_file)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError("training.init_file", f"cannot read {path} as a torch state dict "
+                              f"({' '.join(str(err).split())[:160]})") from None
+        if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+            state = state["ema"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError("training.init_file", f"{path} is not a state dict of tensors")
+        with torch.device("meta"):
+            expected = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels).state_dict()
+        hint = "(EDM pickles: python -m ayt.tools.import_edm; network.* must match the file)"
+        for key, want in expected.items():
+            if key not in state:
+                raise ConfigError("training.init_file", f"{path} has no {key!r} (shape {list(want.shape)}) {hint}")
+            if tuple(state[key].shape) != tuple(want.shape):
+                raise ConfigError("training.init_file", f"{path}: {key!r} has shape {list(state[key].shape)}, "
+                                  f"the network expects {list(want.shape)} {hint}")
+        extra = sorted(set(state) - set(expected))
+        if extra:
+            raise ConfigError("training.init_file", f"{path}: unexpected key {extra[0]!r} {hint}")
+        torch.save({k: state[k] for k in expected}, tmp / "denoiser.pt")
+    return cache.get_or_build("init_file", init_file_spec(cfg), build) / "denoiser.pt"
 
 
 def ensure_feature_map(cfg: DictConfig, cache: ArtifactCache, data: ImageData, device: torch.device,
@@ -144,7 +185,7 @@ def artifact_record(cfg: DictConfig) -> dict[str, Any]:
     cache key of each one `cfg` uses and the metrics it wrote (held-out feature-map label
     error, FID classifier accuracy), so a report can show them next to the FIDs."""
     cache = ArtifactCache(cfg.cache_dir)
-    kinds = {"pretrained": pretrained_spec(cfg)}
+    kinds = {"init_file": init_file_spec(cfg)} if cfg.training.init == "file" else {"pretrained": pretrained_spec(cfg)}
     if needs_feature_map(cfg):
         kinds["feature_map"] = feature_map_spec(cfg)
     if cfg.dataset.fid_extractor != "inception":
@@ -157,6 +198,8 @@ def artifact_record(cfg: DictConfig) -> dict[str, Any]:
             record.update({k: v for k, v in _read_json(path / "metrics.json").items() if k.startswith(kind)})
     if cfg.dataset.fid_extractor == "inception":
         record["fid_extractor"] = str(cfg.fid.inception_weights or "torch-fidelity default")
+    if "init_file" in kinds:
+        record["init_file_sha256"] = kinds["init_file"]["init_file_sha256"]
     return record
 
 
@@ -169,11 +212,14 @@ def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
     art = Artifacts(fid_cache=str(Path(cfg.cache_dir) / "fid"))
     if cfg.training.init == "pretrained":
         art.pretrained = str(ensure_pretrained(cfg, cache, data, device, progress))
+    elif cfg.training.init == "file":
+        art.pretrained = str(ensure_init_file(cfg, cache, data))
     if needs_feature_map(cfg):
         art.feature_map = str(ensure_feature_map(cfg, cache, data, device, progress))
     weights = ensure_fid_extractor(cfg, cache, device, progress)
     art.fid_weights = str(weights) if weights else None
-    FIDEvaluator(data, cfg.dataset.fid_extractor, art.fid_weights, art.fid_cache, device).ensure_reference_stats()
+    FIDEvaluator(data, cfg.dataset.fid_extractor, art.fid_weights, art.fid_cache, device,
+                 reference_stats=cfg.fid.get("reference_stats")).ensure_reference_stats()
     for path in (art.pretrained, art.feature_map, art.fid_weights):
         if path:
             art.metrics.update(_read_json(Path(path).parent / "metrics.json"))
