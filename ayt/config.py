@@ -3,6 +3,8 @@ work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -53,32 +55,40 @@ def _missing_option_error(err: MissingConfigException) -> ConfigError:
     return ConfigError(group or "overrides", _first_line(err))
 
 
-def resolve_paths(cfg: DictConfig) -> DictConfig:
-    """Make every path absolute (Tune and Ray workers run in other directories)."""
+# Config fields that hold a file-system path (besides out_dir, cache_dir, ray.storage_path
+# and a sqlite tracking.uri); each is made absolute against the directory the command ran in.
+PATH_FIELDS = ("dataset.root", "loss.vgg_weights", "loss.lin_weights", "fid.inception_weights",
+               "training.init_file", "fid.reference_stats")
+
+
+def resolve_paths(cfg: DictConfig, base_dir: str | Path | None = None) -> DictConfig:
+    """Make every path absolute against `base_dir` (default: this process's working directory).
+
+    A study resolves its trials' configs against the directory the driver ran in, not the
+    trial's own (Ray Tune moves each trial into a directory of its own)."""
+    base = Path(base_dir) if base_dir else Path.cwd()
     OmegaConf.set_struct(cfg, False)
-    out = Path(str(cfg.out_dir)).expanduser().resolve()
-    cfg.out_dir = str(out)
-    cfg.cache_dir = _absolute(cfg.cache_dir) if cfg.cache_dir else str(out / "cache")
-    if cfg.dataset.get("root"):
-        cfg.dataset.root = _absolute(cfg.dataset.root)
+    out = _absolute(cfg.out_dir, base)
+    cfg.out_dir = out
+    cfg.cache_dir = _absolute(cfg.cache_dir, base) if cfg.cache_dir else str(Path(out) / "cache")
     storage = cfg.ray.storage_path
-    cfg.ray.storage_path = str(out / "ray") if not storage else (storage if "://" in str(storage) else _absolute(storage))
+    cfg.ray.storage_path = str(Path(out) / "ray") if not storage else (
+        storage if "://" in str(storage) else _absolute(storage, base))
     uri = cfg.tracking.uri
     if not uri:
-        cfg.tracking.uri = f"sqlite:///{out / 'mlflow.db'}"
+        cfg.tracking.uri = f"sqlite:///{Path(out) / 'mlflow.db'}"
     elif str(uri).startswith("sqlite:///") and not str(uri).startswith("sqlite:////"):
-        cfg.tracking.uri = "sqlite:///" + _absolute(str(uri)[len("sqlite:///"):])
-    for key in ("vgg_weights", "lin_weights"):
-        if cfg.loss.get(key):
-            cfg.loss[key] = _absolute(cfg.loss[key])
-    if cfg.fid.get("inception_weights"):
-        cfg.fid.inception_weights = _absolute(cfg.fid.inception_weights)
+        cfg.tracking.uri = "sqlite:///" + _absolute(str(uri)[len("sqlite:///"):], base)
+    for key in PATH_FIELDS:
+        value = OmegaConf.select(cfg, key)
+        if value and not OmegaConf.is_missing(cfg, key):
+            OmegaConf.update(cfg, key, _absolute(value, base))
     OmegaConf.set_struct(cfg, True)
     return cfg
 
 
-def _absolute(path: Any) -> str:
-    return str(Path(str(path)).expanduser().resolve())
+def _absolute(path: Any, base: Path) -> str:
+    return str((base / Path(str(path)).expanduser()).resolve())
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -136,13 +146,48 @@ def _validate_training(cfg: DictConfig) -> None:
     _number(cfg, "training.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "training.ema_halflife_kimg", low=0, low_open=True, optional=True)
     _number(cfg, "pretrain.ema_decay", low=0, high=1, high_open=True)
-    _choice(cfg, "training.init", ("pretrained", "scratch"))
+    _choice(cfg, "training.init", ("pretrained", "scratch", "file"))
+    _validate_init_file(cfg)
+    _choice(cfg, "optimizer", ("adam", "radam"))
+    stats = cfg.fid.get("reference_stats")
+    if stats and cfg.dataset.fid_extractor != "inception":
+        raise ConfigError("fid.reference_stats", "precomputed statistics need dataset.fid_extractor=inception, "
+                          f"got {cfg.dataset.fid_extractor!r}")
+    if stats and not Path(str(stats)).is_file():
+        raise ConfigError("fid.reference_stats", f"no such file: {stats}")
     _choice(cfg, "precision", ("fp32", "bf16"))
     _number(cfg, "fid.num_samples", low=2, integer=True)
     _number(cfg, "cpu_threads", low=1, integer=True, optional=True)
     _number(cfg, "pretrain.p_std", low=0, low_open=True)
     if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
         raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {list(cfg.adam_betas)}")
+
+
+def _validate_init_file(cfg: DictConfig) -> None:
+    """training.init=file needs training.init_file, an existing file (read and shape-checked later)."""
+    if cfg.training.init != "file":
+        return
+    path = cfg.training.get("init_file")
+    if not path:
+        raise ConfigError("training.init_file", "required with training.init=file (a denoiser state dict, "
+                          "e.g. from python -m ayt.tools.import_edm)")
+    if not Path(str(path)).is_file():
+        raise ConfigError("training.init_file", f"no such file: {path}")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime): init files are ~220 MB."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _validate_method(cfg: DictConfig) -> None:
@@ -160,6 +205,13 @@ def _validate_method(cfg: DictConfig) -> None:
     validate_loss(cfg.loss)
     from ayt.method.augment import validate_augment
     validate_augment(cfg.augment)
+    from ayt.training.feature_map import validate_feature_map
+    validate_feature_map(cfg.feature_map)
+    from ayt.networks.feature_map import num_stages_for
+    stages = num_stages_for(int(cfg.dataset.resolution))
+    if len(cfg.feature_map.channels) < stages:
+        raise ConfigError("feature_map.channels", f"needs at least {stages} entries for dataset.resolution="
+                          f"{cfg.dataset.resolution} (one per downsampling stage), got {list(cfg.feature_map.channels)}")
 
 
 def _validate_network(cfg: DictConfig) -> None:
@@ -224,9 +276,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def load_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
-    """compose -> absolute paths -> validate: the config every entry point runs on."""
-    return validate_config(resolve_paths(compose_config(overrides, config_name)))
+def load_config(overrides: Iterable[str] = (), config_name: str = "config",
+                base_dir: str | Path | None = None) -> DictConfig:
+    """compose -> absolute paths (against `base_dir`, default the working directory) ->
+    validate: the config every entry point runs on."""
+    return validate_config(resolve_paths(compose_config(overrides, config_name), base_dir))
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -242,12 +296,19 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Config keys that say where or how visibly a run happens, not what it computes: left out of
+# run names, study identities and cache keys alike.
+VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "verbose", "cpu_threads")
+
+
 def run_name(cfg: DictConfig) -> str:
     """The stable name of a run: `name` if given, else a hash of what defines the run."""
     from ayt.artifacts import config_hash
     if cfg.get("name"):
         return str(cfg.name)
     spec = OmegaConf.to_container(cfg, resolve=True)
-    for volatile in ("out_dir", "cache_dir", "tracking", "ray", "name"):
+    for volatile in VOLATILE_KEYS:
         spec.pop(volatile, None)
+    if spec["training"].get("init_file") and spec["training"].get("init") == "file":   # the content, not the path
+        spec["training"]["init_file"] = "sha256:" + file_sha256(spec["training"]["init_file"])
     return f"{cfg.loss.name}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(spec, 8)}"

@@ -66,6 +66,62 @@ def preflight(
     return lines
 
 
+def check_locations(cfg: DictConfig, uses_ray: bool = True) -> list[str]:
+    """Every path and address in the config, checked before any work (no Ray, no MLflow run):
+    out_dir, the artifact cache, Ray's storage, the tracking store or server, `ray.address`
+    and the files the config names. Each failure is one line naming the field (exit code 2)."""
+    lines = [_check_writable("out_dir", cfg.get("out_dir"), cfg, "", uri_ok=False),
+             _check_writable("cache_dir", cfg.get("cache_dir"), cfg, "cache", uri_ok=False),
+             _check_writable("ray.storage_path", cfg.ray.get("storage_path"), cfg, "ray")]
+    uri = cfg.tracking.get("uri")
+    if uri and str(uri).startswith("sqlite:///"):
+        lines.append(_check_writable("tracking.uri", str(Path(str(uri)[len("sqlite:///"):]).parent), cfg, ""))
+    else:
+        lines.append(_check_tracking(uri))
+    if uses_ray:
+        lines.append(_check_ray_address(cfg.ray.get("address")))
+    for field in FILE_FIELDS:
+        value = OmegaConf.select(cfg, field)
+        if value and not Path(str(value)).is_file():
+            raise PreflightError(field, f"no such file: {value!r}")
+    return lines
+
+
+# Weight and checkpoint files a config may name (each must exist before anything starts).
+FILE_FIELDS = ("loss.vgg_weights", "loss.lin_weights", "fid.inception_weights", "training.init_file")
+RAY_CONNECT_TIMEOUT_S = 3.0
+
+
+def _check_ray_address(address: str | None) -> str:
+    """`ray.address` must answer now: a GCS address (host:port or ray://host:port) that
+    refuses connections would otherwise make `ray.init` retry for minutes."""
+    if address in (None, "", "local"):
+        return "ray.address: a local Ray starts on this machine"
+    address = str(address)
+    if address == "auto":
+        env = os.environ.get("RAY_ADDRESS")
+        if env and env != "auto":
+            address = env
+        else:
+            current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+            if not current.is_file():
+                raise PreflightError("ray.address", "is 'auto' but no Ray runs on this machine "
+                                     "(start one with `ray start --head`, or use ray.address=null)")
+            address = current.read_text().strip()
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise PreflightError("ray.address", f"must be null, 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {address!r}")
+    import socket
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise PreflightError("ray.address", f"nothing answers at {address} ({_one_line(err)}); start the "
+                             "cluster first or use ray.address=null for a local Ray") from None
+    return f"ray.address: {address} answers"
+
+
 def _joins_cluster(cfg: DictConfig) -> bool:
     """ray.address null or "local" starts a Ray on this machine; anything else joins a cluster."""
     return cfg.ray.get("address") not in (None, "local")
@@ -94,8 +150,13 @@ def _check_scaling(cfg: DictConfig) -> str:
 # --- storage ------------------------------------------------------------------------------
 
 def _probe_local(path: str) -> None:
+    """Write (and remove) a probe file in the directory, or in its nearest existing ancestor
+    if it does not exist yet: the check leaves nothing behind."""
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory")
     probe = directory / f".ayt-preflight-{uuid.uuid4().hex}"
     probe.write_bytes(b"ok")
     probe.unlink()
@@ -124,7 +185,7 @@ def _scheme(location: str) -> str:
 def resolve_location(value: str | None, cfg: DictConfig, default_subdir: str) -> str:
     """A storage location as the study will use it: null -> <out_dir>/<subdir>, paths absolute."""
     if value is None:
-        value = os.path.join(str(cfg.out_dir), default_subdir)
+        value = os.path.join(str(cfg.out_dir), default_subdir) if default_subdir else str(cfg.out_dir)
     value = str(value)
     if _scheme(value):
         return value

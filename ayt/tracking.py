@@ -20,11 +20,22 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, an assistant
+# panel); a model-training experiment opens on its runs table, which is what a study needs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment `name`, created (and tagged as model training) if it does not exist."""
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:       # made by an older version
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
 
 
 def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run_id: str | None = None):

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ayt.config import flatten, load_config, run_name
 from ayt.errors import ConfigError, NonFiniteLossError
+from ayt.metrics import short
 
 USAGE = """usage: python -m ayt.train [--cfg] [key=value ...]
 
@@ -94,7 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry_run:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ayt.preflight import check_locations
+    try:
+        check_locations(cfg, uses_ray=cfg.scaling.backend == "ray")   # every path and address, before any work
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ayt").setLevel(logging.INFO)
+    if cfg.scaling.backend == "ray":
+        from ayt.logs import route_logs
+        route_logs(Path(cfg.out_dir) / "logs" / f"{run_name(cfg)}.log", verbose=bool(cfg.get("verbose")))
     try:
         summary = run(cfg, progress=bool(cfg.progress))
     except NonFiniteLossError as err:
@@ -103,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ayt: config error: {err}", file=sys.stderr)
         return 2
-    fids = {k: v[-1][1] for k, v in summary.get("curves", {}).items() if v}
+    fids = {short(k): v[-1][1] for k, v in summary.get("curves", {}).items() if v}
     print(f"ayt: run {summary['run_name']} finished at iteration {summary['iteration']}: "
           + ", ".join(f"{k}={v:.3f}" for k, v in fids.items()) + f" (MLflow run {summary['run_id']})")
     return 0

@@ -71,6 +71,6 @@ def test_study_on_three_nodes_with_mlflow_server(three_node_cluster, mlflow_serv
     assert len(parents) == 1 and len(children) == 2
     for child in children:
         assert child["info"]["status"] == "FINISHED"
-        history = _get(mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="fid_1step")
+        history = _get(mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="eval/fid_1step")
         assert [m["step"] for m in history["metrics"]] == [10, 20]
         assert all(m["value"] > 0 for m in history["metrics"])

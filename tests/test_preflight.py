@@ -148,7 +148,9 @@ def test_cluster_setup_passes(tmp_path, mlflow_server):
     assert lines[2].startswith("cache_dir: ")
     assert lines[3] == f"tracking.uri: MLflow server answers at {mlflow_server}"
     assert "at most 4 trial(s) at once" in lines[4]  # 8 GPU nodes / 2 workers per trial
-    assert not any((tmp_path / "shared" / "ray").iterdir())  # the probe file is gone
+    # The probe file is gone, and the check created nothing (it probes the nearest existing parent).
+    assert not (tmp_path / "shared" / "ray").exists() or not any((tmp_path / "shared" / "ray").iterdir())
+    assert not [p for p in tmp_path.rglob(".ayt-preflight-*")]
 
 
 def test_storage_uri_passes_through_pyarrow(tmp_path):

@@ -60,6 +60,30 @@ def test_two_ray_workers_half_batch_equal_plain_loop_full_batch(ray_session, sha
     assert (one - two).norm() / moved < 0.05
     # The control that makes the check meaningful: another data order/noise lands far away.
     assert (one - other).norm() / moved > 0.3
+    # A one-worker study trial trains inside its Tune trial process (issue 13): the same
+    # result as the Ray Train path for the same seed, within the same tolerance.
+    in_trial = _flat(_train_in_tune_trial(common + ["scaling.backend=ray", "name=equiv-in-trial"],
+                                          shared_out_dir / "tune-equiv")["net"])
+    assert (in_trial - two).norm() / moved < 0.05
+    assert (in_trial - one).norm() / moved < 0.05
+
+
+def _train_in_tune_trial(overrides: list[str], storage: Path) -> dict:
+    """Run `train_in_trial` as a study's Tune trial does; return its final checkpoint state."""
+    from ray import tune
+
+    from ayt.training.tune_trial import train_in_trial
+
+    def trainable(config):
+        cfg = load_config(overrides)
+        train_in_trial(cfg, ensure_artifacts(cfg, progress=False))
+
+    tuner = tune.Tuner(tune.with_resources(trainable, tune.PlacementGroupFactory([{"CPU": 1}])),
+                       run_config=tune.RunConfig(name="equiv", storage_path=str(storage), verbose=0))
+    result = tuner.fit()[0]
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
 
 
 def _pretrained(overrides: list[str]) -> dict:
@@ -82,15 +106,15 @@ def test_worker_death_restarts_from_checkpoint_with_one_clean_fid_curve(ray_sess
     run_ = runs[0]
     assert run_.info.status == "FINISHED"
     assert run_.data.tags["ayt.resumed_from_iteration"] == "20"
-    for key in ("fid_1step", "fid_2step", "loss", "images_seen"):
+    for key in ("eval/fid_1step", "eval/fid_2step", "train/loss", "images_seen"):
         steps = [m.step for m in client.get_metric_history(run_.info.run_id, key)]
         assert steps == sorted(set(steps)), (key, steps)
-    assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "eval/fid_1step")] == [20, 40, 60]
     # The same command once more: the finished run reports its final result again (what a
     # resumed study needs when its driver died before seeing it) and logs nothing twice.
     again = run(load_config(args), progress=False)
     assert again["iteration"] == 60 and again["run_id"] == run_.info.run_id
-    assert [m.step for m in client.get_metric_history(run_.info.run_id, "fid_1step")] == [20, 40, 60]
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "eval/fid_1step")] == [20, 40, 60]
 
 
 def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_session, shared_out_dir):
@@ -119,7 +143,7 @@ def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_session, sh
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["ayt.resumed_from_iteration"]) >= 20
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid_1step")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/fid_1step")]
     assert steps == [40, 80, 120]
     assert _final_state(shared_out_dir, name, 120)["iteration"] == 120
 

@@ -1,11 +1,14 @@
 """The study report's statistics on hand-made curves: iterations and images to a target FID,
-speed-up against the reference group, and significance only where the 95% CIs are disjoint."""
+speed-up against the reference group, comparison records (Welch and paired by seed), and
+what the report says when there is nothing to test."""
 
 from __future__ import annotations
 
 import math
 
+from ayt.metrics import FID_1STEP, FID_2STEP
 from ayt.studies.report import Trial, _findings, _group_rows, mean_ci, targets
+from ayt.studies.stats import paired, unpaired
 
 STUDY = {"target": {"fid": None, "reference": {"loss": "pseudo_huber"}}}
 
@@ -13,13 +16,13 @@ STUDY = {"target": {"fid": None, "reference": {"loss": "pseudo_huber"}}}
 def _trial(loss: str, seed: int, curve: list[tuple[int, float]], batch: int = 16) -> Trial:
     return Trial(run_id=f"{loss}{seed}", name=f"{loss}-{seed}", axes={"loss": loss, "seed": str(seed)},
                  batch_size=batch, status="FINISHED", stopped_early=False,
-                 curves={"fid_1step": curve, "fid_2step": curve}, train_seconds=1.0,
+                 curves={FID_1STEP: curve, FID_2STEP: curve}, train_seconds=1.0,
                  artifacts={"feature_map_label_mse": "0.05"} if loss == "mfd" else {})
 
 
 def _rows(trials):
-    tgt = targets(trials, STUDY, "fid_1step")
-    return {r["group"]: r for r in _group_rows(trials, tgt, "fid_1step", STUDY)}, tgt
+    tgt = targets(trials, STUDY, FID_1STEP)
+    return {r["group"]: r for r in _group_rows(trials, tgt, FID_1STEP, STUDY)}, tgt
 
 
 def test_mean_ci_matches_the_t_interval():
@@ -37,25 +40,31 @@ def test_fast_group_is_faster_with_disjoint_cis_and_a_speedup():
     mfd, ph = rows["loss=mfd"], rows["loss=pseudo_huber"]
     assert mfd["iters_to_target_mean"] == 100 and mfd["reached"] == 3
     assert ph["vs_reference"] == "reference"
-    assert mfd["vs_reference"] == "better (CIs disjoint)"
-    assert mfd["speed_vs_reference"] == "faster (CIs disjoint)"
+    final, speed = mfd["comparisons"]["final"], mfd["comparisons"]["images_to_target"]
+    assert final.significant and final.estimate == -10.0 and final.high < 0
+    assert mfd["vs_reference"].startswith("better: -10 [")
+    assert speed.significant and mfd["speed_vs_reference"].startswith("faster")
+    # Same seeds on both sides: the paired difference is exactly -10 in every seed.
+    assert mfd["comparisons"]["final_paired"].estimate == -10.0 and mfd["comparisons"]["final_paired"].n == 3
     # The reference reaches its own mean final FID (21) only at 400, in seeds 0 and 1: speed-up 4x.
     assert ph["reached"] == 2 and ph["iters_to_target_mean"] == 400
     assert math.isclose(mfd["speedup_vs_reference"], 4.0)
     assert math.isclose(mfd["feature_map_label_mse"], 0.05)
-    text = "\n".join(_findings(list(rows.values()), "fid_1step"))
+    text = "\n".join(_findings(list(rows.values()), FID_1STEP))
     assert "loss=mfd vs reference" in text and "4.00×" in text
 
 
 def test_overlapping_groups_are_not_significant_and_unreached_targets_are_said():
     ref = [_trial("pseudo_huber", s, [(100, 30.0), (200, 20.0 + 4 * s)]) for s in range(3)]
-    other = [_trial("mfd", s, [(100, 40.0), (200, 21.0 + 4 * s)]) for s in range(3)]
+    other = [_trial("mfd", s, [(100, 40.0), (200, [21.0, 23.0, 31.0][s])]) for s in range(3)]   # paired: +1, -1, +3
     rows, _ = _rows(ref + other)
-    assert rows["loss=mfd"]["vs_reference"] == "not significant"
-    # target 24: mfd seed 0 (21) and 1 (25 > 24: no) — reached in 1 of 3 seeds
-    assert rows["loss=mfd"]["speed_vs_reference"] == "reached the target in 1/3 seeds"
+    assert not rows["loss=mfd"]["comparisons"]["final"].significant
+    assert rows["loss=mfd"]["vs_reference"].startswith("not significant")
+    # target 24: mfd seeds 0 (21) and 1 (23) reach it, seed 2 (31) does not
+    assert rows["loss=mfd"]["speed_vs_reference"] == "reached the target in 2/3 seeds"
+    assert not rows["loss=mfd"]["comparisons"]["final_paired"].significant
     assert "speedup_vs_reference" not in rows["loss=mfd"]
-    text = "\n".join(_findings(list(rows.values()), "fid_1step"))
+    text = "\n".join(_findings(list(rows.values()), FID_1STEP))
     assert "No difference from the reference group is significant" in text
 
 
@@ -66,3 +75,29 @@ def test_reference_reaching_its_target_in_one_seed_is_said_not_hidden():
     assert math.isclose(next(iter(tgt.values())), 30.0)          # mean of 10, 40, 40
     assert rows["loss=pseudo_huber"]["reached"] == 1
     assert rows["loss=mfd"]["speed_vs_reference"] == "reference reached the target in 1/3 seeds"
+    # Issue 12, point 6. Mutation caught: publishing the speed-up without the reference having
+    # reached its target in >= 2 seeds (the committed feature_map_budget report printed 2.25x).
+    assert "speedup_vs_reference" not in rows["loss=mfd"]
+
+
+def test_one_seed_says_there_is_no_interval_and_how_to_get_one():
+    """Mutation caught: the one-seed report claiming 'no difference is significant
+    (overlapping CIs)' when there are no CIs at all."""
+    rows, _ = _rows([_trial("pseudo_huber", 0, [(100, 30.0), (200, 20.0)]), _trial("mfd", 0, [(100, 40.0), (200, 25.0)])])
+    text = "\n".join(_findings(list(rows.values()), FID_1STEP))
+    assert "No difference" not in text
+    assert "one seed per group" in text and "study.seeds" in text
+
+
+def test_paired_comparison_sees_a_shift_that_seed_noise_hides_from_welch():
+    """Seeds differ a lot from each other, but the group is better than the reference by
+    exactly 1 in every seed: only the paired comparison can see it. Mutation caught: pairing
+    by position instead of by seed (the shuffled dict order below would break it)."""
+    reference = {"0": 10.0, "1": 50.0, "2": 90.0, "3": 130.0, "4": 170.0}
+    group = {s: v - 1.0 + 0.01 * int(s) for s, v in reversed(list(reference.items()))}
+    assert not unpaired(list(group.values()), list(reference.values())).significant
+    result = paired(group, reference)
+    assert result.significant and result.high < 0 and result.n == 5
+    assert math.isclose(result.estimate, -1.0 + 0.02, rel_tol=1e-9)
+    assert math.isclose(result.p_rank, 0.0625)                    # exact Wilcoxon, all 5 signs agree
+    assert not paired({"0": 1.0}, {"0": 2.0}).available

@@ -41,12 +41,13 @@ def _children(out: Path, experiment: str):
 ])
 def test_invalid_study_config_fails_before_ray(tmp_path, capsys, override, field, words):
     import ray
-    was_running = ray.is_initialized()
+    if ray.is_initialized():
+        ray.shutdown()      # so "nothing started Ray" can fail; the ray_session fixture restarts it
     code = study_main("batch_size_sweep", [f"out_dir={tmp_path}", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and field in err[0] and words in err[0], err
-    assert ray.is_initialized() == was_running          # nothing started Ray
+    assert not ray.is_initialized()                     # nothing started Ray
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -62,19 +63,25 @@ def test_plan_grid_budget_in_images_gives_equal_images_per_trial(tmp_path):
     assert {(c.pretrain.iterations, c.fid.num_samples) for c in plan.trial_configs} == {(500, 500)}
 
 
-def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir):
+def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir, monkeypatch):
     """A smoke batch-size sweep (2 batch sizes x 2 losses) whose driver is killed after the
     first trial finishes, then resumed: one parent, one child per trial, finished trials not
     re-run, every child's FID curve at the right steps, the report written and logged.
-    (One study serves both checks: a Ray Train trial costs ~25 s of start-up on 2 cores.)"""
+
+    It runs as a user runs it: from a working directory, with a *relative* out_dir. Mutation
+    caught (issue 13): resolving a trial's paths in the trial's own working directory (Tune
+    moves each trial into one): every trial then rebuilt the shared artifacts under Ray's
+    session directory and wrote its samples and EMA weights there, and the child runs ended
+    with no artifacts."""
     out = shared_out_dir
-    args = [f"out_dir={out}", "study.name=resumable", "study.axes.batch_size=[16,32]",
+    monkeypatch.chdir(out.parent)
+    args = [f"out_dir={out.name}", "study.name=resumable", "study.axes.batch_size=[16,32]",
             "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2",
             *TINY]
     address = ray_session.get_runtime_context().gcs_address
     log = (out / "resumable-driver.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "ayt.studies.batch_size_sweep", *args, f"ray.address={address}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         finished = _wait_for_finished_child(out, "resumable", proc, timeout=300)
@@ -103,12 +110,20 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
         assert child.info.status == "FINISHED"
         batch = int(child.data.params["batch_size"])
         seen.add((batch, child.data.params["loss"]))
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "fid_1step")]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "eval/fid_1step")]
         assert steps == [320 // batch, 640 // batch], steps      # two evaluations over 640 images
-        by_images = [m.step for m in client.get_metric_history(child.info.run_id, "fid_1step_vs_images")]
+        by_images = [m.step for m in client.get_metric_history(child.info.run_id, "eval/fid_1step_vs_images")]
         assert by_images == [320, 640]
-        assert "samples_1step.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"samples_1step.png", "samples_2step.png", "fid_curve.png", "ema.pt"} <= artifacts, artifacts
     assert seen == {(16, "pseudo_huber"), (16, "mfd"), (32, "pseudo_huber"), (32, "mfd")}
+    # No trial built an artifact of its own: nothing under Ray's session directory (where
+    # Tune runs trials) holds a cache or a run directory.
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    assert not [p for p in session.rglob("cache") if p.is_dir()], "a trial rebuilt the shared artifacts"
+    assert not list(session.rglob("ema.pt"))
+    # Restarting a study that exists, without resume=true, is refused (nothing runs).
+    assert study_main("batch_size_sweep", args) == 2
     import optuna
     study = optuna.load_study(study_name=parent.info.run_name,
                               storage=f"sqlite:///{out / 'resumable' / 'optuna.db'}")

@@ -1,6 +1,7 @@
 """The study report, built from what the study's MLflow runs hold (the source of truth after
 any resume): FID curves against images seen grouped by the swept values, final/best FID
-with 95% confidence intervals across seeds, and iterations to reach a target FID.
+with 95% confidence intervals across seeds, iterations to reach a target FID, and each
+group against its reference (unpaired and, where seeds are shared, paired: `stats`).
 
 Files under out_dir/<study>/: report.md, fid_1step.png, fid_2step.png, final_vs_axis.png,
 trials.csv (one row per trial), curves.csv (one row per evaluation), groups.csv.
@@ -19,7 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-CURVES = ("fid_1step", "fid_2step")
+from ayt.metrics import FID_KEYS, TRAIN_SECONDS, short
+from ayt.provenance import git_commit
+from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
+
+CURVES = FID_KEYS
 
 
 @dataclass
@@ -53,18 +58,6 @@ class Trial:
         return next((s for s, v in self.curves.get(key, []) if v <= target), None)
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
-    """Mean and half-width of a Student-t confidence interval (nan half-width for n < 2)."""
-    from scipy import stats
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan, 0
-    if len(x) == 1:
-        return float(x[0]), math.nan, 1
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half), len(x)
-
-
 def fmt(mean: float, half: float, digits: int = 2) -> str:
     if not math.isfinite(mean):
         return "–"
@@ -86,7 +79,7 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
                                                           key=lambda m: m.step)] for key in CURVES}
         trials.append(Trial(run.info.run_id, run.info.run_name, axes, int(params.get("batch_size", 0)),
                             run.info.status, run.data.tags.get("ayt.stopped_early") == "true", curves,
-                            run.data.metrics.get("train_seconds"),
+                            run.data.metrics.get(TRAIN_SECONDS),
                             {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")}))
     return sorted(trials, key=lambda t: (_sort_key(t.group), t.seed))
 
@@ -156,7 +149,7 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
         for k in CURVES:
             for what, fn in (("final", Trial.final), ("best", Trial.best)):
                 m, h, _ = mean_ci([fn(t, k) for t in members])
-                row[f"{what}_{k}_mean"], row[f"{what}_{k}_ci95"] = m, h
+                row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
         label = [float(t.artifacts["feature_map_label_mse"]) for t in members if "feature_map_label_mse" in t.artifacts]
         if label:
             row["feature_map_label_mse"] = float(np.mean(label))
@@ -170,52 +163,62 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
             row["images_to_target_mean"] = m * batch if math.isfinite(m) else math.nan
             row["images_to_target_ci95"] = h * batch if math.isfinite(h) else math.nan
         rows.append(row)
-    _mark_significance(rows, by_group, study, key)
+    _compare_with_reference(rows, by_group, study, key, tgt)
     return rows
 
 
-def _mark_significance(rows, by_group, study, key) -> None:
-    """Against the reference group: significant only when the 95% CIs do not overlap."""
+def _compare_with_reference(rows, by_group, study, key, tgt) -> None:
+    """Each group against its reference (the same group with `study.target.reference`
+    substituted): final FID unpaired (Welch) and paired by seed, and images seen to the
+    target FID. The records go in `row["comparisons"]`; the CSV gets their verdicts."""
     reference = {k: str(v) for k, v in ((study.get("target") or {}).get("reference") or {}).items()}
     if not reference:
         return
-    index = {row["group"]: row for row in rows}
-    for group, row in zip(by_group, rows):
-        ref = group_label(tuple((k, reference.get(k, v)) for k, v in group))
-        other = index.get(ref)
-        if other is None or other is row:
-            row["vs_reference"] = "reference" if other is row else "–"
+    index = {row["group"]: (row, members) for row, members in zip(rows, by_group.values())}
+    for (group, members), row in zip(by_group.items(), rows):
+        ref_label = group_label(tuple((k, reference.get(k, v)) for k, v in group))
+        if ref_label not in index:
+            row["vs_reference"] = "–"
             continue
-        row["vs_reference"] = _compare(row, other, f"final_{key}")
+        other, ref_members = index[ref_label]
+        if other is row:
+            row["vs_reference"] = "reference"
+            continue
+        finals = {t.seed: t.final(key) for t in members}
+        ref_finals = {t.seed: t.final(key) for t in ref_members}
+        comparisons: dict[str, Comparison] = {
+            "final": unpaired(list(finals.values()), list(ref_finals.values())),
+            "final_paired": paired(finals, ref_finals)}
+        row["vs_reference"] = comparisons["final"].verdict()
+        row["paired_vs_reference"] = comparisons["final_paired"].verdict()
         # Speed on the x-axis that is fair across batch sizes: images seen to the target FID.
-        if "images_to_target_mean" in row and "images_to_target_mean" in other:
-            mine, theirs = row["images_to_target_mean"], other["images_to_target_mean"]
-            if math.isfinite(mine) and math.isfinite(theirs) and mine > 0 and row.get("reached") == row["seeds"]:
-                row["speedup_vs_reference"] = theirs / mine
-            if row.get("reached") != row["seeds"]:
-                row["speed_vs_reference"] = f"reached the target in {row.get('reached', 0)}/{row['seeds']} seeds"
-            elif other.get("reached", 0) < 2:           # its seeds that reached it give no interval
-                row["speed_vs_reference"] = (f"reference reached the target in "
-                                             f"{other.get('reached', 0)}/{other['seeds']} seeds")
+        target = tgt.get(group)
+        if target is not None and "images_to_target_mean" in row and "images_to_target_mean" in other:
+            mine = [_images_to(t, key, target) for t in members]
+            theirs = [_images_to(t, key, tgt.get(t.group)) for t in ref_members]
+            reached, ref_reached = sum(v is not None for v in mine), sum(v is not None for v in theirs)
+            if reached < row["seeds"]:
+                row["speed_vs_reference"] = f"reached the target in {reached}/{row['seeds']} seeds"
+            elif ref_reached < 2:         # the reference's own time to target has no interval
+                row["speed_vs_reference"] = f"reference reached the target in {ref_reached}/{other['seeds']} seeds"
             else:
-                row["speed_vs_reference"] = _compare(row, other, "images_to_target", lower="faster",
-                                                     higher="slower")
+                comparisons["images_to_target"] = unpaired(mine, theirs)
+                row["speed_vs_reference"] = comparisons["images_to_target"].verdict("faster", "slower")
+                mean_mine, mean_theirs = row["images_to_target_mean"], other["images_to_target_mean"]
+                if reached >= 2 and mean_mine > 0 and math.isfinite(mean_theirs):
+                    row["speedup_vs_reference"] = mean_theirs / mean_mine
+        row["comparisons"] = comparisons
 
 
-def _compare(row: dict, other: dict, prefix: str, lower: str = "better", higher: str = "worse") -> str:
-    """Significant only when the two 95% CIs do not overlap (a conservative test)."""
-    a = (row.get(f"{prefix}_mean", math.nan), row.get(f"{prefix}_ci95", math.nan))
-    b = (other.get(f"{prefix}_mean", math.nan), other.get(f"{prefix}_ci95", math.nan))
-    if not all(math.isfinite(v) for v in (*a, *b)):
-        return "n/a (needs ≥ 2 finished seeds on both sides)"
-    if a[0] + a[1] < b[0] - b[1]:
-        return f"{lower} (CIs disjoint)"
-    if a[0] - a[1] > b[0] + b[1]:
-        return f"{higher} (CIs disjoint)"
-    return "not significant"
+def _images_to(trial: Trial, key: str, target: float | None) -> float | None:
+    if target is None:
+        return None
+    reached = trial.first_reaching(key, target)
+    return None if reached is None else float(reached * trial.batch_size)
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> str:
+    rows = [{k: v for k, v in row.items() if k != "comparisons"} for row in rows]
     keys = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -231,7 +234,8 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
         reached = t.first_reaching(key, target) if target is not None else None
         rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "status": t.status,
                      "stopped_early": t.stopped_early, "iterations": t.curves[key][-1][0] if t.curves.get(key) else 0,
-                     **{f"final_{k}": t.final(k) for k in CURVES}, **{f"best_{k}": t.best(k) for k in CURVES},
+                     **{f"final_{short(k)}": t.final(k) for k in CURVES},
+                     **{f"best_{short(k)}": t.best(k) for k in CURVES},
                      "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds,
                      **{f"artifact.{k}": v for k, v in t.artifacts.items()}})
     return _write_rows(rows, path)
@@ -244,7 +248,7 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
         values = {k: dict(t.curves.get(k, [])) for k in CURVES}
         for s in steps:
             rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "iteration": s,
-                         "images_seen": s * t.batch_size, **{k: values[k].get(s) for k in CURVES}})
+                         "images_seen": s * t.batch_size, **{short(k): values[k].get(s) for k in CURVES}})
     return _write_rows(rows or [{"run": None}], path)
 
 
@@ -254,35 +258,58 @@ def _plots(trials: list[Trial], out: Path, plan) -> list[str]:
     import matplotlib.pyplot as plt
     files = []
     groups = list(dict.fromkeys(t.group for t in trials))
-    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    styles = _group_styles(groups, plt)
     for key in CURVES:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, group in enumerate(groups):
+        for group in groups:
             members = [t for t in trials if t.group == group and t.curves.get(key)]
             if not members:
                 continue
-            colour = colours(i % colours.N)
+            style = styles[group]
             for t in members:       # each seed thin, the mean over seeds bold
                 ax.plot([s * t.batch_size for s, _ in t.curves[key]], [v for _, v in t.curves[key]],
-                        color=colour, alpha=0.3, linewidth=0.8)
+                        color=style["color"], linestyle=style["linestyle"], alpha=0.3, linewidth=0.8)
             steps = sorted(set.intersection(*[{s for s, _ in t.curves[key]} for t in members]))
             if steps:
                 mean = [np.mean([dict(t.curves[key])[s] for t in members]) for s in steps]
-                ax.plot([s * members[0].batch_size for s in steps], mean, color=colour, linewidth=2,
-                        marker="o", markersize=3, label=group_label(group))
+                ax.plot([s * members[0].batch_size for s in steps], mean, linewidth=2, marker=style["marker"],
+                        markersize=4, label=group_label(group), color=style["color"], linestyle=style["linestyle"])
         ax.set_xlabel("images seen")
-        ax.set_ylabel(key.replace("_", " ").upper().replace("STEP", "-step"))
+        ax.set_ylabel(short(key).replace("_", " ").upper().replace("STEP", "-step"))
         ax.set_yscale("log")
-        ax.set_title(f"{plan.name}: {key} (thin: seeds, bold: mean)")
+        ax.set_title(f"{plan.name}: {short(key)} (thin: seeds, bold: mean)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"{key}.png"
+        path = out / f"{short(key)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(str(path))
     files += _final_vs_first_axis(trials, out, plan, plt)
     return files
+
+
+def _group_styles(groups: list[tuple], plt) -> dict[tuple, dict[str, Any]]:
+    """Colour by the first categorical axis (e.g. the loss), line style and marker by the
+    first numeric one (e.g. the batch size), so related curves read as families."""
+    if not groups:
+        return {}
+    keys = [k for k, _ in groups[0]]
+    numeric = [k for k in keys if all(_is_number(dict(g).get(k)) for g in groups)]
+    categorical = [k for k in keys if k not in numeric]
+    colour_key = categorical[0] if categorical else (numeric[0] if len(numeric) == 1 else None)
+    style_key = next((k for k in numeric if k != colour_key), None)
+    colour_values = list(dict.fromkeys(dict(g).get(colour_key) for g in groups)) if colour_key else []
+    style_values = sorted({dict(g).get(style_key) for g in groups}, key=float) if style_key else []
+    palette = plt.get_cmap("tab10")
+    dashes, markers = ["-", "--", "-.", ":"], ["o", "s", "^", "D", "v", "P"]
+    styles = {}
+    for i, g in enumerate(groups):
+        c = colour_values.index(dict(g).get(colour_key)) if colour_key else i
+        k = style_values.index(dict(g).get(style_key)) if style_key else 0
+        styles[g] = {"color": palette(c % 10), "linestyle": dashes[k % len(dashes)],
+                     "marker": markers[k % len(markers)]}
+    return styles
 
 
 def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
@@ -311,7 +338,7 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
         else:
             ax.set_xscale("symlog", linthresh=min((x for x in xs_all if x > 0), default=1.0))
         ax.set_xlabel(x_key)
-        ax.set_ylabel(f"final {key} (mean, 95% CI)")
+        ax.set_ylabel(f"final {short(key)} (mean, 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{plan.name}: final FID vs {x_key}")
@@ -324,16 +351,25 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
 
 def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str],
                     wall_seconds: float | None = None) -> str:
-    from ayt.studies.runner import _git_commit
     has_target = any(r.get("target_fid") is not None for r in groups)
     has_label = any("feature_map_label_mse" in r for r in groups)
     extractors = sorted({t.artifacts.get("fid_classifier_hash") or t.artifacts.get("fid_extractor", "?") for t in trials})
     accuracy = sorted({t.artifacts["fid_classifier_test_accuracy"] for t in trials
                        if "fid_classifier_test_accuracy" in t.artifacts})
     worker_minutes = sum(t.train_seconds or 0 for t in trials) / 60
+    # The command without this machine's paths: the out_dir (and what is under it) as `<out_dir>`,
+    # or relative when it lies under the working directory, and any path under that relative.
+    import re
+    cwd, command = Path.cwd(), " ".join(plan.argv)
+    out_dir = Path(str(plan.base.out_dir))
+    for root in sorted({out_dir, out_dir.resolve()}, key=lambda p: -len(str(p))):
+        mark = str(root.relative_to(cwd)) if root.is_relative_to(cwd) else "<out_dir>"
+        command = re.sub(re.escape(str(root)) + r"(?![\w.\-])", mark, command)
+    for root in {cwd, cwd.resolve()}:
+        command = command.replace(f"{root}/", "")
     lines = [f"# Study `{plan.name}` ({plan.study_id})", "",
-             f"- command: `python -m ayt.studies.{plan.module} " + " ".join(plan.argv) + "`",
-             f"- git commit: `{_git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
+             f"- command: `python -m ayt.studies.{plan.module} {command}`",
+             f"- git commit: `{git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
              f"- machine: {platform.node()} ({platform.processor() or platform.machine()}, "
              f"{_cpu_count()} CPUs); written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
              f"- budget: {plan.space.budget_amount} {plan.space.budget_unit} per trial, "
@@ -347,33 +383,12 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
              f"- FID extractor (cache key): {', '.join(f'`{e}`' for e in extractors)}"
              + (f"; its test accuracy {', '.join(f'{float(a):.3f}' for a in accuracy)}" if accuracy else ""),
              "", "Values are mean ± 95% t-interval half-width across seeds (no ± with one seed). "
-             "Significance: the two 95% CIs do not overlap.", ""]
-    header = "| group | seeds | final FID 1-step | final FID 2-step | best FID 1-step | best FID 2-step |"
-    rule = "|---|---|---|---|---|---|"
-    if has_label:
-        header, rule = header + " feature-map label MSE |", rule + "---|"
-    if has_target:
-        header += (" target FID | iterations to target (reached) | images to target | speed-up vs reference |"
-                   " FID vs reference | speed vs reference |")
-        rule += "---|---|---|---|---|---|"
-    lines += [header, rule]
-    for r in groups:
-        row = (f"| {r['group']} | {r['seeds']} | {fmt(r['final_fid_1step_mean'], r['final_fid_1step_ci95'])} | "
-               f"{fmt(r['final_fid_2step_mean'], r['final_fid_2step_ci95'])} | "
-               f"{fmt(r['best_fid_1step_mean'], r['best_fid_1step_ci95'])} | "
-               f"{fmt(r['best_fid_2step_mean'], r['best_fid_2step_ci95'])} |")
-        if has_label:
-            row += f" {fmt(r.get('feature_map_label_mse', math.nan), math.nan, 4)} |"
-        if has_target:
-            t = r.get("target_fid")
-            speedup = r.get("speedup_vs_reference")
-            row += (f" {fmt(t, math.nan) if t is not None else '–'} | "
-                    f"{fmt(r.get('iters_to_target_mean', math.nan), r.get('iters_to_target_ci95', math.nan), 0)}"
-                    f" ({r.get('reached', 0)}/{r['seeds']}) | "
-                    f"{fmt(r.get('images_to_target_mean', math.nan), r.get('images_to_target_ci95', math.nan), 0)} | "
-                    f"{f'{speedup:.2f}×' if speedup else '–'} | {r.get('vs_reference', '–')} | "
-                    f"{r.get('speed_vs_reference', '–')} |")
-        lines.append(row)
+             "Against the reference: the difference group − reference with its 95% interval and p "
+             "(Welch t on the seeds of each group; paired t on the seeds both share, with the exact "
+             "Wilcoxon signed-rank p beside it); significant when the interval excludes 0.", ""]
+    columns = [c for c in TABLE if c.shown(groups)]
+    lines += ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in groups]
     if plan.skipped:
         lines += ["", "Skipped: " + "; ".join(plan.skipped)]
     lines += ["", "## Findings (computed)", ""] + _findings(groups, key)
@@ -384,24 +399,80 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
     return str(path)
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the report's group table: its header, how a row renders in it, and
+    which rows' keys make it appear at all."""
+
+    header: str
+    render: Any                                    # (row, metric key) -> str
+    needs: str | None = None                       # shown only if some row has this key
+
+    def shown(self, rows: list[dict[str, Any]]) -> bool:
+        return self.needs is None or any(r.get(self.needs) is not None for r in rows)
+
+    def cell(self, row: dict[str, Any], key: str) -> str:
+        return str(self.render(row, key))
+
+
+def _stat(name: str, digits: int = 2):
+    return lambda r, key: fmt(r.get(f"{name}_mean", math.nan), r.get(f"{name}_ci95", math.nan), digits)
+
+
+def _speedup(r: dict[str, Any], key: str) -> str:
+    speedup = r.get("speedup_vs_reference")
+    return f"{speedup:.2f}×" if speedup else "–"
+
+
+TABLE = [
+    Column("group", lambda r, key: r["group"]),
+    Column("seeds", lambda r, key: r["seeds"]),
+    Column("final FID 1-step", _stat("final_fid_1step")),
+    Column("final FID 2-step", _stat("final_fid_2step")),
+    Column("best FID 1-step", _stat("best_fid_1step")),
+    Column("best FID 2-step", _stat("best_fid_2step")),
+    Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
+           needs="feature_map_label_mse"),
+    Column("target FID", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
+           needs="target_fid"),
+    Column("iterations to target (reached)",
+           lambda r, key: f"{_stat('iters_to_target', 0)(r, key)} ({r.get('reached', 0)}/{r['seeds']})",
+           needs="target_fid"),
+    Column("images to target", _stat("images_to_target", 0), needs="target_fid"),
+    Column("speed-up vs reference", _speedup, needs="target_fid"),
+    Column("final FID vs reference", lambda r, key: r.get("vs_reference", "–"), needs="vs_reference"),
+    Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
+    Column("images to target vs reference", lambda r, key: r.get("speed_vs_reference", "–"), needs="target_fid"),
+]
+
+
 def _findings(groups: list[dict[str, Any]], key: str) -> list[str]:
-    """Plain sentences from the table: the best group, and every significant difference."""
-    finite = [r for r in groups if math.isfinite(r.get(f"final_{key}_mean", math.nan))]
+    """Plain sentences from the comparison records: the best group, every significant
+    difference, and what is missing when nothing can be tested."""
+    name = short(key)
+    finite = [r for r in groups if math.isfinite(r.get(f"final_{name}_mean", math.nan))]
     if not finite:
         return ["- No trial produced an FID curve."]
-    best = min(finite, key=lambda r: r[f"final_{key}_mean"])
-    out = [f"- Lowest final {key}: {best['group']} "
-           f"({fmt(best[f'final_{key}_mean'], best[f'final_{key}_ci95'])}, {best['seeds']} seeds)."]
-    for r in groups:
-        verdicts = [(what, r.get(field, "")) for what, field in (("final FID", "vs_reference"),
-                                                                  ("images to target", "speed_vs_reference"))]
-        significant = [f"{what}: {v}" for what, v in verdicts if "disjoint" in str(v)]
+    best = min(finite, key=lambda r: r[f"final_{name}_mean"])
+    out = [f"- Lowest final {name}: {best['group']} "
+           f"({fmt(best[f'final_{name}_mean'], best[f'final_{name}_ci95'])}, {best['seeds']} seeds)."]
+    compared = [r for r in groups if r.get("comparisons")]
+    labels = {"final": f"final {name} (Welch)", "final_paired": f"final {name} (paired by seed)",
+              "images_to_target": "images to target"}
+    for r in compared:
+        significant = [f"{labels[what]} {c.verdict('faster', 'slower') if what == 'images_to_target' else c.verdict()}"
+                       for what, c in r["comparisons"].items() if c.significant]
         if significant:
             speed = r.get("speedup_vs_reference")
             out.append(f"- {r['group']} vs reference — " + "; ".join(significant)
                        + (f" (speed-up {speed:.2f}×)" if speed else "") + ".")
-    if len(out) == 1 and any(r.get("vs_reference") not in (None, "reference", "–") for r in groups):
-        out.append("- No difference from the reference group is significant at 95% (overlapping CIs).")
+    if not compared:
+        return out
+    if all(not c.available for r in compared for c in r["comparisons"].values()):
+        out.append("- No comparison with the reference can be tested: "
+                   + (next(iter(compared[0]["comparisons"].values())).method) + ".")
+    elif len(out) == 1:
+        out.append("- No difference from the reference group is significant at 95%.")
     return out
 
 

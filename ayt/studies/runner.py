@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -26,18 +25,22 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ayt.artifacts import config_hash
-from ayt.config import compose_config, flatten, load_config, run_name
+from ayt.config import VOLATILE_KEYS, compose_config, flatten, load_config, run_name
 from ayt.errors import ConfigError, NonFiniteLossError
+from ayt.metrics import eval_key
+from ayt.provenance import git_commit
 from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
 
 log = logging.getLogger(__name__)
 
-# The Tune trial actor only waits on its TorchTrainer, whose workers Ray Train places outside
-# the trial's placement group. It reserves a token of memory, not CPU: Tune refuses an empty
-# bundle, and even 0.01 CPU per trial driver would leave N trials of one 1-CPU worker each
-# 0.01 CPU short of N CPUs, so one of them would wait for a worker slot with a core idle.
+# A Ray Train trial's Tune actor only waits on its TorchTrainer, whose workers Ray Train
+# places outside the trial's placement group. It reserves a token of memory, not CPU: Tune
+# refuses an empty bundle, and even 0.01 CPU per trial driver would leave N trials of one
+# 1-CPU worker each 0.01 CPU short of N CPUs, so one of them would wait with a core idle.
 TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
-VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "cpu_threads")
+TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
+# Study keys that change how a study runs, not what its trials compute.
+VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class StudyPlan:
     base: DictConfig                       # the validated base trial config
     study_id: str                          # name + hash of what defines the study
     argv: list[str] = field(default_factory=list)                   # the command line it came from
+    base_dir: str = ""                     # the driver's working directory: relative paths resolve here
     trial_configs: list[DictConfig] = field(default_factory=list)   # grid: every trial; else the corners
     skipped: list[str] = field(default_factory=list)                # axis values a study hook dropped, and why
 
@@ -69,7 +73,25 @@ class StudyPlan:
 
     @property
     def metric(self) -> str:
-        return str(self.study["metric"])
+        """The metric Optuna and ASHA minimise, as trials report it (`eval/fid_1step`)."""
+        return eval_key(str(self.study["metric"]))
+
+    @property
+    def trial_backend(self) -> str:
+        """in_process (the trial trains in its Tune actor) or ray_train (a TorchTrainer)."""
+        chosen = str(self.study.get("trial_backend") or "auto")
+        if chosen == "auto":
+            return "in_process" if int(self.base.scaling.num_workers) == 1 else "ray_train"
+        return chosen
+
+    def trial_resources(self):
+        """What a Tune trial reserves: its one worker's bundle when it trains in process, a
+        token otherwise (Ray Train reserves the workers)."""
+        from ray import tune
+        if self.trial_backend == "in_process":
+            from ayt.preflight import worker_bundle
+            return tune.PlacementGroupFactory([worker_bundle(self.base)])
+        return TRIAL_DRIVER_RESOURCES
 
     def trial_overrides(self, params: dict[str, Any], trial_id: str | None) -> list[str]:
         batch = int(params.get("batch_size", self.base.batch_size))
@@ -79,7 +101,9 @@ class StudyPlan:
                 "scaling.backend=ray", "progress=false"]
 
     def trial_config(self, params: dict[str, Any], trial_id: str | None = None) -> DictConfig:
-        return load_config(self.trial_overrides(params, trial_id))
+        """A trial's config, its paths resolved against the driver's directory (a Tune trial
+        runs in a directory of its own)."""
+        return load_config(self.trial_overrides(params, trial_id), base_dir=self.base_dir or None)
 
     def describe(self, trial) -> tuple[str, dict[str, Any], int, Path]:
         """MLflow child run name, params, planned iterations and artifact directory of a Tune trial."""
@@ -120,6 +144,9 @@ def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
         raise ConfigError("study.scheduler", f"unknown value {study.scheduler!r}; allowed: " + ", ".join(SCHEDULERS))
     if str(study.metric) not in ("fid_1step", "fid_2step"):
         raise ConfigError("study.metric", f"unknown value {study.metric!r}; allowed: fid_1step, fid_2step")
+    if str(study.get("trial_backend", "auto")) not in TRIAL_BACKENDS:
+        raise ConfigError("study.trial_backend", f"unknown value {study.trial_backend!r}; allowed: "
+                          + ", ".join(TRIAL_BACKENDS))
     space = parse_space(study)
     base_overrides = []
     if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
@@ -128,17 +155,21 @@ def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
     if not any(a.startswith("tracking.experiment=") for a in train_args):
         base_overrides.append(f"tracking.experiment={space.name}")
     base_overrides += train_args
-    base = load_config(base_overrides)
+    base_dir = os.getcwd()
+    base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
+    if str(study.get("trial_backend")) == "in_process" and int(base.scaling.num_workers) != 1:
+        raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
+                          f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
     # The identity of a study: what its trials compute, not where or how fast they run.
     spec = {"study": OmegaConf.to_container(study, resolve=True), "base": OmegaConf.to_container(base, resolve=True)}
-    for volatile in ("resume", "max_concurrent_trials", "max_failures"):
+    for volatile in VOLATILE_STUDY_KEYS:
         spec["study"].pop(volatile, None)
     for volatile in VOLATILE_KEYS:
         spec["base"].pop(volatile, None)
     plan = StudyPlan(name=space.name, module=name, study=OmegaConf.to_container(study, resolve=True), space=space,
                      base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
-                     argv=list(argv))
+                     argv=list(argv), base_dir=base_dir)
     _validate_scheduler(plan)
     _load_study_module(name)
     hook = STUDY_HOOKS.get(name)
@@ -186,22 +217,36 @@ def _validate_scheduler(plan: StudyPlan) -> None:
 # ---- running ---------------------------------------------------------------------------------
 
 def run_trial(config: dict[str, Any], plan: StudyPlan) -> None:
-    """The Tune function trainable: one TorchTrainer per trial. Worker reports reach Tune
-    through TuneReportCallback; the trial's stable name lets a retried or restored trial
-    resume from its last Ray Train checkpoint."""
+    """The Tune function trainable. Its config is resolved against the driver's directory, so
+    it finds the artifacts the driver built and writes where the tracker looks."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ayt.training.prepare import ensure_artifacts
-    from ayt.training.ray_train import build_trainer
-    trial_id = tune.get_context().get_trial_id()
-    cfg = plan.trial_config(config, trial_id)
+    cfg = plan.trial_config(config, tune.get_context().get_trial_id())
     artifacts = ensure_artifacts(cfg, progress=False)       # cached: built before the study, or once here
+    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts)
+
+
+def _train_in_process(cfg: DictConfig, artifacts) -> None:
+    from ayt.training.tune_trial import train_in_trial
+    train_in_trial(cfg, artifacts)
+
+
+def _train_with_ray_train(cfg: DictConfig, artifacts) -> None:
+    """One TorchTrainer per trial. Worker reports reach Tune through TuneReportCallback; the
+    trial's stable name lets a retried or restored trial resume from its last Ray Train
+    checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ayt.training.ray_train import build_trainer
     trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     metrics = result.metrics or {}
     if "failure" in metrics:
         raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
+
+
+TRIAL_RUNNERS = {"in_process": _train_in_process, "ray_train": _train_with_ray_train}
 
 
 def prebuild_artifacts(plan: StudyPlan, progress: bool = True) -> int:
@@ -260,15 +305,6 @@ def _scheduler(plan: StudyPlan):
                          grace_period=grace, reduction_factor=float(asha.get("reduction_factor", 2)))
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _experiment_exists(plan: StudyPlan) -> bool:
     path = plan.experiment_path
     if "://" in path:
@@ -288,18 +324,18 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
     retry callback), so the resumed study runs every point exactly once; an MLflow
     child run that such a trial had opened is deleted (soft: `mlflow runs restore` undoes it),
     since its retry opens its own. Returns the number of trials re-queued."""
-    import pickle
-
     import optuna
     from optuna.trial import TrialState
-    states = sorted(Path(plan.experiment_path).glob("searcher-state-*.pkl")) if "://" not in plan.experiment_path \
-        else []
     db = plan.out_dir / "optuna.db"
-    if not states or not db.exists():
+    saved = _latest_searcher_state(plan.experiment_path)
+    if saved is None or not db.exists():
         return 0
-    with states[-1].open("rb") as f:
-        saved = pickle.load(f)
-    owned = saved.get("_ot_trials", {}) if isinstance(saved, dict) else {}
+    owned = saved.get("_ot_trials") if isinstance(saved, dict) else None
+    if not isinstance(owned, dict) or not all(hasattr(t, "_trial_id") for t in owned.values()):
+        # OptunaSearch's saved state is private to Ray; if its shape changed, re-queueing
+        # "every running trial" would duplicate work. Stop and say so instead.
+        raise ConfigError("study.resume", "cannot read Ray Tune's saved OptunaSearch state (its format changed "
+                          f"in ray {_ray_version()}); resume is not safe with this Ray version")
     owned_ids = {t._trial_id for t in owned.values()}
     study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{db}")
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -325,10 +361,35 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
     return len(orphans)
 
 
+def _ray_version() -> str:
+    import ray
+    return ray.__version__
+
+
+def _latest_searcher_state(experiment_path: str) -> dict | None:
+    """The newest `searcher-state-*.pkl` Tune saved, read through the filesystem layer Ray
+    uses for its storage (local paths, s3://, gs://)."""
+    import pickle
+
+    import pyarrow.fs
+    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path) if "://" in experiment_path else \
+        (pyarrow.fs.LocalFileSystem(), str(Path(experiment_path).absolute()))
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    states = sorted(i.path for i in infos if i.base_name.startswith("searcher-state-") and i.path.endswith(".pkl"))
+    if not states:
+        return None
+    with fs.open_input_stream(states[-1]) as f:
+        return pickle.loads(f.read())
+
+
 def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a planned study; returns the report summary."""
     from ray import tune
 
+    from ayt.studies.console import StudyConsole
     from ayt.studies.report import write_report
     from ayt.studies.tracker import StudyTracker
     from ayt.tracking import RunLogger, start_or_resume_run
@@ -343,6 +404,10 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
         log.info("resume=true but no earlier study %s: starting it", plan.study_id)
     connect(plan.base)                            # Ray + preflight, before any artifact or trial
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # a failed trial's last report has no FID
+    # MLflow is the record (StudyTracker); Tune's JSON/CSV/TensorBoard files would only repeat it.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not plan.base.get("verbose"):
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # Tune's new reporter prints even at verbose=0
     # Save Tune's experiment state at every step (cheap at study sizes) so a killed driver
     # loses as little as possible: a trial finished but not yet saved restarts from its final
     # checkpoint and trains nothing.
@@ -354,26 +419,33 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent_id, resumed = start_or_resume_run(
         uri, str(plan.base.tracking.experiment), plan.study_id,
         {**{f"study.{k}": v for k, v in flatten(_study_params(plan)).items()}},
-        tags={"ayt.study": plan.name, "ayt.git_commit": _git_commit(), "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
+        tags={"ayt.study": plan.name, "ayt.git_commit": git_commit(), "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
               "ayt.entry": f"ayt.studies.{plan.module}"})
     parent = RunLogger(uri, parent_id)
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
+    console = StudyConsole(plan.space.trial_count(), plan.metric, enabled=progress)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
     if exists:
         requeue_orphaned_trials(plan, parent_id)
     try:
         if exists:
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
+            console.done = _finished_trials(tuner)
         else:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=_searcher(plan), scheduler=_scheduler(plan),
                                             num_samples=plan.space.trial_count(),
-                                            max_concurrent_trials=max_concurrent_trials(plan), reuse_actors=False),
-                run_config=tune.RunConfig(name=plan.study_id, storage_path=plan.storage_path, callbacks=[tracker],
+                                            max_concurrent_trials=max_concurrent_trials(plan),
+                                            # In-process trials keep torch, the data and the FID
+                                            # extractor loaded from one trial to the next.
+                                            reuse_actors=plan.trial_backend == "in_process"),
+                run_config=tune.RunConfig(name=plan.study_id, storage_path=plan.storage_path,
+                                          callbacks=[tracker, console],
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           failure_config=tune.FailureConfig(max_failures=int(plan.study["max_failures"])),
-                                          verbose=1 if progress else 0))
+                                          verbose=2 if plan.base.get("verbose") else 0))
         grid = tuner.fit()
     except BaseException:
         parent.finish("FAILED")
@@ -385,6 +457,14 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent.finish("FINISHED" if errors == 0 else "FAILED")
     summary.update(parent_run_id=parent_id, resumed=resumed, trials=len(grid), errors=errors)
     return summary
+
+
+def _finished_trials(tuner) -> int:
+    """Trials a restored study has already finished (they count as done on the progress bar)."""
+    try:
+        return sum(1 for r in tuner.get_results() if r.error is None and r.metrics and r.metrics.get("done"))
+    except Exception:  # noqa: BLE001 - only the progress bar's start depends on it
+        return 0
 
 
 def _study_params(plan: StudyPlan) -> dict[str, Any]:
@@ -431,7 +511,17 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
         print(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id, "trials": plan.space.trial_count(),
                                  "base_overrides": plan.base_overrides}))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ayt.preflight import check_locations
+    from ayt.logs import route_logs
+    try:
+        check_locations(plan.base)         # every path and address, before Ray or MLflow
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ayt").setLevel(logging.INFO)
+    log_file = route_logs(plan.out_dir / "logs" / "study.log", verbose=bool(plan.base.get("verbose")))
+    print(f"ayt: study {plan.study_id}: {plan.space.trial_count()} trials; Ray/Tune logs in {log_file}", flush=True)
     try:
         summary = run_study(plan, progress=bool(plan.base.progress))
     except ConfigError as err:

@@ -10,16 +10,14 @@ only what is new.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 from ray.tune import Callback
 
+from ayt.metrics import EVAL, HISTORY, VS_IMAGES, numeric_metrics
 from ayt.tracking import RunLogger, start_or_resume_run
 
-CURVE_KEYS = ("fid_1step", "fid_2step")
-SCALAR_KEYS = CURVE_KEYS + ("loss", "images_seen", "train_seconds")
 STOPPED_TAG = "ayt.stopped_early"
 
 
@@ -58,17 +56,21 @@ class StudyTracker(Callback):
         self.child(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """Every metric that follows the naming convention (`ayt.metrics`), with step =
+        training iteration; the points logged between two reports come in `history`."""
         step = result.get("iteration")
         if step is None:
             return
-        metrics = {k: float(result[k]) for k in SCALAR_KEYS
-                   if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
         logger = self.child(trial)
+        for point_step, point in result.get(HISTORY) or []:
+            logger.log_metrics(numeric_metrics(point), step=int(point_step))
+        metrics = numeric_metrics(result)
         logger.log_metrics(metrics, step=int(step))
         images = result.get("images_seen")
         if images is not None:
-            # The same curves against images seen, the x-axis that compares batch sizes fairly.
-            logger.log_metrics({f"{k}_vs_images": metrics[k] for k in CURVE_KEYS if k in metrics}, step=int(images))
+            # The evaluations again against images seen, the x-axis that compares batch sizes fairly.
+            logger.log_metrics({k + VS_IMAGES: v for k, v in metrics.items() if k.startswith(EVAL)},
+                               step=int(images))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         logger = self.child(trial)
@@ -86,12 +88,12 @@ class StudyTracker(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         logger = self.child(trial)
-        reason = _error_line(trial)
+        reason = error_line(trial)
         logger.set_tags({"ayt.failure": reason})
         logger.finish("FAILED")
 
 
-def _error_line(trial) -> str:
+def error_line(trial) -> str:
     """The last line of the trial's error file (the exception), for the MLflow tag."""
     path = getattr(trial, "error_file", None)
     try:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ayt.data import load_dataset
 from ayt.errors import NonFiniteLossError
+from ayt.metrics import EVAL_SECONDS, FID_1STEP, FID_2STEP, FID_KEYS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
 from ayt.method.ema import EMA
 from ayt.method.losses import LossResources, build_loss
 from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
@@ -31,7 +32,6 @@ from ayt.training.prepare import Artifacts, load_feature_map
 from ayt.training.step import ConsistencyStep, unwrap
 
 STATE_FILE = "state.pt"
-FID_KEYS = ("fid_1step", "fid_2step")
 
 
 class MetricSink(Protocol):
@@ -127,6 +127,10 @@ class RunState:
     iteration: int = 0
     curves: dict[str, list[list[float]]] = field(default_factory=lambda: {k: [] for k in FID_KEYS})
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        return {TRAIN_SECONDS: self.train_seconds, EVAL_SECONDS: self.eval_seconds}
 
 
 class FIDProbe:
@@ -136,7 +140,7 @@ class FIDProbe:
         from ayt.eval.fid import FIDEvaluator
         self.cfg = cfg
         self.evaluator = FIDEvaluator(data, cfg.dataset.fid_extractor, artifacts.fid_weights,
-                                      artifacts.fid_cache, device)
+                                      artifacts.fid_cache, device, reference_stats=cfg.fid.get("reference_stats"))
         gen = torch.Generator().manual_seed(int(cfg.fid.noise_seed))
         shape = (int(cfg.fid.num_samples), data.channels, data.resolution, data.resolution)
         self.z = torch.randn(shape, generator=gen).to(device)
@@ -147,7 +151,7 @@ class FIDProbe:
         one = sample_in_batches(lambda z: sample_one_step(net, z, edm.sigma_max), self.z, batch_size=bs)
         two = sample_in_batches(lambda z, z2: sample_two_step(net, z, z2, edm.sigma_max, self.cfg.sampling.t_mid,
                                                               edm.sigma_min), self.z, self.z2, batch_size=bs)
-        return {"fid_1step": one, "fid_2step": two}
+        return {FID_1STEP: one, FID_2STEP: two}
 
     def __call__(self, net: nn.Module) -> dict[str, float]:
         return {key: float(self.evaluator.fid(images)) for key, images in self.samples(net).items()}
@@ -158,7 +162,7 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     from ayt.networks.precond import build_denoiser
     device = ctx.device
     net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
-    if cfg.training.init == "pretrained" and artifacts.pretrained:
+    if cfg.training.init in ("pretrained", "file") and artifacts.pretrained:   # file: the cached init_file
         net.load_state_dict(torch.load(artifacts.pretrained, map_location="cpu", weights_only=True))
     net = net.to(device)
     if cfg.channels_last:
@@ -169,7 +173,8 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     lr = float(cfg.lr) * lr_scale(str(cfg.lr_scaling), int(cfg.batch_size), int(cfg.lr_ref_batch))
-    optimizer = torch.optim.Adam(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
+    optimizer_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[str(cfg.get("optimizer", "adam"))]
+    optimizer = optimizer_class(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
 
     def lpips():
         from ayt.networks.lpips import LPIPS
@@ -218,11 +223,11 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
         # Finished before whoever watched it died (a study driver killed before it saw the last
         # report): report the final result again so the restarted run ends where it ended.
         final = {key: curve[-1][1] for key, curve in state.curves.items() if curve and curve[-1][0] == it}
-        ctx.report({**final, "iteration": it, "images_seen": it * int(cfg.batch_size),
-                    "train_seconds": state.train_seconds})
+        ctx.report({**final, "iteration": it, "images_seen": it * int(cfg.batch_size), **state.timings()})
     bar = tqdm(total=total, initial=it, desc=f"consistency ({cfg.loss.name}, b{cfg.batch_size})",
                disable=not (progress and ctx.is_chief), mininterval=2.0)
     tick = time.perf_counter()
+    history: list[list] = []          # log_every points since the last report (Tune gets them with it)
     while it < total:
         ctx.set_epoch(loader, epoch)
         for index, (x, _) in enumerate(loader):
@@ -238,31 +243,39 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
             metrics: dict[str, float] = {}
             if it % tr.log_every == 0 or it == total:
                 metrics.update(_scalars(terms, step, it, cfg, ctx))      # .item(): a sync point, only here
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                bar.set_postfix(loss=f"{metrics[LOSS]:.4g}")
             evaluate = it % tr.eval_every == 0 or it == total
             checkpoint = it % tr.checkpoint_every == 0 or it == total
             if evaluate or checkpoint:
-                state.train_seconds += time.perf_counter() - tick
+                now = time.perf_counter()
+                state.train_seconds += now - tick
                 if evaluate and probe is not None:
                     fids = probe(step.ema.model)
                     metrics.update(fids)
                     for key, value in fids.items():
                         state.curves[key].append([it, value])
-                    bar.set_postfix(loss=metrics.get("loss"), fid1=f"{fids['fid_1step']:.2f}")
+                    bar.set_postfix(loss=metrics.get(LOSS), fid1=f"{fids[FID_1STEP]:.2f}")
+                    state.eval_seconds += time.perf_counter() - now
                 state.iteration = it
-                metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), train_seconds=state.train_seconds)
+                metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), **state.timings())
                 if sink is not None and ctx.is_chief:
                     sink.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=it)
+                if history:
+                    metrics[HISTORY] = history
                 ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx)) if checkpoint else None)
+                history = []
                 tick = time.perf_counter()
-            elif metrics and sink is not None and ctx.is_chief:
+            elif metrics and ctx.is_chief:
                 metrics.update(images_seen=it * int(cfg.batch_size))
-                sink.log_metrics(metrics, step=it)
+                if sink is not None:
+                    sink.log_metrics(metrics, step=it)
+                history.append([it, metrics])
             if it >= total:
                 break
         skip, epoch = 0, epoch + 1
     bar.close()
-    summary = {"iteration": it, "train_seconds": state.train_seconds, "curves": state.curves}
+    summary = {"iteration": it, "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
+               "curves": state.curves}
     if ctx.is_chief and probe is not None:
         summary["artifacts"] = write_final_artifacts(cfg, step, state, probe, sink)
     return summary
@@ -270,14 +283,14 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
 
 def _scalars(terms: dict[str, torch.Tensor], step: ConsistencyStep, it: int, cfg: DictConfig,
              ctx: WorkerContext) -> dict[str, float]:
-    """Loss terms averaged over workers, as floats; raises on every rank at once if any rank
-    saw a non-finite loss."""
+    """Loss terms averaged over workers, as floats named `train/<term>`; raises on every rank
+    at once if any rank saw a non-finite loss."""
     keys = sorted(terms)
     means = ctx.all_reduce(torch.stack([terms[k].float() for k in keys]), "mean")
-    values = {key: float(v) for key, v in zip(keys, means.tolist())}
+    values = {TRAIN + key: float(v) for key, v in zip(keys, means.tolist())}
     bad = int(ctx.all_reduce(step.first_bad_iteration.clone(), "max"))
     if bad >= 0:
-        raise NonFiniteLossError(bad, f"loss={values['loss']} (loss.name={cfg.loss.name}, lr={cfg.lr}, "
+        raise NonFiniteLossError(bad, f"loss={values[LOSS]} (loss.name={cfg.loss.name}, lr={cfg.lr}, "
                                  f"batch_size={cfg.batch_size})")
     return values
 
@@ -313,7 +326,7 @@ def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: 
             "net": unwrap(step.net).state_dict(), "ema": step.ema.state_dict(),
             "optimizer": step.optimizer.state_dict(), "iteration": state.iteration,
             "stage": step.schedule.stage(state.iteration), "curves": state.curves,
-            "train_seconds": state.train_seconds, **(extra or {}),
+            "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds, **(extra or {}),
         }, directory / STATE_FILE)
     torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
     (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps(ctx.describe()))
@@ -329,7 +342,7 @@ def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: Wo
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), ctx.device)
     return RunState(iteration=int(blob["iteration"]), curves=blob["curves"],
-                    train_seconds=float(blob.get("train_seconds", 0.0)))
+                    train_seconds=float(blob.get("train_seconds", 0.0)), eval_seconds=float(blob.get("eval_seconds", 0.0)))
 
 
 def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunState, probe: FIDProbe,
@@ -341,9 +354,9 @@ def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunStat
     out.mkdir(parents=True, exist_ok=True)
     samples = probe.samples(step.ema.model)
     paths = [
-        save_sample_grid(samples["fid_1step"][:64], out / "samples_1step.png"),
-        save_sample_grid(samples["fid_2step"][:64], out / "samples_2step.png"),
-        save_curves({"1-step": state.curves["fid_1step"], "2-step": state.curves["fid_2step"]}, out / "fid_curve.png",
+        save_sample_grid(samples[FID_1STEP][:64], out / "samples_1step.png"),
+        save_sample_grid(samples[FID_2STEP][:64], out / "samples_2step.png"),
+        save_curves({"1-step": state.curves[FID_1STEP], "2-step": state.curves[FID_2STEP]}, out / "fid_curve.png",
                     title=f"{cfg.loss.name}, batch {cfg.batch_size}"),
     ]
     torch.save(step.ema.state_dict(), out / "ema.pt")

@@ -17,6 +17,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ayt.errors import NonFiniteLossError
+from ayt.metrics import EVAL_SECONDS, FID_KEYS, TRAIN_SECONDS
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
@@ -102,11 +103,38 @@ def connect(cfg: DictConfig) -> list[str]:
     from ayt.preflight import preflight
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        quiet = {} if cfg.get("verbose") else {"log_to_driver": False, "logging_level": "ERROR"}
         if cfg.ray.address:
-            ray.init(address=str(cfg.ray.address))
+            ray.init(address=str(cfg.ray.address), **quiet)
         else:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+            start_local_ray(**quiet)
     return preflight(cfg)
+
+
+def start_local_ray(**kwargs) -> str:
+    """Start a Ray of our own on this machine and make every process of it find it again.
+
+    Ray's state API, which Ray Train's placement-group cleaner uses inside the cluster,
+    looks for "the" local Ray when it is given no address; with two studies on one machine
+    it finds two and fails. The GCS port is chosen up front (`RAY_GCS_SERVER_PORT`) so that
+    `RAY_ADDRESS` can name it before the raylet starts: every worker inherits it."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    node_ip = ray.util.get_node_ip_address()
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{node_ip}:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return ray.get_runtime_context().gcs_address
 
 
 def scaling_config(cfg: DictConfig) -> ScalingConfig:
@@ -142,6 +170,7 @@ def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, p
     metrics = result.metrics or {}
     if "failure" in metrics:
         raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
-    curves = {key: [[s, v] for s, v in logger.history(key)] for key in ("fid_1step", "fid_2step")}
+    curves = {key: [[s, v] for s, v in logger.history(key)] for key in FID_KEYS}
     return {"iteration": int(metrics.get("iteration", 0)), "curves": curves,
-            "train_seconds": metrics.get("train_seconds"), "checkpoint": getattr(result.checkpoint, "path", None)}
+            "train_seconds": metrics.get(TRAIN_SECONDS), "eval_seconds": metrics.get(EVAL_SECONDS),
+            "checkpoint": getattr(result.checkpoint, "path", None)}
