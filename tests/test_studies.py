@@ -87,7 +87,8 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
         finished = _wait_for_finished_child(out, "resumable", proc, timeout=300)
     except AssertionError:
         raise AssertionError((out / "resumable-driver.log").read_text()[-3000:]) from None
-    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(3)
     client, _, before = _children(out, "resumable")
@@ -114,6 +115,10 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
         assert steps == [320 // batch, 640 // batch], steps      # two evaluations over 640 images
         by_images = [m.step for m in client.get_metric_history(child.info.run_id, "eval/fid_1step_vs_images")]
         assert by_images == [320, 640]
+        # The loss at the trial's log_every (half an evaluation interval here), not only at
+        # evaluations: the points between two reports reach MLflow through `history`.
+        losses = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert losses == [k * 160 // batch for k in (1, 2, 3, 4)], losses
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"samples_1step.png", "samples_2step.png", "fid_curve.png", "ema.pt"} <= artifacts, artifacts
     assert seen == {(16, "pseudo_huber"), (16, "mfd"), (32, "pseudo_huber"), (32, "mfd")}
@@ -206,3 +211,51 @@ def test_asha_stopped_trials_release_their_workers_and_are_marked(ray_session, s
         assert int(run.data.tags["ayt.final_iteration"]) == 20
     assert all(r.info.status == "FINISHED" for r in full)
     assert "stopped early" in (out / "early-stop" / "report.md").read_text()
+
+
+def test_sampled_studies_plan_their_ranges_and_lpips_is_skipped_with_the_reason(tmp_path):
+    """The TPE front doors (aug_sweep, huber_sweep) plan: every range axis is validated at its
+    corners, and loss_sweep without VGG weights drops LPIPS and says why. Mutations caught:
+    a range axis planned as a categorical, a corner left unvalidated, the skip reason lost."""
+    aug = plan_study("aug_sweep", [f"out_dir={tmp_path}", "study.preset=smoke"])
+    assert aug.space.search == "tpe" and aug.space.trial_count() == 8
+    ranges = {a.key: (a.low, a.high) for a in aug.space.all_axes if a.values is None}
+    assert ranges["augment.p"] == (0.05, 0.5) and ranges["augment.noise_std"] == (0.05, 1.0)
+    # Corners: the first point, then each axis at its other end(s).
+    assert len(aug.trial_configs) == 1 + sum(len(a.corners()) - 1 for a in aug.space.all_axes)
+    assert {float(c.augment.p) for c in aug.trial_configs} == {0.05, 0.5}
+    huber = plan_study("huber_sweep", [f"out_dir={tmp_path}", "study.preset=smoke"])
+    (axis,) = [a for a in huber.space.all_axes if a.key == "loss.huber_c"]
+    assert (axis.low, axis.high, axis.log) == (0.0001, 0.1, True)
+    assert sorted(float(c.loss.huber_c) for c in huber.trial_configs) == [0.0001, 0.1]
+    losses = plan_study("loss_sweep", [f"out_dir={tmp_path}", "study.preset=smoke"])
+    (loss_axis,) = [a for a in losses.space.axes if a.key == "loss"]
+    assert "lpips" not in loss_axis.values and "mfd" in loss_axis.values
+    assert len(losses.skipped) == 1 and "lpips skipped" in losses.skipped[0] and "loss.vgg_weights" in losses.skipped[0]
+
+
+def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_reason(ray_session, shared_out_dir):
+    """huber_sweep with random search over its log range: two trials with distinct constants
+    inside the range, each an MLflow child with the sampled value. One more trial at an
+    absurd learning rate runs on the Ray Train path and diverges: its trial fails (no
+    retry), and the tracker marks its child FAILED with the reason. Mutations caught: the
+    sampled value not reaching the trial config; a NaN on the Ray Train path reported as
+    success; the tracker's error path not tagging the run."""
+    out = shared_out_dir
+    assert study_main("huber_sweep", [f"out_dir={out}", "study.name=random-huber", "study.search=random",
+                                      "study.num_samples=2", "study.budget.amount=640", "study.max_concurrent_trials=2",
+                                      "batch_size=32", *TINY]) == 0
+    client, _, children = _children(out, "random-huber")
+    values = sorted(float(r.data.params["loss.huber_c"]) for r in children)
+    assert len(children) == 2 and len(set(values)) == 2 and all(1e-4 <= v <= 0.1 for v in values)
+    assert all(r.data.params["axis.loss__huber_c"] == r.data.params["loss.huber_c"] for r in children)
+
+    code = study_main("batch_size_sweep", [f"out_dir={out}", "study.name=diverges", "study.axes.batch_size=[32]",
+                                           "study.axes.loss=[pseudo_huber]", "study.budget.amount=640",
+                                           "study.trial_backend=ray_train", "study.max_failures=0", "lr=1e30",
+                                           "ray.worker_start_timeout_s=120", *TINY])
+    assert code == 1                                           # the study ran, one trial failed
+    client, parents, children = _children(out, "diverges")
+    assert [r.info.status for r in children] == ["FAILED"]
+    assert "non-finite loss at iteration" in children[0].data.tags["ayt.failure"]
+    assert parents[0].info.status == "FAILED" and parents[0].data.tags["ayt.trials_failed"] == "1"

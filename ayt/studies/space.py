@@ -68,6 +68,12 @@ def _hydra_value(value: Any) -> str:
     return str(value)
 
 
+def log_every(eval_every: int, at_most: int = 25) -> int:
+    """The loss cadence of a trial: the largest divisor of `eval_every` that is at most
+    `at_most` and gives at least two loss points per evaluation (1 if none)."""
+    return max((d for d in range(1, min(at_most, eval_every // 2) + 1) if eval_every % d == 0), default=1)
+
+
 @dataclass
 class StudySpace:
     """Axes, seeds and budget of one study, checked on construction."""
@@ -121,7 +127,7 @@ class StudySpace:
         iterations, eval_every = self.schedule(batch_size)
         return [f"training.iterations={iterations}", f"training.eval_every={eval_every}",
                 f"training.checkpoint_every={eval_every}",
-                f"training.log_every={math.gcd(eval_every, 25) if eval_every >= 25 else eval_every}"]
+                f"training.log_every={log_every(eval_every)}"]
 
     def schedule(self, batch_size: int) -> tuple[int, int]:
         """(iterations, eval_every) for a trial at this batch size."""
