@@ -11,6 +11,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):              # picklable across Ray processes (two-argument __init__)
+        return type(self), (self.field, self.message)
+
 
 class DatasetUnavailableError(ConfigError):
     """Dataset files are missing and cannot be downloaded (offline)."""
@@ -23,3 +26,6 @@ class NonFiniteLossError(RuntimeError):
         self.iteration = iteration
         self.reason = reason
         super().__init__(f"non-finite loss at iteration {iteration}: {reason}")
+
+    def __reduce__(self):              # picklable across Ray processes (a Tune trial's error)
+        return type(self), (self.iteration, self.reason)

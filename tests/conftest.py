@@ -29,6 +29,17 @@ def digits_cfg():
     return compose_config([])
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of small tensor tests: the test machine's cores are shared, and two
+    spinning OpenMP threads run ~5x slower than one (one thread also keeps sums in one order)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_out_dir(tmp_path_factory):
     """One out_dir per test session: its artifact cache (pretrained model, feature map,

@@ -17,13 +17,7 @@ from ayt.errors import ConfigError, DatasetUnavailableError
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "dataset")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's cores are shared: two spinning OpenMP threads run ~5x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(name: str, **overrides):

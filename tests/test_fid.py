@@ -22,13 +22,7 @@ from ayt.eval.fid import (
     write_random_inception_weights,
 )
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's cores are shared: two spinning OpenMP threads run ~5x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A small budget: the conf default (1500 iterations, width 32) is for real runs.

@@ -31,13 +31,7 @@ SCHEDULE = ConsistencySchedule()          # AYT: q = 256, so w = 1/(t - r) is fa
 SIGMA_MIN = 0.002
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's cores are shared: one thread is faster and keeps sums in one order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(seed: int = 0) -> EDMPrecond:

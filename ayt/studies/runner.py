@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, flatten, load_config, run_name
-from ayt.errors import ConfigError, NonFiniteLossError
+from ayt.errors import ConfigError
 from ayt.metrics import eval_key
 from ayt.provenance import git_commit
 from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
@@ -238,12 +238,10 @@ def _train_with_ray_train(cfg: DictConfig, artifacts) -> None:
     checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ayt.training.ray_train import build_trainer
+    from ayt.training.ray_train import build_trainer, raise_if_failed
     trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    metrics = result.metrics or {}
-    if "failure" in metrics:
-        raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
+    trainer.fit()
+    raise_if_failed(cfg, run_name(cfg))
 
 
 TRIAL_RUNNERS = {"in_process": _train_in_process, "ray_train": _train_with_ray_train}

@@ -4,6 +4,7 @@ a `RayWorkerContext` (DDP through `prepare_model`, sharded data through
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -93,8 +94,32 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         train_consistency(cfg, config["artifacts"], ctx, sink=sink, progress=config.get("progress", True))
     except NonFiniteLossError as err:
-        # Not a worker failure to retry: every rank reports the reason and the run ends.
-        ray.train.report({"failure": str(err), "failed_iteration": err.iteration})
+        # Not a worker failure to retry: the run ends with the reason. Ray Train's Result
+        # carries the metrics of the last *checkpoint* only, so rank 0 also leaves the reason
+        # next to the run's checkpoints, where `raise_if_failed` finds it. The FID keys are
+        # reported as NaN: a Tune searcher (OptunaSearch) reads its metric from every result.
+        if ctx.is_chief:
+            storage = ray.train.get_context().get_storage()
+            with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{FAILURE_FILE}") as f:
+                f.write(json.dumps({"iteration": err.iteration, "reason": str(err)}).encode())
+        ray.train.report({"failure": str(err), "failed_iteration": err.iteration,
+                          **{key: float("nan") for key in FID_KEYS}})
+
+
+FAILURE_FILE = "ayt_failure.json"
+
+
+def raise_if_failed(cfg: DictConfig, name: str) -> None:
+    """Raise the NonFiniteLossError a worker of run `name` left behind, if any."""
+    import pyarrow.fs
+    root = str(cfg.ray.storage_path)
+    fs, base = pyarrow.fs.FileSystem.from_uri(root) if "://" in root else (pyarrow.fs.LocalFileSystem(), root)
+    path = f"{base.rstrip('/')}/{name}/{FAILURE_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return
+    with fs.open_input_stream(path) as f:
+        failure = json.loads(f.read().decode())
+    raise NonFiniteLossError(int(failure["iteration"]), failure["reason"].split(": ", 1)[-1])
 
 
 def connect(cfg: DictConfig) -> list[str]:
@@ -167,9 +192,8 @@ def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, p
     writes the MLflow run."""
     from ayt.config import run_name
     result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
+    raise_if_failed(cfg, run_name(cfg))
     metrics = result.metrics or {}
-    if "failure" in metrics:
-        raise NonFiniteLossError(int(metrics["failed_iteration"]), metrics["failure"].split(": ", 1)[-1])
     curves = {key: [[s, v] for s, v in logger.history(key)] for key in FID_KEYS}
     return {"iteration": int(metrics.get("iteration", 0)), "curves": curves,
             "train_seconds": metrics.get(TRAIN_SECONDS), "eval_seconds": metrics.get(EVAL_SECONDS),
