@@ -53,4 +53,13 @@ def train_in_trial(cfg: DictConfig, artifacts: Artifacts) -> dict[str, Any]:
     the error's last line (the reason) becomes its MLflow run's `ayt.failure` tag."""
     from ayt.training.prepare import resolve_device
     configure_torch(cfg)
+    if not cfg.get("cpu_threads"):
+        # As many torch threads as CPUs the trial reserved (Ray Train does the same for its
+        # workers): two 1-CPU trials with torch's default threads each on 2 cores oversubscribe
+        # them, and spinning OpenMP threads then run several times slower.
+        import ray
+        import torch
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
     return train_consistency(cfg, artifacts, TuneTrialContext(resolve_device(str(cfg.device))), progress=False)
