@@ -222,6 +222,9 @@ def _preamble(records: list[dict[str, Any]]) -> str:
     else:
         commit = "commit " + ", ".join(f"`{c[:7]}`" for c in sorted(c for c in commits if c)) + \
                  (" (work tree with uncommitted changes)" if dirty else "")
+        unrecorded = [r.get("benchmark", "?") for r in records if not (r.get("git") or {}).get("commit")]
+        if unrecorded:
+            commit += f" ({', '.join(unrecorded)}: an earlier run that recorded no commit)"
     first = records[0]
     machine, torch_ = first.get("machine") or {}, first.get("torch") or {}
     device = torch_.get("gpu") or f"{torch_.get('device', '?')}, no GPU"
