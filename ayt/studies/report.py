@@ -351,8 +351,6 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
 
 def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str],
                     wall_seconds: float | None = None) -> str:
-    has_target = any(r.get("target_fid") is not None for r in groups)
-    has_label = any("feature_map_label_mse" in r for r in groups)
     extractors = sorted({t.artifacts.get("fid_classifier_hash") or t.artifacts.get("fid_extractor", "?") for t in trials})
     accuracy = sorted({t.artifacts["fid_classifier_test_accuracy"] for t in trials
                        if "fid_classifier_test_accuracy" in t.artifacts})

@@ -51,8 +51,7 @@ class TuneTrialContext(WorkerContext):
 def train_in_trial(cfg: DictConfig, artifacts: Artifacts) -> dict[str, Any]:
     """Train the trial `cfg` in this process. A non-finite loss raises: the trial fails, and
     the error's last line (the reason) becomes its MLflow run's `ayt.failure` tag."""
-    from ayt.training.prepare import resolve_device
-    configure_torch(cfg)
+    device = configure_torch(cfg)
     if not cfg.get("cpu_threads"):
         # As many torch threads as CPUs the trial reserved (Ray Train does the same for its
         # workers): two 1-CPU trials with torch's default threads each on 2 cores oversubscribe
@@ -62,4 +61,4 @@ def train_in_trial(cfg: DictConfig, artifacts: Artifacts) -> dict[str, Any]:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             torch.set_num_threads(max(1, int(cpus)))
-    return train_consistency(cfg, artifacts, TuneTrialContext(resolve_device(str(cfg.device))), progress=False)
+    return train_consistency(cfg, artifacts, TuneTrialContext(device), progress=False)
