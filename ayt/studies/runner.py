@@ -345,8 +345,10 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
     for trial in orphans:
         study.tell(trial.number, state=TrialState.FAIL)
         retry(study, study._storage.get_trial(trial._trial_id))
+        point = trial.params or (f"grid point {trial.system_attrs['grid_id']}" if "grid_id" in trial.system_attrs
+                                 else "before it had parameters")
         log.warning("study %s: Optuna trial %d was asked for but never saved by Tune; queued again (%s)",
-                    plan.study_id, trial.number, trial.params)
+                    plan.study_id, trial.number, point)
     if parent_run_id:
         from mlflow.tracking import MlflowClient
         client = MlflowClient(str(plan.base.tracking.uri))
