@@ -15,8 +15,10 @@ from ayt.method.augment import AugmentPipeline, validate_augment
 CONF = Path(__file__).resolve().parents[1] / "conf" / "augment"
 
 
-def preset(name: str, **overrides):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+def preset(name: str, rot_max: float = 1.0, **overrides):
+    """An augment preset with `rot_max` standing in for the dataset's augment_rot_max."""
+    root = OmegaConf.create({"dataset": {"augment_rot_max": rot_max}, "augment": OmegaConf.load(CONF / f"{name}.yaml")})
+    cfg = OmegaConf.create(OmegaConf.to_container(root, resolve=True)["augment"])
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -132,20 +134,49 @@ def test_rotation_labels_are_cos_minus_one_and_sin():
     assert torch.allclose(labels[:, 1], theta.cos() - 1) and torch.allclose(labels[:, 2], theta.sin())
 
 
-def test_translation_moves_content_by_the_label_fraction_of_the_size():
+def test_translation_is_draw_times_std_times_size_and_labelled_by_the_draw():
     x = torch.zeros(1, 1, 16, 16)
     x[0, 0, 8, 8] = 1.0
-    pipeline = AugmentPipeline(preset("geo"), 1)
-    out, labels = _only(pipeline, x, "translate", t=[[0.25, -0.125]])  # +4 px right, -2 px (up)
+    pipeline = AugmentPipeline(preset("geo"), 1)  # translate_std 0.125: a draw of 1 shifts 2 px on 16 px
+    out, labels = _only(pipeline, x, "translate", w=[[2.0, -1.0]])  # +4 px right, -2 px (up)
     expected = torch.zeros_like(x)
     expected[0, 0, 6, 12] = 1.0
     assert torch.allclose(out, expected, atol=1e-5)
-    assert torch.allclose(labels[0, 5:], torch.tensor([0.25, -0.125]))
+    assert torch.equal(labels[0, 5:], torch.tensor([2.0, -1.0]))  # the unit-free draw, as the reference
     # Reflection padding: what enters at the left border is the mirrored left edge.
     x[0, 0, 8, 8], x[0, 0, 8, 2] = 0.0, 1.0
-    out, _ = _only(pipeline, x, "translate", t=[[0.25, 0.0]])
+    out, _ = _only(pipeline, x, "translate", w=[[2.0, 0.0]])
     assert out[0, 0, 8, 6] > 0.999 and out[0, 0, 8, 1] > 0.999  # column -3 reflects to column 2
     assert out.sum() < 2.001
+
+
+def test_sampled_translation_labels_are_the_standard_normal_draws():
+    # Mutation caught: labelling the shift in image units (draw × translate_std) gives std 0.125.
+    pipeline = AugmentPipeline(preset("geo", translate_std=0.05), 1)
+    params = pipeline.sample_params((4000, 1, 4, 4), 1.0, torch.Generator().manual_seed(0))
+    _, labels = pipeline.apply(torch.zeros(4000, 1, 4, 4), params)
+    columns = [pipeline.label_names.index("translate_x"), pipeline.label_names.index("translate_y")]
+    assert torch.equal(labels[:, columns], params["translate"]["w"])
+    assert abs(labels[:, columns].std().item() - 1.0) < 0.05
+
+
+def test_anisotropic_angle_is_zero_in_half_of_the_applied_draws():
+    pipeline = AugmentPipeline(preset("geo"), 1)
+    x = torch.zeros(8000, 1, 4, 4)
+    _, labels = pipeline(x, 0.5, torch.Generator().manual_seed(0))
+    cos, sin = (labels[:, pipeline.label_names.index(n)] for n in ("aniso_cos", "aniso_sin"))
+    applied = cos != 0                                  # w ~ N(0,1) is never exactly 0
+    axis_aligned = (sin[applied] == 0).float().mean().item()
+    assert abs(applied.float().mean().item() - 0.5) < 0.03
+    assert abs(axis_aligned - 0.5) < 0.03               # binomial std ~0.008 over ~4000 draws
+    assert torch.count_nonzero(sin[~applied]) == 0
+    rotated = sin[applied] != 0                          # the others: r ~ U(-pi, pi), all quadrants
+    ratio = sin[applied][rotated] / cos[applied][rotated]
+    assert (ratio > 1).any() and (ratio < -1).any()
+    for prob, expected in ((0.0, 1.0), (1.0, 0.0)):
+        pipe = AugmentPipeline(preset("geo", aniso_rotate_prob=prob), 1)
+        _, lab = pipe(x[:500], 1.0, torch.Generator().manual_seed(1))
+        assert (lab[:, pipe.label_names.index("aniso_sin")] == 0).float().mean().item() == expected
 
 
 def test_isotropic_scale_enlarges_about_the_centre():
@@ -211,7 +242,7 @@ def test_sampled_strengths_follow_the_config():
     assert rot_sin.abs().max() <= math.sin(math.pi * 0.25) + 1e-6
     assert 0 <= labels[:, names.index("blur")].min() and labels[:, names.index("blur")].max() <= 1.5
     assert labels[:, names.index("noise")].max() <= 0.1
-    assert abs(labels[:, names.index("translate_x")].std().item() - 0.125) < 0.01
+    assert abs(labels[:, names.index("translate_x")].std().item() - 1.0) < 0.05  # the N(0,1) draw
     mix = labels[:, names.index("mixup")]  # 0.5 * Beta(1, 3): mean 0.125
     assert mix.max() <= 0.5 and abs(mix.mean().item() - 0.125) < 0.01
 
@@ -220,6 +251,7 @@ def test_sampled_strengths_follow_the_config():
     ("p", 1.5, "augment.p: must be in [0, 1], got 1.5"),
     ("p", -0.1, "augment.p: must be in [0, 1], got -0.1"),
     ("rot_max", -1, "augment.rot_max: must be >= 0, got -1"),
+    ("aniso_rotate_prob", 1.5, "augment.aniso_rotate_prob: must be in [0, 1], got 1.5"),
     ("scale_std", "big", "augment.scale_std: must be a number, got 'big'"),
     ("mixup_beta", 0, "augment.mixup_beta: must be > 0, got 0"),
     ("blur_kernel", 10, "augment.blur_kernel: must be an odd integer >= 1, got 10"),
@@ -244,3 +276,16 @@ def test_validation_requires_the_keys_of_enabled_families_only():
         validate_augment(cfg)
     for name in ["idt", "geo", "deg", "geo_deg", "geo_clr", "geo_clr_deg"]:
         validate_augment(preset(name))
+
+
+def test_rotation_range_comes_from_the_dataset():
+    from ayt.config import compose_config
+    digits, cifar = compose_config(["dataset=digits"]), compose_config(["dataset=cifar10"])
+    assert digits.augment.rot_max == digits.dataset.augment_rot_max < 0.5   # a rotated 6 must not pass for a 9
+    assert cifar.augment.rot_max == 1.0                                     # the reference's full circle
+    assert compose_config(["dataset=digits", "augment=geo", "augment.rot_max=0.3"]).augment.rot_max == 0.3
+    pipeline = AugmentPipeline(digits.augment, 1)
+    _, labels = pipeline(torch.zeros(2000, 1, 4, 4), 1.0, torch.Generator().manual_seed(0))
+    angle = torch.atan2(labels[:, 2], labels[:, 1] + 1)
+    assert angle.abs().max() <= math.pi * digits.dataset.augment_rot_max + 1e-5
+    assert angle.abs().max() > 0.9 * math.pi * digits.dataset.augment_rot_max

@@ -21,12 +21,19 @@ Conventions (documented once here, relied on by the tests):
   image itself.
 * Rotation: positive θ turns the content counter-clockwise as displayed (θ = π/2 equals
   ``torch.rot90(x, 1, dims=(-2, -1))``); labels ``(cos θ − 1, sin θ)``.
-* Translation: ``(tx, ty) = N(0,1) · translate_std`` as a *fraction of the image size*
-  (content moves right/down by ``tx·W``, ``ty·H`` pixels); the labels are ``(tx, ty)``
-  themselves (the original code labels the bare N(0,1) draw; we keep the label in the
-  same units as the shift).
-* Anisotropic scale: ``2^(w·aniso_std)`` along the angle r ~ U(−π, π), ``1/that``
-  across it; labels ``(w cos r, w sin r)``.
+* Translation: draws ``(wx, wy) ~ N(0,1)``; the shift is ``(wx, wy) · translate_std`` as a
+  *fraction of the image size* (content moves right/down by ``wx·translate_std·W``,
+  ``wy·translate_std·H`` pixels). The labels are the unit-free draws ``(wx, wy)``, as in
+  the paper's reference code (1202kbs/AYT ``augmentations.py``): labelling the shift in
+  image units would shrink these labels by translate_std, i.e. weigh translation
+  1/translate_std² (64× at 0.125) less than the other labels in the regression loss.
+* Anisotropic scale: ``2^(w·aniso_std)`` along the angle r, ``1/that`` across it; labels
+  ``(w cos r, w sin r)``. As in the reference code, r ~ U(−π, π) with probability
+  ``aniso_rotate_prob`` [0.5] and r = 0 otherwise, so half the draws stretch along the
+  image axes (the frequent case in real data), labelled ``(w, 0)``.
+* Rotation range: ``rot_max`` (1 = full circle) comes from the dataset's
+  ``augment_rot_max`` through the augment presets, because a full circle is only label
+  noise where orientation carries meaning (a rotated 6 is a 9).
 * Colour acts on the channel vector as one affine map ``x ↦ M x + b`` about mid-grey
   (0 in [-1, 1]); hue rotates about the luma axis (1,1,1)/√3, saturation scales the
   part orthogonal to it. Hue and saturation need 3 channels: for any other channel
@@ -73,6 +80,11 @@ def _nonnegative(field: str, value: Any) -> None:
 def _positive(field: str, value: Any) -> None:
     if _number(field, value) <= 0:
         raise ConfigError(field, f"must be > 0, got {value}")
+
+
+def _probability(field: str, value: Any) -> None:
+    if not 0.0 <= _number(field, value) <= 1.0:
+        raise ConfigError(field, f"must be in [0, 1], got {value}")
 
 
 def _odd_positive_int(field: str, value: Any) -> None:
@@ -246,19 +258,23 @@ class Rotation(GeometricAugmentation):
 
 @register("geo")
 class AnisotropicScale(GeometricAugmentation):
-    """Scale 2^(w·aniso_std) along angle r ~ U(−π, π), the inverse across it; labels (w cos r, w sin r).
+    """Scale 2^(w·aniso_std) along angle r, the inverse across it; labels (w cos r, w sin r).
 
-    As in the table of §5. Note (w, r) and (−w, r + π/2) give the same warp but different
-    labels, so at best half of this label's variance is predictable; (w cos 2r, w sin 2r)
-    would be unambiguous.
+    r ~ U(−π, π) with probability aniso_rotate_prob, else 0 (axis-aligned), as the
+    reference code draws it (§5). Note (w, r) and (−w, r + π/2) give the same warp but
+    different labels, so not all of this label's variance is predictable; (w cos 2r,
+    w sin 2r) would be unambiguous, but we keep the paper's labels.
     """
 
     name = "aniso"
     label_names = ("aniso_cos", "aniso_sin")
-    strengths = {"aniso_std": _nonnegative}
+    strengths = {"aniso_std": _nonnegative, "aniso_rotate_prob": _probability}
 
     def draw(self, shape, rng):
-        return {"w": rng.normal(shape[0]), "r": (rng.uniform(shape[0]) * 2 - 1) * math.pi}
+        batch = shape[0]
+        w, angle = rng.normal(batch), (rng.uniform(batch) * 2 - 1) * math.pi
+        rotated = rng.uniform(batch) < self.cfg["aniso_rotate_prob"]
+        return {"w": w, "r": torch.where(rotated, angle, 0.0)}
 
     def labels(self, params):
         w, r = params["w"], params["r"]
@@ -272,20 +288,21 @@ class AnisotropicScale(GeometricAugmentation):
 
 @register("geo")
 class Translation(GeometricAugmentation):
-    """Shift (tx, ty) = N(0,1)·translate_std, a fraction of the image size; labels (tx, ty)."""
+    """Shift (wx, wy)·translate_std, a fraction of the image size, (wx, wy) ~ N(0,1); labels
+    the unit-free draws (wx, wy), as the reference code labels them."""
 
     name = "translate"
     label_names = ("translate_x", "translate_y")
     strengths = {"translate_std": _nonnegative}
 
     def draw(self, shape, rng):
-        return {"t": rng.normal(shape[0], 2) * self.cfg["translate_std"]}
+        return {"w": rng.normal(shape[0], 2)}
 
     def labels(self, params):
-        return params["t"]
+        return params["w"]
 
     def matrix(self, params, size, inverse=False):
-        t = -params["t"] if inverse else params["t"]
+        t = params["w"] * (-self.cfg["translate_std"] if inverse else self.cfg["translate_std"])
         height, width = size
         one, zero = torch.ones_like(t[:, 0]), torch.zeros_like(t[:, 0])
         return _affine2d(one, zero, zero, one, t[:, 0] * width, t[:, 1] * height)
@@ -558,6 +575,11 @@ class AugmentPipeline:
     @property
     def label_names(self) -> list[str]:
         return [name for aug in self.augmentations for name in aug.label_names]
+
+    @property
+    def label_families(self) -> list[str]:
+        """The family (geo, clr, deg) of each label, in the order of `label_names`."""
+        return [aug.family for aug in self.augmentations for _ in aug.label_names]
 
     def sample_params(
         self,

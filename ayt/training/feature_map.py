@@ -3,8 +3,11 @@
     x_aug, labels = augment(x, p)          p ramps linearly from 0 to augment.p
     loss = mean((head(φ(x_aug)) − labels)²)
 
-RAdam; a held-out split measures how well the labels are predicted, against the
-constant-zero predictor (most labels are 0 at small p, so the raw MSE alone says little).
+RAdam; a held-out split measures how well the labels are predicted: the MSE against the
+constant-zero predictor's (most labels are 0 at small p, so the raw MSE alone says little),
+and R² = 1 − MSE / variance of the held-out labels, per label family (geo, clr, deg), so
+maps of different sizes and budgets compare on one scale. The same split gives the map's
+alignment cosines (`ayt.training.alignment`): how well MFD's step points at pixel errors.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ayt.errors import ConfigError
-from ayt.method.augment import AugmentPipeline, validate_augment
+from ayt.method.augment import FAMILIES, AugmentPipeline, validate_augment
+from ayt.method.losses import ManifoldFeatureDistance
 from ayt.networks.feature_map import FeatureMap
+from ayt.training.alignment import alignment_cosines
 
 _EVAL_PASSES = 8  # augmented passes over the held-out set for `label_mse` (more draws, less noise)
 _BN_CALIBRATION_BATCHES = 20  # idt preset: batches that set BatchNorm statistics of the untrained net
+_ALIGNMENT_IMAGES = 256  # held-out images on which the alignment cosines are measured
 
 
 def _int_at_least(cfg: Mapping[str, Any], key: str, low: int) -> int:
@@ -77,17 +83,31 @@ def _evaluate(
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[float, float]:
-    """(label MSE, constant-zero MSE) over `_EVAL_PASSES` augmented passes of `images`."""
-    sq_err = sq_zero = count = 0.0
+) -> dict[str, float]:
+    """Held-out label quality over `_EVAL_PASSES` augmented passes of `images`: ``label_mse``,
+    ``zero_mse`` (the constant-zero predictor), ``r2`` over all labels and ``r2_<family>``
+    per label family, R² = 1 − Σ squared error / Σ squared deviation from each label's mean."""
+    num = augment.num_labels
+    sq_err, sums, sq_sums = (torch.zeros(num, dtype=torch.float64) for _ in range(3))  # on the host: MPS has no float64
+    rows = 0
     for _ in range(_EVAL_PASSES):
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)
             x_aug, labels = augment(x, p, generator)
-            sq_err += (model(x_aug) - labels).square().sum().item()
-            sq_zero += labels.square().sum().item()
-            count += labels.numel()
-    return sq_err / count, sq_zero / count
+            sq_err += (model(x_aug) - labels).square().sum(0).cpu().double()
+            sums += labels.sum(0).cpu().double()
+            sq_sums += labels.square().sum(0).cpu().double()
+            rows += labels.shape[0]
+    deviation = sq_sums - sums.square() / rows          # Σ (y − mean)² per label
+    out = {"label_mse": float(sq_err.sum()) / (rows * num), "zero_mse": float(sq_sums.sum()) / (rows * num)}
+    groups = {"r2": list(range(num))}
+    for family in FAMILIES:
+        columns = [i for i, f in enumerate(augment.label_families) if f == family]
+        if columns:
+            groups[f"r2_{family}"] = columns
+    for key, columns in groups.items():
+        out[key] = 1.0 - float(sq_err[columns].sum()) / max(float(deviation[columns].sum()), 1e-12)
+    return out
 
 
 def train_feature_map(
@@ -101,7 +121,10 @@ def train_feature_map(
     """Train φ on `images` ``[N, C, H, W]`` in [-1, 1]; returns the frozen net and its metrics.
 
     Metrics: ``label_mse`` (held-out, at the full augment.p), ``zero_mse`` (the constant-zero
-    predictor on the same held-out labels), ``num_labels`` and ``iterations``. The run is a
+    predictor on the same held-out labels), ``r2`` and ``r2_<family>`` (held-out R², see
+    `_evaluate`), ``num_labels``, ``iterations``, ``train_images`` (iterations × batch_size),
+    ``parameters`` and ``align_<error>`` (the MFD step's mean cosine with each error type of
+    `ayt.training.alignment`, on up to 256 held-out images). The run is a
     function of `seed`: it fixes the initial weights, the split, the data order and every
     augmentation draw. With no labels (the `idt` preset) nothing is optimised: the randomly
     initialised net only gets its BatchNorm statistics from the data.
@@ -161,13 +184,17 @@ def train_feature_map(
 
     model.freeze()
     if augment.num_labels > 0:
-        label_mse, zero_mse = _evaluate(model, augment, held_out, p_full, batch_size, eval_gen, device)
+        quality = _evaluate(model, augment, held_out, p_full, batch_size, eval_gen, device)
     else:
-        label_mse = zero_mse = 0.0
+        quality = {"label_mse": 0.0, "zero_mse": 0.0}
+    alignment = alignment_cosines(ManifoldFeatureDistance(model), held_out[:_ALIGNMENT_IMAGES].to(device),
+                                  batch_size=min(batch_size, _ALIGNMENT_IMAGES), seed=seed) if n_hold >= 2 else {}
     metrics = {
-        "label_mse": label_mse,
-        "zero_mse": zero_mse,
+        **quality,
         "num_labels": augment.num_labels,
         "iterations": iterations,
+        "train_images": iterations * batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **{f"align_{name}": cos for name, cos in alignment.items()},
     }
     return model, metrics
