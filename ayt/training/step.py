@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ayt.method.ema import EMA
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencyPair, ConsistencySchedule, PairNoise
+from ayt.training.noise_scale import MicroBatchGradients, NoiseScale, squared_norm
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -54,6 +55,7 @@ class ConsistencyStep:
     world_size: int = 1
     accum_steps: int = 1           # micro-batches per worker per step
     precision: str = "fp32"        # fp32 | bf16
+    noise_scale: NoiseScale | None = None   # gradient-noise-scale diagnostic (None: off)
 
     def __post_init__(self):
         # First iteration whose loss was not finite (-1: none); a device tensor, read at log time.
@@ -63,28 +65,44 @@ class ConsistencyStep:
         enabled = self.precision == "bf16"
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per step: the accumulation, or the noise-scale split when there is none."""
+        return self.noise_scale.micro_batches if self.noise_scale and self.accum_steps == 1 else self.accum_steps
+
     def __call__(self, x: Tensor, iteration: int) -> dict[str, Tensor]:
         n, eps = self.noise.draw(iteration, self.global_batch, tuple(x.shape[1:]), self.rank, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
-        chunks = list(zip(x.chunk(self.accum_steps), n.chunk(self.accum_steps), eps.chunk(self.accum_steps)))
+        chunks = list(zip(x.chunk(self.chunks), n.chunk(self.chunks), eps.chunk(self.chunks)))
+        distributed = hasattr(self.net, "no_sync")
+        # Under DDP the last micro-batch's backward all-reduces: only the others are this worker's own.
+        local = len(chunks) - distributed
+        grads = MicroBatchGradients(self._params(), len(chunks)) if self.noise_scale else None
         for i, (xc, nc, ec) in enumerate(chunks):
             pair = self.schedule.pair(xc, nc, ec, iteration)
             last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            sync = contextlib.nullcontext() if last or not distributed else self.net.no_sync()
             with sync:
                 terms = consistency_terms(self.net, self.loss, pair, iteration, self.schedule.sigma_min,
                                           self.autocast(x.device))
                 loss = (pair.weight * terms["loss"]).mean() / len(chunks)
                 loss.backward()
+            if grads is not None and i < local:
+                grads.observe(keep=i + 1 < local)
             totals["loss"] = totals.get("loss", 0.0) + loss.detach()
             for key, value in terms.items():
                 if key != "loss":
                     totals[key] = totals.get(key, 0.0) + value.mean() / len(chunks)
+        if grads is not None:
+            self.noise_scale.update(grads.small_sq(), squared_norm(grads.grads()), len(chunks[0][0]), self.global_batch)
         self.optimizer.step()
         self.ema.update(unwrap(self.net), self.global_batch)
         self._track_non_finite(totals["loss"], iteration)
         return totals
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _track_non_finite(self, loss: Tensor, iteration: int) -> None:
         """Remember the first non-finite iteration without a host-device sync."""
