@@ -146,8 +146,10 @@ def _validate_training(cfg: DictConfig) -> None:
     _number(cfg, "training.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "training.ema_halflife_kimg", low=0, low_open=True, optional=True)
     _number(cfg, "pretrain.ema_decay", low=0, high=1, high_open=True)
-    _choice(cfg, "training.init", ("pretrained", "scratch", "file"))
+    _choice(cfg, "training.init", ("pretrained", "scratch", "file", "converged"))
     _validate_init_file(cfg)
+    from ayt.training.converged import validate_converged
+    validate_converged(cfg)
     _choice(cfg, "optimizer", ("adam", "radam"))
     stats = cfg.fid.get("reference_stats")
     if stats and cfg.dataset.fid_extractor != "inception":
@@ -203,6 +205,7 @@ def _validate_method(cfg: DictConfig) -> None:
     _number(cfg, "sampling.t_mid", low=cfg.edm.sigma_min, high=cfg.edm.sigma_max, low_open=True, high_open=True)
     from ayt.method.losses import validate_loss
     validate_loss(cfg.loss)
+    _number(cfg, "dataset.augment_rot_max", low=0)     # the augment presets' rot_max (conf/dataset/)
     from ayt.method.augment import validate_augment
     validate_augment(cfg.augment)
     from ayt.training.feature_map import validate_feature_map
@@ -263,9 +266,42 @@ def _validate_data(cfg: DictConfig) -> None:
     _choice(cfg, "dataset.fid_extractor", ("classifier", "inception"))
 
 
+def _validate_noise_scale(cfg: DictConfig) -> None:
+    """The noise-scale split needs equal micro-batches of >= 1 image (a mean of unequal chunk
+    means is not the batch mean, and B_small must be one number)."""
+    spec = OmegaConf.select(cfg, "diagnostics.noise_scale")
+    if spec is None:
+        return
+    key = "diagnostics.noise_scale"
+    if not isinstance(spec.get("enabled"), bool):
+        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
+    _number(cfg, f"{key}.micro_batches", low=2, integer=True)
+    _number(cfg, f"{key}.ema", low=0, high=1, high_open=True)
+    per_worker = int(cfg.batch_size) // int(cfg.scaling.num_workers)
+    if spec.enabled and per_worker % int(spec.micro_batches):
+        raise ConfigError(f"{key}.micro_batches", f"{spec.micro_batches} does not divide the per-worker batch "
+                          f"{per_worker} (batch_size / scaling.num_workers); choose a divisor or set {key}.enabled=false")
+
+
+def _validate_tangent(cfg: DictConfig) -> None:
+    """Tangent diagnostics (ayt/eval/tangent.py): a probe set of >= 1 pair per t-bin."""
+    spec = OmegaConf.select(cfg, "diagnostics.tangent")
+    if spec is None:
+        return
+    key = "diagnostics.tangent"
+    if not isinstance(spec.get("enabled"), bool):
+        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
+    _number(cfg, f"{key}.t_bins", low=1, integer=True)
+    _number(cfg, f"{key}.probe_size", low=1, integer=True)
+    if spec.probe_size < spec.t_bins:
+        raise ConfigError(f"{key}.probe_size", f"must be >= {key}.t_bins ({spec.t_bins}): every t-bin needs "
+                          f"a probe, got {spec.probe_size}")
+
+
 VALIDATORS: list[Callable[[DictConfig], None]] = [
     _validate_device, _validate_training, _validate_method, _validate_network, _validate_scaling,
-    _validate_tracking, _validate_data,
+    _validate_tracking, _validate_data, _validate_noise_scale,
+    _validate_tangent,
 ]
 
 

@@ -5,6 +5,7 @@
 # Interrupted? Run it again: a study that exists is resumed (resume=true), finished ones are
 # only re-reported. Then the small report files are copied into studies/<name>/.
 #   usage: studies/run_all.sh [OUT_DIR] [study ...]      (default: runs/studies, all six)
+#   e.g.   studies/run_all.sh runs/studies speed_tuned finetune feature_map_fidelity
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/studies}"; shift || true
@@ -14,6 +15,12 @@ for name in "${names[@]}"; do
   resume=()
   [ -d "$out/$name" ] && resume=(resume=true)
   "$py" -m ayt.studies."$name" out_dir="$out" progress=false "${resume[@]}"
-  mkdir -p "studies/$name"
-  cp "$out/$name"/report.md "$out/$name"/*.png "$out/$name"/*.csv "studies/$name/"
+  # The study's report, and those of its tuning stages (tune_then_repeat: <name>-tune-<group>/).
+  for dir in "$out/$name" "$out/$name"-tune-*; do
+    [ -f "$dir/report.md" ] || continue
+    dest="studies/$(basename "$dir")"
+    mkdir -p "$dest"
+    cp "$dir"/report.md "$dir"/*.png "$dir"/*.csv "$dest/"
+    cp "$dir"/*.json "$dest/" 2>/dev/null || true
+  done
 done

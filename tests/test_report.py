@@ -101,3 +101,33 @@ def test_paired_comparison_sees_a_shift_that_seed_noise_hides_from_welch():
     assert math.isclose(result.estimate, -1.0 + 0.02, rel_tol=1e-9)
     assert math.isclose(result.p_rank, 0.0625)                    # exact Wilcoxon, all 5 signs agree
     assert not paired({"0": 1.0}, {"0": 2.0}).available
+
+
+def test_diverged_trials_are_counted_and_listed_not_averaged_in_silently():
+    from ayt.studies.report import _diverged_lines
+    rising = _trial("mfd", 0, [(10, 100.0), (20, 130.0), (30, 125.0)])
+    recovered = _trial("mfd", 1, [(10, 100.0), (20, 130.0), (30, 95.0)])
+    nan = _trial("mfd", 2, [])
+    nan.status, nan.failure = "FAILED", "NonFiniteLossError: non-finite loss at iteration 7: loss=nan"
+    ok = [_trial("pseudo_huber", s, [(10, 100.0), (20, 80.0), (30, 70.0)]) for s in range(3)]
+    assert rising.divergence(FID_1STEP) and nan.divergence(FID_1STEP)
+    assert recovered.divergence(FID_1STEP) is None and ok[0].divergence(FID_1STEP) is None
+    rows, _ = _rows([rising, recovered, nan, *ok])
+    assert rows["loss=mfd"]["diverged"] == "2/3" and "diverged" not in rows["loss=pseudo_huber"]
+    lines = "\n".join(_diverged_lines([rising, recovered, nan, *ok], FID_1STEP))
+    assert "Diverged trials (2 of 6)" in lines and "seed 0" in lines and "seed 2" in lines and "seed 1" not in lines
+
+
+def test_protocol_section_names_each_groups_tuned_value_and_its_tuning(tmp_path):
+    import json
+
+    from ayt.studies.protocol import TUNING_FILE, report_lines
+    study = {"tuned": {"loss=mfd": {"lr": 0.008}, "loss=pseudo_huber": {"lr": 0.002}}}
+    assert report_lines({"tuned": {}}, tmp_path) == []
+    (tmp_path / TUNING_FILE).write_text(json.dumps({
+        "key": "lr", "low": 5e-4, "high": 8e-3, "log": True, "search": "grid", "seeds": [1000], "metric": "fid_1step",
+        "groups": {"loss=mfd": {"chosen": 0.008, "means": {"0.002": 300.0, "0.008": 250.0},
+                                "report": "../speed-tune-loss-mfd/report.md"}}}))
+    text = "\n".join(report_lines(study, tmp_path))
+    assert "| loss=mfd | 0.008 | 0.002: 300.0, 0.008: 250.0 | ../speed-tune-loss-mfd/report.md |" in text
+    assert "| loss=pseudo_huber | 0.002 |" in text and "tuning seeds [1000]" in text

@@ -265,3 +265,35 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     assert [r.info.status for r in children] == ["FAILED"]
     assert "non-finite loss at iteration" in children[0].data.tags["ayt.failure"]
     assert parents[0].info.status == "FAILED" and parents[0].data.tags["ayt.trials_failed"] == "1"
+    report = (out / "diverges" / "report.md").read_text()     # counted and listed, not averaged in silently
+    assert "## Diverged trials (1 of 1)" in report and "non-finite loss" in report
+
+
+def test_tune_then_repeat_runs_each_group_at_its_own_best_lr(ray_session, shared_out_dir):
+    """The protocol end to end: stage 1 tunes lr per loss on the tuning seed (2 values each),
+    stage 2 reruns each loss at the lr with the lowest stage-1 FID on the repeat seed, and the
+    report says which lr each group ran at. Mutations caught: one lr shared by both groups;
+    the best picked by the highest FID; stage 2 reusing the tuning seed; the section missing."""
+    out = shared_out_dir
+    args = [f"out_dir={out}", "study.name=ttr", "study.protocol.name=tune_then_repeat", "study.seeds=[0]",
+            "study.protocol.tune.low=1e-3", "study.protocol.tune.high=8e-3", "study.protocol.tune.points=2",
+            "study.protocol.tune.seeds=[7]", "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
+    assert study_main("speed", args) == 0
+    client, _, tuning = _children(out, "ttr-tune")
+    chosen = {}
+    for loss in ("pseudo_huber", "mfd"):
+        runs = [r for r in tuning if r.data.params["loss"] == loss]
+        assert sorted(float(r.data.params["lr"]) for r in runs) == [1e-3, 8e-3]
+        assert {r.data.params["seed"] for r in runs} == {"7"}
+        fid = {float(r.data.params["lr"]): client.get_metric_history(r.info.run_id, "eval/fid_1step")[-1].value
+               for r in runs}
+        chosen[loss] = min(fid, key=fid.get)
+    _, parents, repeat = _children(out, "ttr")
+    assert len(parents) == 1 and len(repeat) == 2
+    for run in repeat:
+        assert run.data.params["seed"] == "0"
+        assert float(run.data.params["lr"]) == chosen[run.data.params["loss"]]
+    text = (out / "ttr" / "report.md").read_text()
+    assert "## Protocol: tune, then repeat" in text
+    for loss, lr in chosen.items():
+        assert f"| loss={loss} | {lr} |" in text

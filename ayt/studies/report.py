@@ -4,7 +4,8 @@ with 95% confidence intervals across seeds, iterations to reach a target FID, an
 group against its reference (unpaired and, where seeds are shared, paired: `stats`).
 
 Files under out_dir/<study>/: report.md, fid_1step.png, fid_2step.png, final_vs_axis.png,
-trials.csv (one row per trial), curves.csv (one row per evaluation), groups.csv.
+trials.csv (one row per trial), curves.csv (one row per evaluation), groups.csv; and, where
+trials logged tangent diagnostics, tangent.png and tangent.csv (`report_tangent`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from mlflow.tracking import MlflowClient
 
 from ayt.metrics import FID_KEYS, TRAIN_SECONDS, short
 from ayt.provenance import git_commit
+from ayt.studies.protocol import TUNING_FILE
+from ayt.studies.protocol import report_lines as protocol_lines
 from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
 
 CURVES = FID_KEYS
+DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Trial:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # key -> [(iteration, fid)]
     train_seconds: float | None = None
     artifacts: dict[str, str] = field(default_factory=dict)   # artifact.* params: cache keys, their metrics
+    failure: str | None = None      # the reason a failed trial gave (ayt.failure tag)
 
     @property
     def seed(self) -> str:
@@ -52,6 +57,20 @@ class Trial:
 
     def best(self, key: str) -> float:
         return min((v for _, v in self.curves.get(key, [])), default=math.nan)
+
+    def divergence(self, key: str) -> str | None:
+        """Why this trial counts as diverged, or None. Diverged: it failed on a non-finite loss,
+        or its FID rose above its first evaluation by more than DIVERGED_RISE and stayed there
+        (the last two evaluations, or the last one when there are only two)."""
+        if self.failure and ("non-finite" in self.failure.lower() or "nan" in self.failure.lower()):
+            return self.failure.split(":", 1)[-1].strip()[:160] or "non-finite loss"
+        curve = [v for _, v in self.curves.get(key, [])]
+        if len(curve) < 2:
+            return None
+        tail = curve[-2:] if len(curve) > 2 else curve[-1:]
+        if all(v > curve[0] * (1 + DIVERGED_RISE) for v in tail):
+            return f"{short(key)} rose from {curve[0]:.1f} (first evaluation) to {curve[-1]:.1f} and stayed above it"
+        return None
 
     def first_reaching(self, key: str, target: float) -> int | None:
         """First evaluated iteration whose FID is at or below the target (None: never)."""
@@ -75,12 +94,16 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
         axes = {k[len("axis."):].replace("__", "."): v for k, v in sorted(params.items()) if k.startswith("axis.")}
         if "seed" not in axes:
             axes["seed"] = params.get("seed", "?")
+        from ayt.studies.report_tangent import history_keys
+        from ayt.studies.critical_batch import noise_keys
         curves = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                          key=lambda m: m.step)] for key in CURVES}
+                                                          key=lambda m: m.step)]
+                  for key in (*CURVES, *history_keys(run.data.metrics), *noise_keys(run.data.metrics))}
         trials.append(Trial(run.info.run_id, run.info.run_name, axes, int(params.get("batch_size", 0)),
                             run.info.status, run.data.tags.get("ayt.stopped_early") == "true", curves,
                             run.data.metrics.get(TRAIN_SECONDS),
-                            {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")}))
+                            {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")},
+                            failure=run.data.tags.get("ayt.failure")))
     return sorted(trials, key=lambda t: (_sort_key(t.group), t.seed))
 
 
@@ -133,8 +156,13 @@ def write_report(plan, uri: str, parent_run_id: str) -> dict[str, Any]:
     files += _plots(trials, out, plan)
     started = MlflowClient(uri).get_run(parent_run_id).info.start_time
     wall = time.time() - started / 1000 if started else None
+    from ayt.studies.critical_batch import section as critical_batch_section
+    critical = critical_batch_section(trials, key, out, plan.name)      # batch-size sweeps only
     files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files],
-                                 wall))
+                                 wall, critical.lines))
+    files += critical.files
+    if plan.study.get("tuned") and (out / TUNING_FILE).is_file():
+        files.append(str(out / TUNING_FILE))
     return {"report": str(out / "report.md"), "files": [str(f) for f in files], "groups": groups,
             "trials": len(trials)}
 
@@ -150,9 +178,13 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
             for what, fn in (("final", Trial.final), ("best", Trial.best)):
                 m, h, _ = mean_ci([fn(t, k) for t in members])
                 row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
-        label = [float(t.artifacts["feature_map_label_mse"]) for t in members if "feature_map_label_mse" in t.artifacts]
-        if label:
-            row["feature_map_label_mse"] = float(np.mean(label))
+        for name in FEATURE_MAP_KEYS:      # the feature map's metadata (artifact.* params), averaged over seeds
+            values = [float(t.artifacts[name]) for t in members if name in t.artifacts]
+            if values:
+                row[name] = float(np.mean(values))
+        diverged = [t for t in members if t.divergence(key)]
+        if diverged:
+            row["diverged"] = f"{len(diverged)}/{len(members)}"
         target = tgt.get(group)
         row["target_fid"] = target
         if target is not None:
@@ -286,6 +318,8 @@ def _plots(trials: list[Trial], out: Path, plan) -> list[str]:
         plt.close(fig)
         files.append(str(path))
     files += _final_vs_first_axis(trials, out, plan, plt)
+    from ayt.studies.report_tangent import tangent_files
+    files += tangent_files(trials, out, plan, plt, styles)
     return files
 
 
@@ -350,7 +384,7 @@ def _final_vs_first_axis(trials, out, plan, plt) -> list[str]:
 
 
 def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[str],
-                    wall_seconds: float | None = None) -> str:
+                    wall_seconds: float | None = None, sections: Sequence[str] = ()) -> str:
     extractors = sorted({t.artifacts.get("fid_classifier_hash") or t.artifacts.get("fid_extractor", "?") for t in trials})
     accuracy = sorted({t.artifacts["fid_classifier_test_accuracy"] for t in trials
                        if "fid_classifier_test_accuracy" in t.artifacts})
@@ -389,12 +423,28 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
     lines += ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in groups]
     if plan.skipped:
         lines += ["", "Skipped: " + "; ".join(plan.skipped)]
+    lines += ([""] + protocol_lines(plan.study, Path(plan.out_dir))) if plan.study.get("tuned") else []
     lines += ["", "## Findings (computed)", ""] + _findings(groups, key)
+    lines += _diverged_lines(trials, key)
+    lines += list(sections)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures if f.endswith(".png")]
     lines += ["", "## Data", "", "`trials.csv` (one row per trial), `curves.csv` (every evaluation), "
               "`groups.csv` (the table above with full precision).", ""]
     path.write_text("\n".join(lines))
     return str(path)
+
+
+def _diverged_lines(trials: list[Trial], key: str) -> list[str]:
+    """Every diverged trial by name, so none is averaged in (or dropped) silently."""
+    bad = [(t, t.divergence(key)) for t in trials]
+    bad = [(t, why) for t, why in bad if why]
+    if not bad:
+        return ["", f"Diverged trials: none (a non-finite loss, or {short(key)} more than "
+                f"{DIVERGED_RISE:.0%} above its first evaluation to the end)."]
+    return ["", f"## Diverged trials ({len(bad)} of {len(trials)})", "",
+            "A trial that failed on a non-finite loss has no final FID and is missing from its group's "
+            f"mean; one whose {short(key)} rose and stayed up is in the mean (it is what that setting did).", ""] + \
+        [f"- {group_label(t.group)}, seed {t.seed} (`{t.name}`): {why}" for t, why in bad]
 
 
 @dataclass(frozen=True)
@@ -422,6 +472,16 @@ def _speedup(r: dict[str, Any], key: str) -> str:
     return f"{speedup:.2f}×" if speedup else "–"
 
 
+FM_FAMILIES = ("geo", "clr", "deg")
+FM_ERRORS = ("noise", "blur", "mixup", "shift", "mean")     # ayt.training.alignment.ERRORS
+FEATURE_MAP_KEYS = ("feature_map_label_mse", "feature_map_r2", "feature_map_train_images",
+                    *(f"feature_map_r2_{f}" for f in FM_FAMILIES), *(f"feature_map_align_{e}" for e in FM_ERRORS))
+
+
+def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
+    return " / ".join(f"{r[prefix + n]:.2f}" if r.get(prefix + n) is not None else "–" for n in names)
+
+
 TABLE = [
     Column("group", lambda r, key: r["group"]),
     Column("seeds", lambda r, key: r["seeds"]),
@@ -429,8 +489,15 @@ TABLE = [
     Column("final FID 2-step", _stat("final_fid_2step")),
     Column("best FID 1-step", _stat("best_fid_1step")),
     Column("best FID 2-step", _stat("best_fid_2step")),
+    Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
     Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
            needs="feature_map_label_mse"),
+    Column("feature-map held-out R² (geo / clr / deg)", lambda r, key: _joined(r, "feature_map_r2_", FM_FAMILIES),
+           needs="feature_map_r2"),
+    Column("feature-map training images", lambda r, key: f"{r['feature_map_train_images']:,.0f}"
+           if r.get("feature_map_train_images") is not None else "–", needs="feature_map_train_images"),
+    Column("MFD step cosine (" + " / ".join(FM_ERRORS) + ")", lambda r, key: _joined(r, "feature_map_align_", FM_ERRORS),
+           needs="feature_map_align_noise"),
     Column("target FID", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
            needs="target_fid"),
     Column("iterations to target (reached)",

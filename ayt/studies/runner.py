@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, flatten, load_config, run_name
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key
 from ayt.provenance import git_commit
+from ayt.studies.protocol import (TUNING_FILE, choose, groups, parse_tune_stage, protocol_name,
+                                  repeat_edit, tune_edit, tuned_overrides, write_tuning)
 from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class StudyPlan:
     base_dir: str = ""                     # the driver's working directory: relative paths resolve here
     trial_configs: list[DictConfig] = field(default_factory=list)   # grid: every trial; else the corners
     skipped: list[str] = field(default_factory=list)                # axis values a study hook dropped, and why
+    tune_plans: list["StudyPlan"] = field(default_factory=list)     # tune_then_repeat: stage 1, one per group
 
     @property
     def out_dir(self) -> Path:
@@ -96,7 +99,8 @@ class StudyPlan:
     def trial_overrides(self, params: dict[str, Any], trial_id: str | None) -> list[str]:
         batch = int(params.get("batch_size", self.base.batch_size))
         extra = [f"name={self.study_id}-{trial_id}"] if trial_id else []
-        return [*self.base_overrides, *self.space.overrides(params, batch), *extra,
+        return [*self.base_overrides, *self.space.overrides(params, batch),
+                *tuned_overrides(self.study, self.space, params), *extra,
                 f"ray.storage_path={_join(self.storage_path, self.study_id, 'trials')}",
                 "scaling.backend=ray", "progress=false"]
 
@@ -131,12 +135,17 @@ def split_argv(argv: Sequence[str]) -> list[str]:
     return [("study." + a) if a.split("=", 1)[0] == "resume" else a for a in argv]
 
 
-def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
+def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig], None] | None = None) -> StudyPlan:
+    """Compose and validate study `name` with CLI overrides; `edit` adjusts the composed study
+    block first (how a protocol derives its stages from the study as written)."""
     argv = split_argv(argv)
     study_args = [a for a in argv if a.lstrip("+~").startswith("study.")]
     train_args = [a for a in argv if a not in study_args]
     composed = compose_config([f"+study={name}", *study_args, *train_args])
     study = composed.study
+    if edit is not None:
+        with open_dict(study):
+            edit(study)
     for key in ("metric", "scheduler", "max_failures", "preset"):
         if key not in study:
             raise ConfigError(f"study.{key}", "missing from the study config")
@@ -176,6 +185,11 @@ def plan_study(name: str, argv: Sequence[str] = ()) -> StudyPlan:
     if hook is not None:
         hook(plan)
     plan.trial_configs = [plan.trial_config(p) for p in _validation_points(plan)]
+    if protocol_name(plan.study) == "tune_then_repeat" and not plan.study.get("tuned"):
+        stage = parse_tune_stage(plan.study, space)
+        if not any(a.split("=", 1)[0] == "tracking.experiment" for a in train_args):
+            argv = [*argv, f"tracking.experiment={space.name}-tune"]
+        plan.tune_plans = [plan_study(name, argv, tune_edit(space, stage, g)) for g in groups(space)]
     return plan
 
 
@@ -459,6 +473,51 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
+    """Stage 1: each group's tuning study; stage 2: the study at each group's best value
+    (ayt/studies/protocol.py says why). Every stage resumes like any study."""
+    from ayt.studies.report import load_trials
+    stage = parse_tune_stage(plan.study, plan.space)
+    uri = str(plan.base.tracking.uri)
+    tuned: dict[str, dict[str, float]] = {}
+    record: dict[str, Any] = {"key": stage.key, "low": stage.low, "high": stage.high, "log": stage.log,
+                              "search": stage.search, "seeds": list(stage.seeds), "metric": str(plan.study["metric"]),
+                              "groups": {}}
+    failed = 0
+    for index, sub in enumerate(plan.tune_plans, 1):
+        group = sub.study["protocol"]["group"]
+        if progress:
+            print(f"ayt: stage 1 ({index}/{len(plan.tune_plans)}): tuning {stage.key} for {group} "
+                  f"(study {sub.study_id}, {sub.space.trial_count()} trials)", flush=True)
+        summary = run_study(sub, progress=progress)
+        failed += summary["errors"]
+        by_value: dict[float, list[float]] = {}
+        for trial in load_trials(uri, summary["parent_run_id"]):
+            if stage.key in trial.axes:
+                by_value.setdefault(float(trial.axes[stage.key]), []).append(trial.final(sub.metric))
+        best, means = choose(by_value)
+        if best is None:
+            raise StudyError(f"stage 1 of {plan.name}: every trial tuning {stage.key} for {group} failed "
+                             f"(report {sub.out_dir / 'report.md'})")
+        tuned[group] = {stage.key: best}
+        record["groups"][group] = {"chosen": best, "means": {str(v): m for v, m in means.items()},
+                                   "report": os.path.relpath(sub.out_dir / "report.md", plan.out_dir),
+                                   "study_id": sub.study_id}
+    final = plan_study(plan.module, plan.argv, repeat_edit(tuned))
+    write_tuning(final.out_dir / TUNING_FILE, record)
+    if progress:
+        print(f"ayt: stage 2: {final.study_id} repeats every group at its tuned {stage.key} "
+              + ", ".join(f"{g}: {v[stage.key]:g}" for g, v in tuned.items()), flush=True)
+    summary = run_study(final, progress=progress)
+    summary["errors"] += failed
+    summary["trials"] += sum(sub.space.trial_count() for sub in plan.tune_plans)
+    return summary
+
+
+class StudyError(RuntimeError):
+    """A study cannot go on (not a config problem): the reason, in one line."""
+
+
 def _finished_trials(tuner) -> int:
     """Trials a restored study has already finished (they count as done on the progress bar)."""
     try:
@@ -523,10 +582,14 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     log_file = route_logs(plan.out_dir / "logs" / "study.log", verbose=bool(plan.base.get("verbose")))
     print(f"ayt: study {plan.study_id}: {plan.space.trial_count()} trials; Ray/Tune logs in {log_file}", flush=True)
     try:
-        summary = run_study(plan, progress=bool(plan.base.progress))
+        runner = run_tune_then_repeat if plan.tune_plans else run_study
+        summary = runner(plan, progress=bool(plan.base.progress))
     except ConfigError as err:
         print(f"ayt: config error: {err}", file=sys.stderr)
         return 2
+    except StudyError as err:
+        print(f"ayt: study error: {err}", file=sys.stderr)
+        return 1
     print(f"ayt: study {plan.study_id}: {summary['trials']} trials ({summary['errors']} failed); "
           f"report {summary['report']}; MLflow parent run {summary['parent_run_id']}")
     return 0 if summary["errors"] == 0 else 1

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ayt.errors import ConfigError
 
-CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling")
+CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling", "feature_map")
 SEARCHES = ("grid", "tpe", "random")
 SCHEDULERS = ("none", "asha")
 BUDGET_UNITS = ("images", "iterations")

@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ayt.data import load_dataset
+from ayt.eval.tangent import TangentProbe
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_1STEP, FID_2STEP, FID_KEYS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
 from ayt.method.ema import EMA
 from ayt.method.losses import LossResources, build_loss
 from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
+from ayt.training.noise_scale import NoiseScale
 from ayt.training.prepare import Artifacts, load_feature_map
 from ayt.training.step import ConsistencyStep, unwrap
 
@@ -162,7 +164,7 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     from ayt.networks.precond import build_denoiser
     device = ctx.device
     net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
-    if cfg.training.init in ("pretrained", "file") and artifacts.pretrained:   # file: the cached init_file
+    if cfg.training.init in ("pretrained", "file", "converged") and artifacts.pretrained:   # the cached start
         net.load_state_dict(torch.load(artifacts.pretrained, map_location="cpu", weights_only=True))
     net = net.to(device)
     if cfg.channels_last:
@@ -188,8 +190,16 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
         noise=PairNoise(int(cfg.seed), device), optimizer=optimizer, ema=ema,
         global_batch=int(cfg.batch_size), rank=ctx.rank, world_size=ctx.world_size,
         accum_steps=accumulation_steps(per_worker, cfg.scaling.batch_per_worker_max),
-        precision=str(cfg.precision))
+        precision=str(cfg.precision), noise_scale=build_noise_scale(cfg))
     return step
+
+
+def build_noise_scale(cfg: DictConfig) -> NoiseScale | None:
+    """The gradient-noise-scale diagnostic of `diagnostics.noise_scale` (None: off)."""
+    spec = OmegaConf.select(cfg, "diagnostics.noise_scale")
+    if not spec or not spec.enabled:
+        return None
+    return NoiseScale(micro_batches=int(spec.micro_batches), ema=float(spec.ema))
 
 
 def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: WorkerContext,
@@ -215,6 +225,9 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     if state.iteration and sink is not None and ctx.is_chief:
         sink.set_tags({"ayt.resumed_from_iteration": state.iteration})
     probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
+    tangent = TangentProbe.from_config(cfg, data, device) if ctx.is_chief else None     # None: switched off
+    if tangent is not None and sink is not None:
+        sink.set_tags(tangent.tags())
     total, it = int(cfg.training.iterations), state.iteration
     tr = cfg.training
     batches = len(loader)
@@ -249,12 +262,16 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
             if evaluate or checkpoint:
                 now = time.perf_counter()
                 state.train_seconds += now - tick
+                if evaluate and step.noise_scale is not None:       # every rank: an all-reduce
+                    metrics.update(step.noise_scale.values(lambda t: ctx.all_reduce(t, "mean")))
                 if evaluate and probe is not None:
                     fids = probe(step.ema.model)
                     metrics.update(fids)
                     for key, value in fids.items():
                         state.curves[key].append([it, value])
                     bar.set_postfix(loss=metrics.get(LOSS), fid1=f"{fids[FID_1STEP]:.2f}")
+                    if tangent is not None:
+                        metrics.update(tangent(step, it))
                     state.eval_seconds += time.perf_counter() - now
                 state.iteration = it
                 metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), **state.timings())

@@ -1,6 +1,9 @@
 """Shared artifacts every run (and every trial of a study) needs, each built once and
-cached by the hash of the config that defines it: the pretrained EDM denoiser, the
-feature map for an augmentation setting, the FID extractor and its reference statistics."""
+cached by the hash of the config that defines it (the `*_spec` functions) and of the code
+that builds it (`ayt.artifacts.ARTIFACT_SOURCES`): the pretrained EDM denoiser, the
+feature map for an augmentation setting, the FID extractor and its reference statistics.
+A feature map's metrics.json holds its held-out R² per label family, its training budget
+in images and its alignment cosines; `artifact_record` passes them to every run."""
 
 from __future__ import annotations
 
@@ -51,8 +54,12 @@ def configure_torch(cfg: DictConfig) -> torch.device:
     return resolve_device(str(cfg.device))
 
 
+DATASET_AUGMENT_KEYS = ("augment_rot_max",)   # dataset keys read only through `augment` (its spec has them)
+
+
 def _data_spec(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.dataset, resolve=True)
+    spec = OmegaConf.to_container(cfg.dataset, resolve=True)
+    return {k: v for k, v in spec.items() if k not in DATASET_AUGMENT_KEYS}
 
 
 def pretrained_spec(cfg: DictConfig) -> dict:
@@ -186,6 +193,9 @@ def artifact_record(cfg: DictConfig) -> dict[str, Any]:
     error, FID classifier accuracy), so a report can show them next to the FIDs."""
     cache = ArtifactCache(cfg.cache_dir)
     kinds = {"init_file": init_file_spec(cfg)} if cfg.training.init == "file" else {"pretrained": pretrained_spec(cfg)}
+    if cfg.training.init == "converged":
+        from ayt.training.converged import converged_spec
+        kinds = {"converged": converged_spec(cfg)}
     if needs_feature_map(cfg):
         kinds["feature_map"] = feature_map_spec(cfg)
     if cfg.dataset.fid_extractor != "inception":
@@ -214,6 +224,9 @@ def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
         art.pretrained = str(ensure_pretrained(cfg, cache, data, device, progress))
     elif cfg.training.init == "file":
         art.pretrained = str(ensure_init_file(cfg, cache, data))
+    elif cfg.training.init == "converged":
+        from ayt.training.converged import ensure_converged
+        art.pretrained = str(ensure_converged(cfg, cache, device, progress))
     if needs_feature_map(cfg):
         art.feature_map = str(ensure_feature_map(cfg, cache, data, device, progress))
     weights = ensure_fid_extractor(cfg, cache, device, progress)

@@ -1,0 +1,8 @@
+"""`python -m ayt.studies.feature_map_fidelity`: the search space is conf/study/feature_map_fidelity.yaml (see studies/feature_map_fidelity/)."""
+
+import sys
+
+from ayt.studies.runner import study_main
+
+if __name__ == "__main__":
+    sys.exit(study_main("feature_map_fidelity"))

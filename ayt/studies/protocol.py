@@ -1,0 +1,203 @@
+"""Comparison protocols: how a study's groups are put side by side.
+
+`single` (default): every group runs at the same settings (the study's trials as listed).
+
+`tune_then_repeat`: one shared learning rate compares a loss whose gradient points along
+the pixel error with one whose gradient does not at different *effective* step sizes. So:
+
+  stage 1 (tune)    for each group (a point of the study's axes, seeds excluded), search
+                    `protocol.tune.key` (the lr by default, log scale) with Optuna on the
+                    study's own budget, on tuning seeds kept apart from the repeat seeds
+                    (choosing and measuring on the same seeds would flatter the winner);
+  stage 2 (repeat)  run the study as written, each group at its own best value, over the
+                    study's seeds; the report says which value each group ran at and why.
+
+Each stage is an ordinary study on the shared runner (resumable, one MLflow parent run per
+stage-1 group under the experiment `<name>-tune`, Tune + Optuna underneath); this module
+holds only what the protocol decides, the runner runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig
+
+from ayt.errors import ConfigError
+from ayt.studies.space import StudySpace
+
+PROTOCOLS = ("single", "tune_then_repeat")
+TUNE_SEARCHES = ("grid", "tpe", "random")
+TUNING_FILE = "tuning.json"          # stage-1 outcome, next to the stage-2 report
+
+
+@dataclass(frozen=True)
+class TuneStage:
+    """Stage 1 of tune_then_repeat: what is searched, how, and on which seeds."""
+
+    key: str                 # a config key, e.g. lr
+    low: float
+    high: float
+    log: bool
+    search: str              # grid (`points` values, log-spaced if log) | tpe | random (`trials` samples)
+    points: int
+    trials: int
+    seeds: tuple[int, ...]
+
+    def grid_values(self) -> list[float]:
+        """`points` values from low to high (geometric if log), at 3 significant digits."""
+        if self.points == 1:
+            return [_round(self.low)]
+        if self.log:
+            ratio = (self.high / self.low) ** (1 / (self.points - 1))
+            return [_round(self.low * ratio ** i) for i in range(self.points)]
+        step = (self.high - self.low) / (self.points - 1)
+        return [_round(self.low + step * i) for i in range(self.points)]
+
+    def axis(self) -> Any:
+        if self.search == "grid":
+            return self.grid_values()
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def protocol_name(study: Mapping[str, Any]) -> str:
+    name = str((study.get("protocol") or {}).get("name", "single"))
+    if name not in PROTOCOLS:
+        raise ConfigError("study.protocol.name", f"unknown value {name!r}; allowed: " + ", ".join(PROTOCOLS))
+    return name
+
+
+def parse_tune_stage(study: Mapping[str, Any], space: StudySpace) -> TuneStage:
+    """`study.protocol.tune`, checked: one line naming the field on any problem."""
+    tune = dict((study.get("protocol") or {}).get("tune") or {})
+    where = "study.protocol.tune"
+    key = tune.get("key")
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{where}.key", f"must name a config key (e.g. lr), got {key!r}")
+    if any(a.key == key for a in space.axes):
+        raise ConfigError(f"{where}.key", f"{key} is also a study axis; a tuned key cannot be swept as well")
+    low, high = tune.get("low"), tune.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+        raise ConfigError(f"{where}.low", f"a range needs numbers low < high, got low={low!r}, high={high!r}")
+    log = bool(tune.get("log", True))
+    if log and low <= 0:
+        raise ConfigError(f"{where}.low", f"a log range needs low > 0, got {low}")
+    search = str(tune.get("search", "grid"))
+    if search not in TUNE_SEARCHES:
+        raise ConfigError(f"{where}.search", f"unknown value {search!r}; allowed: " + ", ".join(TUNE_SEARCHES))
+    points, trials = tune.get("points", 4), tune.get("trials", 6)
+    for name, value in (("points", points), ("trials", trials)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{name}", f"must be an integer >= 1, got {value!r}")
+    seeds = tune.get("seeds", [1000])
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError(f"{where}.seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
+    if set(seeds) & set(space.seeds):
+        raise ConfigError(f"{where}.seeds", f"{sorted(set(seeds) & set(space.seeds))} are also repeat seeds "
+                          f"(study.seeds={space.seeds}); tune on other seeds so the repeat measures the choice fairly")
+    if space.search != "grid":
+        raise ConfigError("study.search", "tune_then_repeat repeats every group of a grid; got search="
+                          f"{space.search}")
+    return TuneStage(key=key, low=float(low), high=float(high), log=log, search=search, points=int(points),
+                     trials=int(trials), seeds=tuple(int(s) for s in seeds))
+
+
+def groups(space: StudySpace) -> list[dict[str, Any]]:
+    """The study's groups: every point of its axes without the seed (axis param -> value)."""
+    seen, out = set(), []
+    for point in space.grid():
+        group = {k: v for k, v in point.items() if k != "seed"}
+        label = group_key(space, group)
+        if label not in seen:
+            seen.add(label)
+            out.append(group)
+    return out
+
+
+def group_key(space: StudySpace, params: Mapping[str, Any]) -> str:
+    """`loss=mfd,batch_size=16`: a group's name, in axis order, from Tune/Optuna params."""
+    return ",".join(f"{a.key}={params[a.param]}" for a in space.axes if a.param in params)
+
+
+def stage_name(name: str, group: str) -> str:
+    """Study name of a group's tuning stage (a report directory and an MLflow parent run)."""
+    return f"{name}-tune-" + re.sub(r"[^A-Za-z0-9._-]+", "-", group).strip("-")
+
+
+def tune_edit(space: StudySpace, stage: TuneStage, group: Mapping[str, Any]) -> Callable[[DictConfig], None]:
+    """How stage 1 of one group differs from the study: the group's values fixed, the tuned key
+    the only axis, the tuning seeds, no target (a single group has no reference)."""
+    by_param = {a.param: a for a in space.axes}
+
+    def edit(study: DictConfig) -> None:
+        label = group_key(space, group)
+        study.name = stage_name(space.name, label)
+        study.fixed = [*(study.fixed or []), *(by_param[p].override(v) for p, v in group.items())]
+        study.axes = {stage.key: stage.axis()}
+        study.seeds = list(stage.seeds)
+        study.search = stage.search
+        study.num_samples = stage.trials if stage.search != "grid" else None
+        study.target = {"fid": None, "reference": None}
+        study.protocol = {"name": "single", "stage": "tune", "group": label}
+    return edit
+
+
+def repeat_edit(tuned: Mapping[str, Mapping[str, float]]) -> Callable[[DictConfig], None]:
+    """Stage 2: the study as written, each group at its tuned values (part of its identity)."""
+    def edit(study: DictConfig) -> None:
+        study.tuned = {group: dict(values) for group, values in tuned.items()}
+    return edit
+
+
+def tuned_overrides(study: Mapping[str, Any], space: StudySpace, params: Mapping[str, Any]) -> list[str]:
+    """A stage-2 trial's overrides for its group's tuned values (none outside the protocol)."""
+    tuned = (study.get("tuned") or {}).get(group_key(space, params)) or {}
+    return [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}" for key, value in tuned.items()]
+
+
+def choose(values: Mapping[float, Sequence[float]]) -> tuple[float | None, dict[float, float]]:
+    """The value with the lowest mean metric over the tuning seeds (failed trials left out:
+    a value whose every trial failed cannot win). Returns (best or None, mean per value)."""
+    means = {}
+    for value, metrics in values.items():
+        finite = [m for m in metrics if m is not None and math.isfinite(m)]
+        means[value] = sum(finite) / len(finite) if finite else math.nan
+    ok = {v: m for v, m in means.items() if math.isfinite(m)}
+    return (min(ok, key=ok.get) if ok else None), means
+
+
+def write_tuning(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """The report's protocol section: what each group ran at, and the tuning it came from."""
+    if not study.get("tuned"):
+        return []
+    path = out_dir / TUNING_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    key = record.get("key", "the tuned key")
+    lines = ["## Protocol: tune, then repeat", "",
+             f"Each group runs at its own best `{key}`, chosen in stage 1 by the lowest mean final "
+             f"{record.get('metric', 'FID')} on tuning seeds {record.get('seeds', '?')} (not the seeds above), "
+             f"{record.get('search', '?')} search over [{record.get('low', '?')}, {record.get('high', '?')}]"
+             f"{' (log scale)' if record.get('log') else ''}, on this study's budget. The groups are therefore "
+             "compared at their own best settings, not at one shared value.", "",
+             f"| group | chosen {key} | stage-1 mean final FID per {key} (tried) | stage-1 report |", "|---|---|---|---|"]
+    for group, values in study["tuned"].items():
+        info = record.get("groups", {}).get(group, {})
+        tried = ", ".join(f"{v}: {m:.1f}" if math.isfinite(m) else f"{v}: failed"
+                          for v, m in sorted((float(v), m) for v, m in info.get("means", {}).items()))
+        lines.append(f"| {group} | {values.get(key, '?')} | {tried or '?'} | {info.get('report', '?')} |")
+    return lines + [""]
