@@ -271,7 +271,9 @@ def prebuild_artifacts(plan: StudyPlan, progress: bool = True) -> int:
                            classifier_spec(cfg)])
         if key not in seen:
             seen.add(key)
-            ensure_artifacts(cfg, progress=progress)
+            # No trial runs yet: build with torch's default threads (every core), not the
+            # trials' cpu_threads.
+            ensure_artifacts(OmegaConf.merge(cfg, {"cpu_threads": None}), progress=progress)
     return len(seen)
 
 
