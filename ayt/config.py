@@ -266,15 +266,21 @@ def _validate_data(cfg: DictConfig) -> None:
     _choice(cfg, "dataset.fid_extractor", ("classifier", "inception"))
 
 
+def _diagnostic(cfg: DictConfig, name: str) -> tuple[DictConfig | None, str]:
+    """`diagnostics.<name>` (None if the config has no such block) with its `enabled` checked."""
+    key = f"diagnostics.{name}"
+    spec = OmegaConf.select(cfg, key)
+    if spec is not None and not isinstance(spec.get("enabled"), bool):
+        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
+    return spec, key
+
+
 def _validate_noise_scale(cfg: DictConfig) -> None:
     """The noise-scale split needs equal micro-batches of >= 1 image (a mean of unequal chunk
     means is not the batch mean, and B_small must be one number)."""
-    spec = OmegaConf.select(cfg, "diagnostics.noise_scale")
+    spec, key = _diagnostic(cfg, "noise_scale")
     if spec is None:
         return
-    key = "diagnostics.noise_scale"
-    if not isinstance(spec.get("enabled"), bool):
-        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
     _number(cfg, f"{key}.micro_batches", low=2, integer=True)
     _number(cfg, f"{key}.ema", low=0, high=1, high_open=True)
     per_worker = int(cfg.batch_size) // int(cfg.scaling.num_workers)
@@ -285,12 +291,9 @@ def _validate_noise_scale(cfg: DictConfig) -> None:
 
 def _validate_tangent(cfg: DictConfig) -> None:
     """Tangent diagnostics (ayt/eval/tangent.py): a probe set of >= 1 pair per t-bin."""
-    spec = OmegaConf.select(cfg, "diagnostics.tangent")
+    spec, key = _diagnostic(cfg, "tangent")
     if spec is None:
         return
-    key = "diagnostics.tangent"
-    if not isinstance(spec.get("enabled"), bool):
-        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
     _number(cfg, f"{key}.t_bins", low=1, integer=True)
     _number(cfg, f"{key}.probe_size", low=1, integer=True)
     if spec.probe_size < spec.t_bins:
