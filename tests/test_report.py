@@ -126,8 +126,20 @@ def test_protocol_section_names_each_groups_tuned_value_and_its_tuning(tmp_path)
     assert report_lines({"tuned": {}}, tmp_path) == []
     (tmp_path / TUNING_FILE).write_text(json.dumps({
         "key": "lr", "low": 5e-4, "high": 8e-3, "log": True, "search": "grid", "seeds": [1000], "metric": "fid_1step",
-        "groups": {"loss=mfd": {"chosen": 0.008, "means": {"0.002": 300.0, "0.008": 250.0},
+        "groups": {"loss=mfd": {"chosen": 0.008, "means": {"0.002": 300.0, "0.008": 250.0, "0.016": 280.0},
                                 "report": "../speed-tune-loss-mfd/report.md"}}}))
     text = "\n".join(report_lines(study, tmp_path))
-    assert "| loss=mfd | 0.008 | 0.002: 300.0, 0.008: 250.0 | ../speed-tune-loss-mfd/report.md |" in text
+    assert "| loss=mfd | 0.008 | 0.002: 300.0, 0.008: 250.0, 0.016: 280.0 | ../speed-tune-loss-mfd/report.md |" in text
     assert "| loss=pseudo_huber | 0.002 |" in text and "tuning seeds [1000]" in text
+
+
+def test_protocol_section_flags_a_choice_at_the_edge_of_the_searched_range(tmp_path):
+    import json
+
+    from ayt.studies.protocol import TUNING_FILE, report_lines
+    (tmp_path / TUNING_FILE).write_text(json.dumps({"key": "lr", "low": 1e-3, "high": 4e-3, "groups": {
+        "loss=a": {"means": {"0.001": 80.0, "0.002": 90.0, "0.004": 95.0}},
+        "loss=b": {"means": {"0.001": 99.0, "0.002": 90.0, "0.004": 95.0}}}}))
+    text = "\n".join(report_lines({"tuned": {"loss=a": {"lr": 0.001}, "loss=b": {"lr": 0.002}}}, tmp_path))
+    assert "| loss=a | 0.001 (edge) |" in text and "| loss=b | 0.002 |" in text
+    assert "At the edge of the searched range for loss=a:" in text

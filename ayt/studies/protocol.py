@@ -195,9 +195,17 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
              f"{' (log scale)' if record.get('log') else ''}, on this study's budget. The groups are therefore "
              "compared at their own best settings, not at one shared value.", "",
              f"| group | chosen {key} | stage-1 mean final FID per {key} (tried) | stage-1 report |", "|---|---|---|---|"]
+    edges: list[str] = []
     for group, values in study["tuned"].items():
         info = record.get("groups", {}).get(group, {})
         tried = ", ".join(f"{v}: {m:.1f}" if math.isfinite(m) else f"{v}: failed"
                           for v, m in sorted((float(v), m) for v, m in info.get("means", {}).items()))
-        lines.append(f"| {group} | {values.get(key, '?')} | {tried or '?'} | {info.get('report', '?')} |")
+        tried_values = sorted(float(v) for v in info.get("means", {}))
+        chosen = values.get(key, "?")
+        edge = len(tried_values) > 1 and chosen in (tried_values[0], tried_values[-1])
+        edges += [group] if edge else []
+        lines.append(f"| {group} | {chosen}{' (edge)' if edge else ''} | {tried or '?'} | {info.get('report', '?')} |")
+    if edges:
+        lines += ["", f"At the edge of the searched range for {', '.join(edges)}: the best value may lie outside "
+                  f"[{record.get('low')}, {record.get('high')}]; widen `study.protocol.tune` to find out."]
     return lines + [""]
