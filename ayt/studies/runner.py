@@ -531,6 +531,8 @@ def _finished_trials(tuner) -> int:
 def _study_params(plan: StudyPlan) -> dict[str, Any]:
     study = dict(plan.study)
     study.pop("resume", None)
+    # MLflow param names allow no "=" or ",": a tuned group `loss=mfd` becomes `loss:mfd`.
+    study["tuned"] = {k.replace("=", ":").replace(",", " "): v for k, v in (study.get("tuned") or {}).items()}
     study["base_overrides"] = " ".join(plan.base_overrides)
     return study
 
