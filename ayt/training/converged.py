@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -94,13 +93,7 @@ def ensure_converged(cfg: DictConfig, cache: ArtifactCache, device: torch.device
             artifacts = ensure_artifacts(run, progress=progress)
             log.info("building the converged model: %s, %d iterations at batch %d", run.loss.name,
                      run.training.iterations, run.batch_size)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                      else os.cpu_count() or 1))   # built before any trial: every core is free
-            try:
-                summary = train_consistency(run, artifacts, WorkerContext(device), progress=progress)
-            finally:
-                torch.set_num_threads(threads)
+            summary = train_consistency(run, artifacts, WorkerContext(device), progress=progress)
             ema = torch.load(Path(scratch) / "runs" / "converged" / "ema.pt", map_location="cpu", weights_only=True)
         torch.save(ema, tmp / "denoiser.pt")
         curves = summary["curves"]
