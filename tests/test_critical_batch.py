@@ -92,7 +92,7 @@ def test_section_appears_only_for_batch_size_sweeps_with_enough_seeds_and_batche
     full = section(_sweep(), FID_1STEP, tmp_path, "t", bootstrap=200)
     text = "\n".join(full.lines)
     assert "## Critical batch size" in text and "critical_batch.png" in text
-    assert "| loss=mfd | 80." in text and "| loss=pseudo_huber | 20." in text
+    assert "| loss=mfd | 10.0 | 80." in text and "| loss=pseudo_huber | 10.0 | 20." in text
     assert (tmp_path / "critical_batch.png").is_file() and full.files
     assert "Learning-rate scaling" not in text            # lr_scaling is not an axis here
     one_seed = "\n".join(section(_sweep(seeds=(0,)), FID_1STEP, tmp_path).lines)
@@ -126,4 +126,41 @@ def test_lr_rule_comparison_ranks_the_flattest_rule_first(tmp_path):
     assert rows[0]["cv"] < 1e-9 and rows[-1]["missed_batches"] == [32] and rows[-1]["cv"] < rows[1]["cv"]
     assert m.target == 10.0 and m_all.target == 20.0
     text = "\n".join(section(trials, FID_1STEP, tmp_path, bootstrap=50).lines)
-    assert "### Learning-rate scaling" in text and "Flattest: loss=mfd, lr_scaling=sqrt" in text
+    assert "### Learning-rate scaling" in text and "Flattest for loss=mfd: lr_scaling=sqrt (CV 0.000)" in text
+
+
+def _fixed_eval_trial(loss: str, batch: int, seed: int, s_b: float, scale: float) -> Trial:
+    """Evaluations every 100 steps (as a real study: not at multiples of S_B), FID = scale·S_B/s."""
+    curve = [(s, scale * s_b / s) for s in range(100, 1001, 100)]
+    return Trial(run_id=f"{loss}{batch}{seed}", name=f"{loss}-b{batch}-s{seed}",
+                 axes={"batch_size": str(batch), "loss": loss, "seed": str(seed)}, batch_size=batch,
+                 status="FINISHED", stopped_early=False, curves={FID_1STEP: curve, FID_2STEP: curve})
+
+
+def test_per_series_target_resolves_a_fast_loss_that_a_shared_target_cannot(tmp_path):
+    """A fast loss (S_B = 30(1 + 20/B)) beside a slow one (S_B = 300(1 + 80/B)): the shared target
+    (the slow loss's loosest) is passed by every fast trial before its first evaluation, so the
+    fast series is flagged "not resolved"; per_series targets recover both B_noise (within 25%:
+    steps are interpolated linearly on a 1/s curve). Mutations caught: per_series still using
+    one target, the flag missing or raised for a resolved series, the scope not reaching the
+    section's text."""
+    trials = [_fixed_eval_trial(loss, b, seed, s_min * (1 + bn / b) * (1 + 0.01 * seed), scale)
+              for loss, s_min, bn, scale in (("fast", 30.0, 20.0, 1.0), ("slow", 300.0, 80.0, 1.0))
+              for b in BATCHES for seed in (0, 1, 2)]
+    shared = measure(trials, FID_1STEP, bootstrap=100)
+    assert shared.unresolved == ["loss=fast"] and len(set(shared.targets.values())) == 1
+    per = measure(trials, FID_1STEP, bootstrap=100, scope="per_series")
+    assert per.unresolved == [] and per.targets["loss=fast"] < per.targets["loss=slow"]
+    assert abs(per.fits["loss=fast"].b_noise / 20.0 - 1) < 0.25, per.fits["loss=fast"]
+    assert abs(per.fits["loss=slow"].b_noise / 80.0 - 1) < 0.25, per.fits["loss=slow"]
+    text = "\n".join(section(trials, FID_1STEP, tmp_path, bootstrap=100).lines)
+    assert "loss=fast: every trial was at the target by its first evaluation" in text and "(not resolved)" in text
+    text = "\n".join(section(trials, FID_1STEP, tmp_path, bootstrap=100, scope="per_series").lines)
+    assert "per series (`study.critical_batch.target=per_series`)" in text and "not resolved" not in text
+
+
+def test_bad_critical_batch_target_fails_before_any_work(tmp_path, capsys):
+    from ayt.studies.runner import study_main
+    code = study_main("critical_batch_sweep", [f"out_dir={tmp_path}", "study.critical_batch.target=each", "--cfg"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "study.critical_batch.target" in err and "allowed: shared, per_series" in err, err

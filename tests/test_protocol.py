@@ -14,6 +14,7 @@ from ayt.studies.protocol import choose, repeat_edit
 from ayt.studies.runner import plan_study, study_main
 
 TTR = ["study.protocol.name=tune_then_repeat"]
+AXES = "+study.axes.batch_size=[8,32]"
 
 
 def test_stage_one_tunes_lr_per_group_on_its_own_seeds_and_stage_two_uses_each_choice(tmp_path):
@@ -45,6 +46,35 @@ def test_bad_protocol_settings_fail_before_any_work(tmp_path, capsys, override, 
     code = study_main("speed", args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and field in err and words in err, err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_hand_set_tuned_values_apply_to_every_trial_of_a_partial_group(tmp_path):
+    """`study.tuned` labelled over some axes (each loss's lr from an earlier tuning) reaches every
+    trial of that loss at every batch size, scaled by lr_scaling in the run; study identity
+    changes with it, not with its source note. Mutations caught: exact-label matching only
+    (no trial would get its lr), a label applied to the other loss, `tuned_source` in the hash."""
+    tuned = repeat_edit({"loss=pseudo_huber": {"lr": 1e-3}, "loss=mfd": {"lr": 2.5e-4}})
+    args = [f"out_dir={tmp_path}", AXES, 'study.fixed=["lr_scaling=sqrt","lr_ref_batch=16"]']
+    plan = plan_study("speed", args, tuned)
+    lrs = {(c.loss.name, int(c.batch_size)): float(c.lr) for c in plan.trial_configs}
+    assert lrs == {("pseudo_huber", 8): 1e-3, ("pseudo_huber", 32): 1e-3, ("mfd", 8): 2.5e-4, ("mfd", 32): 2.5e-4}
+    assert {c.lr_scaling for c in plan.trial_configs} == {"sqrt"}
+    assert plan.study_id != plan_study("speed", args).study_id
+    assert plan.study_id == plan_study("speed", [*args, "study.tuned_source=elsewhere"], tuned).study_id
+
+
+@pytest.mark.parametrize("tuned, words", [
+    ({"optimizer=adam": {"lr": 1e-3}}, "not <axis>=<value> with an axis of this study"),
+    ({"loss=l2": {"lr": 1e-3}}, "not a value of that axis; allowed: pseudo_huber, mfd"),
+    ({"loss=mfd": {}}, "must map config keys to values"),
+    ({"loss=mfd": {"lr": 1e-3}, "batch_size=8": {"lr": 2e-3}}, "both set lr for the same trials"),
+])
+def test_bad_tuned_values_fail_before_any_work(tmp_path, tuned, words):
+    """A study yaml's `tuned:` block (Hydra's command line cannot spell its `loss=mfd` keys)."""
+    with pytest.raises(ConfigError) as err:
+        plan_study("speed", [f"out_dir={tmp_path}", AXES], repeat_edit(tuned))
+    assert err.value.field == "study.tuned" and words in str(err.value), str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -6,10 +6,18 @@ B_noise gets a bootstrap CI over seeds. Beside it: the measured noise scale B_si
 (`eval/noise_scale`), and, when `lr_scaling` is swept, which rule keeps images-to-target
 flattest across batch sizes.
 
-Target FID: one shared by every series, the worst (batch size, loss, rule) group's best
-seed-mean FID, so every group's mean curve reaches it and B_noise compares across losses at
-the same image quality (B_noise grows as training progresses, so per-loss targets would
-compare losses at different stages). Steps to it are interpolated linearly between evaluations.
+Target FID (`study.critical_batch.target`): the worst group's best seed-mean FID, so every
+group's mean curve reaches it, taken over
+  shared      every group: B_noise compares across losses at the same image quality (B_noise
+              grows as training progresses, so per-loss targets compare losses at different
+              stages). Only useful when the series reach similar FIDs: a much faster series
+              reaches a slow one's target at its first evaluation at every batch size, and
+              its steps to the target are not resolved;
+  per_series  the groups of each series (its batch sizes): each series is fitted at the
+              loosest FID all its batch sizes reach, so no series is fitted on unresolved
+              points, and B_noise of two series describe different stages of training.
+Steps to the target are interpolated linearly between evaluations; a series whose every
+trial was already there at its first evaluation is flagged as not resolved.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from ayt.training.noise_scale import NOISE_SCALE
 BATCH = "batch_size"
 LR_RULE = "lr_scaling"
 MIN_SEEDS, MIN_BATCHES = 2, 3
+TARGET_SCOPES = ("shared", "per_series")
 BOOTSTRAP = 2000
 BOOTSTRAP_SEED = 0
 
@@ -106,11 +115,22 @@ def fit(points: Sequence[Point], bootstrap: int = BOOTSTRAP, rng_seed: int = BOO
     return NoiseFit(float(a), b_noise, ci, float(ok.mean()))
 
 
+def check_critical_batch(study) -> None:
+    """`study.critical_batch`, checked with the rest of the study config."""
+    scope = str((study.get("critical_batch") or {}).get("target", "shared"))
+    if scope not in TARGET_SCOPES:
+        from ayt.errors import ConfigError
+        raise ConfigError("study.critical_batch.target", f"unknown value {scope!r}; allowed: " + ", ".join(TARGET_SCOPES))
+
+
 @dataclass
 class Measurement:
     """Everything the section shows, computed from the trials."""
 
-    target: float | None
+    target: float | None                 # the shared target (the loosest per-series one when per_series)
+    scope: str = "shared"
+    targets: dict[str, float] = field(default_factory=dict)           # series -> its target
+    unresolved: list[str] = field(default_factory=list)              # series reached at the first evaluation only
     points: dict[str, list[Point]] = field(default_factory=dict)      # series -> reached points
     missed: dict[str, list[tuple[int, str]]] = field(default_factory=dict)   # series -> (batch, seed) never reached
     fits: dict[str, NoiseFit] = field(default_factory=dict)
@@ -135,17 +155,35 @@ def shared_target(trials, key: str) -> float | None:
     return float(max(best)) if best else None
 
 
-def measure(trials, key: str, bootstrap: int = BOOTSTRAP) -> Measurement:
-    out = Measurement(shared_target(trials, key))
+def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared") -> Measurement:
+    by_series: dict[str, list] = {}
+    for t in trials:
+        by_series.setdefault(series_of(t), []).append(t)
+    if scope == "per_series":
+        targets = {s: shared_target(ts, key) for s, ts in by_series.items()}
+    else:
+        shared = shared_target(trials, key)
+        targets = {s: shared for s in by_series}
+    known = [v for v in targets.values() if v is not None]
+    out = Measurement(max(known) if known else None, scope, {s: v for s, v in targets.items() if v is not None})
     if out.target is None:
         return out
-    for t in trials:
-        steps = crossing(t.curves.get(key, []), out.target)
-        series = series_of(t)
-        if steps is None:
-            out.missed.setdefault(series, []).append((t.batch_size, t.seed))
-        else:
-            out.points.setdefault(series, []).append(Point(series, t.batch_size, t.seed, steps))
+    for series, members in sorted(by_series.items()):
+        target = targets.get(series)
+        if target is None:
+            continue
+        first_only = True
+        for t in members:
+            curve = t.curves.get(key, [])
+            steps = crossing(curve, target)
+            if steps is None:
+                out.missed.setdefault(series, []).append((t.batch_size, t.seed))
+                first_only = False
+            else:
+                out.points.setdefault(series, []).append(Point(series, t.batch_size, t.seed, steps))
+                first_only &= bool(curve) and steps == float(curve[0][0])
+        if first_only and series in out.points:
+            out.unresolved.append(series)
     for series, points in out.points.items():
         if len({p.batch for p in points}) >= 2:
             out.fits[series] = fit(points, bootstrap)
@@ -190,7 +228,8 @@ class Section:
     files: list[str] = field(default_factory=list)
 
 
-def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTSTRAP) -> Section:
+def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTSTRAP,
+            scope: str = "shared") -> Section:
     """The report's "Critical batch size" section (empty when batch size is not swept)."""
     if not trials or not all(BATCH in t.axes for t in trials):
         return Section([])
@@ -198,16 +237,23 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
     lacking = requirements(trials)
     if lacking:
         return Section(head + [f"- Not computed: the sweep has {lacking}."])
-    m = measure(trials, key, bootstrap)
+    m = measure(trials, key, bootstrap, scope)
     if m.target is None:
         return Section(head + ["- Not computed: no trial has an FID curve."])
-    lines = head + [f"Target {short(key)} {m.target:.2f}: the worst group's best seed-mean FID, shared by every "
-                    "series so B_noise compares at the same image quality; steps to it interpolated between "
+    if scope == "per_series":
+        which = (f"Target {short(key)} per series (`study.critical_batch.target=per_series`): the series' worst batch "
+                 "size's best seed-mean FID, the loosest FID every batch size of it reaches, so no series is fitted "
+                 "on points it passed before its first evaluation; B_noise of two series then describe different "
+                 "stages of training (B_noise grows as the target tightens)")
+    else:
+        which = (f"Target {short(key)} {m.target:.2f}: the worst group's best seed-mean FID, shared by every "
+                 "series so B_noise compares at the same image quality")
+    lines = head + [which + "; steps to it interpolated between "
                     "evaluations. Fit S(B) = S_min (1 + B_noise/B), E(B) = E_min (1 + B/B_noise) by least squares "
                     f"of S on 1/B; 95% CI of B_noise: percentile bootstrap over seeds ({bootstrap} resamples; with few "
                     "seeds it is too narrow: 76% coverage at 3 seeds, 88% at 5 on synthetic sweeps with 5% noise).", "",
-                    "| series | B_noise [95% CI] | S_min (steps) | E_min (images) | B_simple (last eval, mean) "
-                    "| trials reaching target |", "|---|---|---|---|---|---|"]
+                    "| series | target FID | B_noise [95% CI] | S_min (steps) | E_min (images) | B_simple (last eval, mean) "
+                    "| trials reaching target |", "|---|---|---|---|---|---|---|"]
     simple = _last_noise_scale(trials)
     for series in sorted(set(m.points) | set(m.missed)):
         f = m.fits.get(series)
@@ -217,9 +263,17 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
         if f and f.valid_fraction < 1:
             cell += f" ({f.valid_fraction:.0%} of resamples finite)"
         s_min, e_min = (f"{f.s_min:.0f}", f"{f.e_min:.0f}") if f else ("–", "–")
-        lines.append(f"| {series} | {cell} | {s_min} | {e_min} | {simple.get(series, math.nan):.1f} | {reached}/{total} |")
+        if series in m.unresolved:
+            cell += " (not resolved)"
+        lines.append(f"| {series} | {m.targets.get(series, math.nan):.1f} | {cell} | {s_min} | {e_min} "
+                     f"| {simple.get(series, math.nan):.1f} | {reached}/{total} |")
     for series, missed in sorted(m.missed.items()):
         lines.append(f"- {series}: never reached the target: " + ", ".join(f"b{b} seed {s}" for b, s in missed) + ".")
+    for series in m.unresolved:
+        lines.append(f"- {series}: every trial was at the target by its first evaluation, so its steps to the target "
+                     "are that evaluation's iteration at every batch size: its B_noise says nothing"
+                     + (" (a shared target set by a slower series; try `study.critical_batch.target=per_series`)."
+                        if scope == "shared" else " (evaluate earlier: more `study.budget.evals`)."))
     files = [_plot(trials, m, out / "critical_batch.png", title)]
     lines += ["", "![critical_batch.png](critical_batch.png)", "",
               "Left: steps vs images to the target (one point per trial, the fit as a line, B marked at "
@@ -232,14 +286,23 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
         lines += ["", "### Learning-rate scaling", "",
                   "Measure: coefficient of variation (std/mean) across batch sizes of the mean images to the target; "
                   "lower is flatter (convergence per image independent of the batch size). A series that misses "
-                  "the target in some trial ranks after those that never do.", "",
-                  "| series | images to target by batch size | CV | max/min |", "|---|---|---|---|"]
+                  "the target in some trial ranks after those that never do."
+                  + (" Each series is measured at its own target (per_series): the CV is unit-free, but a rule "
+                     "whose worst batch size trains slowly gets a looser target." if scope == "per_series" else ""), "",
+                  "| series | target FID | images to target by batch size | CV | max/min |", "|---|---|---|---|---|"]
         for r in rules:
             per = ", ".join(f"b{b}: {v:.0f}" for b, v in r["images"].items())
             if r["missed_batches"]:
                 per += "; some seeds missed at " + ", ".join(f"b{b}" for b in r["missed_batches"])
-            lines.append(f"| {r['series']} | {per} | {r['cv']:.3f} | {r['max_over_min']:.2f} |")
-        lines.append(f"- Flattest: {rules[0]['series']} (CV {rules[0]['cv']:.3f}).")
+            lines.append(f"| {r['series']} | {m.targets.get(r['series'], math.nan):.1f} | {per} | {r['cv']:.3f} "
+                         f"| {r['max_over_min']:.2f} |")
+        best: dict[str, dict] = {}
+        for r in rules:               # ranked: the first row of each remaining series is its flattest rule
+            rest = ", ".join(p for p in r["series"].split(", ") if not p.startswith(f"{LR_RULE}=")) or "all"
+            best.setdefault(rest, r)
+        for rest, r in best.items():
+            rule = next(p for p in r["series"].split(", ") if p.startswith(f"{LR_RULE}="))
+            lines.append(f"- Flattest for {rest}: {rule} (CV {r['cv']:.3f}).")
     return Section(lines, files)
 
 
@@ -274,7 +337,8 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
                           fontsize=7, color=colour)
     left.set_xscale("log"), left.set_yscale("log")
     left.set_xlabel("images to target (E)"), left.set_ylabel("steps to target (S)")
-    left.set_title(f"steps vs images to FID {m.target:.2f}")
+    left.set_title(f"steps vs images to FID {m.target:.2f}" if m.scope == "shared"
+                   else "steps vs images to each series' target FID")
     left.grid(alpha=0.3, which="both")
     if left.get_legend_handles_labels()[0]:
         left.legend(fontsize=7)

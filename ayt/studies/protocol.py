@@ -159,10 +159,63 @@ def repeat_edit(tuned: Mapping[str, Mapping[str, float]]) -> Callable[[DictConfi
     return edit
 
 
+def parse_group_label(space: StudySpace, label: str) -> dict[str, str]:
+    """`loss=mfd,batch_size=16` -> {"loss": "mfd", "batch_size": "16"}, every key an axis of the
+    study and every value one of its values (a ConfigError naming `study.tuned` otherwise)."""
+    axes = {a.key: a for a in space.axes}
+    pairs: dict[str, str] = {}
+    for part in str(label).split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in axes:
+            raise ConfigError("study.tuned", f"group {label!r}: {part!r} is not <axis>=<value> with an axis of "
+                              "this study (" + ", ".join(axes) + ")")
+        allowed = [str(v) for v in (axes[key].values or ())]
+        if allowed and value not in allowed:
+            raise ConfigError("study.tuned", f"group {label!r}: {key}={value} is not a value of that axis; "
+                              "allowed: " + ", ".join(allowed))
+        pairs[key] = value
+    return pairs
+
+
+def check_tuned(study: Mapping[str, Any], space: StudySpace) -> None:
+    """`study.tuned`, checked before anything runs: group labels over the study's axes, each
+    mapping config keys to values; no trial matched by two labels that set the same key."""
+    tuned = study.get("tuned") or {}
+    if not isinstance(tuned, Mapping):
+        raise ConfigError("study.tuned", f"must map a group (e.g. loss=mfd) to {{key: value}}, got {tuned!r}")
+    for label, values in tuned.items():
+        parse_group_label(space, label)
+        if not isinstance(values, Mapping) or not values:
+            raise ConfigError("study.tuned", f"group {label!r} must map config keys to values, e.g. {{lr: 1e-3}}, "
+                              f"got {values!r}")
+    for point in space.grid() if space.search == "grid" else []:
+        set_by: dict[str, str] = {}
+        for label in _matching(tuned, space, point):
+            for key in tuned[label]:
+                if key in set_by:
+                    raise ConfigError("study.tuned", f"groups {set_by[key]!r} and {label!r} both set {key} "
+                                      "for the same trials; give each trial one value")
+                set_by[key] = label
+
+
+def _matching(tuned: Mapping[str, Any], space: StudySpace, params: Mapping[str, Any]) -> list[str]:
+    """The tuned labels a trial belongs to: every axis value the label names equals the trial's."""
+    mine = {a.key: str(params[a.param]) for a in space.axes if a.param in params}
+    return [label for label in tuned
+            if all(mine.get(k) == v for k, v in parse_group_label(space, label).items())]
+
+
 def tuned_overrides(study: Mapping[str, Any], space: StudySpace, params: Mapping[str, Any]) -> list[str]:
-    """A stage-2 trial's overrides for its group's tuned values (none outside the protocol)."""
-    tuned = (study.get("tuned") or {}).get(group_key(space, params)) or {}
-    return [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}" for key, value in tuned.items()]
+    """A trial's overrides from `study.tuned`: stage 2 of tune-then-repeat sets one label per
+    group; a study may also set it by hand with labels over some of its axes (e.g. each loss's
+    lr from an earlier tuning applied at every batch size: `loss=mfd: {lr: 2.5e-4}`)."""
+    tuned = study.get("tuned") or {}
+    out: list[str] = []
+    for label in _matching(tuned, space, params):
+        out += [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in tuned[label].items()]
+    return out
 
 
 def choose(values: Mapping[float, Sequence[float]]) -> tuple[float | None, dict[float, float]]:
@@ -186,7 +239,9 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
     if not study.get("tuned"):
         return []
     path = out_dir / TUNING_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return _given_lines(study)
+    record = json.loads(path.read_text())
     key = record.get("key", "the tuned key")
     lines = ["## Protocol: tune, then repeat", "",
              f"Each group runs at its own best `{key}`, chosen in stage 1 by the lowest mean final "
@@ -208,4 +263,17 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
     if edges:
         lines += ["", f"At the edge of the searched range for {', '.join(edges)}: the best value may lie outside "
                   f"[{record.get('low')}, {record.get('high')}]; widen `study.protocol.tune` to find out."]
+    return lines + [""]
+
+
+def _given_lines(study: Mapping[str, Any]) -> list[str]:
+    """The protocol section of a study whose `tuned` values were set in its config (no stage 1
+    of its own): which trials ran at which values, and where the values came from."""
+    lines = ["## Per-group settings (`study.tuned`)", "",
+             "Set in the study config, not tuned by this study"
+             + (f": {study['tuned_source']}" if study.get("tuned_source") else "")
+             + ". Every trial of a group runs at its values (on top of any `lr_scaling`).", "",
+             "| group | values |", "|---|---|"]
+    for label, values in study["tuned"].items():
+        lines.append(f"| {label} | " + ", ".join(f"{k}={v}" for k, v in values.items()) + " |")
     return lines + [""]

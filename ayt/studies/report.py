@@ -157,7 +157,8 @@ def write_report(plan, uri: str, parent_run_id: str) -> dict[str, Any]:
     started = MlflowClient(uri).get_run(parent_run_id).info.start_time
     wall = time.time() - started / 1000 if started else None
     from ayt.studies.critical_batch import section as critical_batch_section
-    critical = critical_batch_section(trials, key, out, plan.name)      # batch-size sweeps only
+    critical = critical_batch_section(trials, key, out, plan.name,      # batch-size sweeps only
+                                      scope=str((plan.study.get("critical_batch") or {}).get("target", "shared")))
     files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files],
                                  wall, critical.lines))
     files += critical.files

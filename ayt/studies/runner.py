@@ -29,7 +29,8 @@ from ayt.config import VOLATILE_KEYS, compose_config, flatten, load_config, run_
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key
 from ayt.provenance import git_commit
-from ayt.studies.protocol import (TUNING_FILE, choose, groups, parse_tune_stage, protocol_name,
+from ayt.studies.critical_batch import check_critical_batch
+from ayt.studies.protocol import (TUNING_FILE, check_tuned, choose, groups, parse_tune_stage, protocol_name,
                                   repeat_edit, tune_edit, tuned_overrides, write_tuning)
 from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
 
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
 # Study keys that change how a study runs, not what its trials compute.
-VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend")
+# Keys that change how a study runs or is reported, not what its trials compute.
+VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend", "critical_batch",
+                       "tuned_source")
 
 
 @dataclass
@@ -157,6 +160,8 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
         raise ConfigError("study.trial_backend", f"unknown value {study.trial_backend!r}; allowed: "
                           + ", ".join(TRIAL_BACKENDS))
     space = parse_space(study)
+    check_tuned(study, space)
+    check_critical_batch(study)
     base_overrides = []
     if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
         base_overrides.append(f"experiment={study.preset}")

@@ -1,8 +1,0 @@
-"""`python -m ayt.studies.critical_batch_lr_sweep`: the search space is conf/study/critical_batch_lr_sweep.yaml."""
-
-import sys
-
-from ayt.studies.runner import study_main
-
-if __name__ == "__main__":
-    sys.exit(study_main("critical_batch_lr_sweep"))
