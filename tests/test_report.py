@@ -143,3 +143,18 @@ def test_protocol_section_flags_a_choice_at_the_edge_of_the_searched_range(tmp_p
     text = "\n".join(report_lines({"tuned": {"loss=a": {"lr": 0.001}, "loss=b": {"lr": 0.002}}}, tmp_path))
     assert "| loss=a | 0.001 (edge) |" in text and "| loss=b | 0.002 |" in text
     assert "At the edge of the searched range for loss=a:" in text
+
+
+def test_fine_tuning_start_fid_is_a_column_when_runs_start_from_the_converged_model():
+    """Mutations caught: the converged model's FID left out of the group rows, or a start
+    column in studies that do not fine-tune."""
+    from ayt.studies.report import TABLE
+    start = {"converged_fid_1step": "62.0", "converged_fid_2step": "60.5"}
+    trials = [Trial(run_id=f"{loss}{s}", name=f"{loss}-{s}", axes={"loss": loss, "seed": str(s)}, batch_size=16,
+                    status="FINISHED", stopped_early=False, curves={FID_1STEP: [(100, 64.0 + s)], FID_2STEP: [(100, 63.0)]},
+                    train_seconds=1.0, artifacts=start) for loss in ("pseudo_huber", "mfd") for s in range(2)]
+    rows, _ = _rows(trials)
+    column = next(c for c in TABLE if c.header.startswith("start FID"))
+    assert column.cell(rows["loss=mfd"], FID_1STEP) == "62.00 / 60.50" and column.shown(list(rows.values()))
+    plain, _ = _rows([_trial("pseudo_huber", 0, [(100, 30.0)])])
+    assert "converged_fid_1step" not in plain["loss=pseudo_huber"]

@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+# Diagnostics a run may log (issues 14, 15): checked on the child's metrics page when it did.
+DIAGNOSTIC_METRICS = ("eval/noise_scale", "eval/tangent/cos_all", "eval/tangent/osc_all")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -102,6 +104,21 @@ def check(store: Path, experiment: str, out: Path, chromium: str) -> list[str]:
                 charts = page.locator("canvas, svg.main-svg, .js-plotly-plot").count()
                 if charts == 0:
                     problems.append("no chart element rendered on the child's metrics page")
+                # The diagnostics a run logged must be findable on that page (MLflow groups charts
+                # by the key's prefix; a section may be collapsed, so its name is what is checked).
+                for key in DIAGNOSTIC_METRICS:
+                    if key in child.data.metrics and key not in body:
+                        section = key.rsplit("/", 1)[0]
+                        if section not in body:
+                            problems.append(f"the child logged {key} but its metrics page does not show it "
+                                            f"(nor a {section} section)")
+            for parent in parents[:1]:
+                page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts"
+                          "?workflowType=machine_learning", wait_until="load", timeout=60000)
+                page.wait_for_timeout(10000)
+                page.screenshot(path=str(out / "parent_artifacts.png"), full_page=True)
+                if "report" not in page.inner_text("body"):
+                    problems.append(f"the parent run {parent.info.run_name} lists no report/ artifact folder")
             browser.close()
     finally:
         server.terminate()

@@ -179,7 +179,7 @@ def _group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[d
             for what, fn in (("final", Trial.final), ("best", Trial.best)):
                 m, h, _ = mean_ci([fn(t, k) for t in members])
                 row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
-        for name in FEATURE_MAP_KEYS:      # the feature map's metadata (artifact.* params), averaged over seeds
+        for name in ARTIFACT_KEYS:         # artifact metadata (artifact.* params), averaged over seeds
             values = [float(t.artifacts[name]) for t in members if name in t.artifacts]
             if values:
                 row[name] = float(np.mean(values))
@@ -477,6 +477,8 @@ FM_FAMILIES = ("geo", "clr", "deg")
 FM_ERRORS = ("noise", "blur", "mixup", "shift", "mean")     # ayt.training.alignment.ERRORS
 FEATURE_MAP_KEYS = ("feature_map_label_mse", "feature_map_r2", "feature_map_train_images",
                     *(f"feature_map_r2_{f}" for f in FM_FAMILIES), *(f"feature_map_align_{e}" for e in FM_ERRORS))
+CONVERGED_KEYS = ("converged_fid_1step", "converged_fid_2step")     # the fine-tuning regime's start
+ARTIFACT_KEYS = (*FEATURE_MAP_KEYS, *CONVERGED_KEYS)
 
 
 def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
@@ -486,6 +488,9 @@ def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
 TABLE = [
     Column("group", lambda r, key: r["group"]),
     Column("seeds", lambda r, key: r["seeds"]),
+    Column("start FID 1-step / 2-step (converged model)",
+           lambda r, key: f"{r['converged_fid_1step']:.2f} / {r.get('converged_fid_2step', math.nan):.2f}",
+           needs="converged_fid_1step"),
     Column("final FID 1-step", _stat("final_fid_1step")),
     Column("final FID 2-step", _stat("final_fid_2step")),
     Column("best FID 1-step", _stat("best_fid_1step")),
