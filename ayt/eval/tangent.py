@@ -183,6 +183,14 @@ class TangentProbe:
         probes = build_probe_set(data.images, int(cfg.seed), int(spec.probe_size), int(spec.t_bins), schedule)
         return cls(probes, device, batch_size=int(cfg.fid.batch_size))
 
+    def state_dict(self) -> dict:
+        """The last evaluation's directions: a resumed run's first evaluation still has its oscillation."""
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        previous = state.get("previous")
+        self.previous = previous.to(self.probes.x.device) if previous is not None else None
+
     def tags(self) -> dict[str, Any]:
         return {EDGES_TAG: ",".join(f"{e:.4g}" for e in self.probes.edges)}
 

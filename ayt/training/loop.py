@@ -221,11 +221,11 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     loader = ctx.prepare_loader(DataLoader(sampler.dataset, batch_size=per_worker, sampler=sampler,
                                            drop_last=True))
     step = build_training(cfg, artifacts, ctx, data)
-    state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx)) or RunState()
+    tangent = TangentProbe.from_config(cfg, data, device) if ctx.is_chief else None     # None: switched off
+    state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx, tangent)) or RunState()
     if state.iteration and sink is not None and ctx.is_chief:
         sink.set_tags({"ayt.resumed_from_iteration": state.iteration})
     probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
-    tangent = TangentProbe.from_config(cfg, data, device) if ctx.is_chief else None     # None: switched off
     if tangent is not None and sink is not None:
         sink.set_tags(tangent.tags())
     total, it = int(cfg.training.iterations), state.iteration
@@ -279,7 +279,8 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                     sink.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=it)
                 if history:
                     metrics[HISTORY] = history
-                ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx)) if checkpoint else None)
+                ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx, tangent=tangent))
+                           if checkpoint else None)
                 history = []
                 tick = time.perf_counter()
             elif metrics and ctx.is_chief:
@@ -335,26 +336,36 @@ def _maybe_fail(cfg: DictConfig, it: int, ctx: WorkerContext) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: RunState,
-                    ctx: WorkerContext, extra: dict | None = None) -> None:
-    """Rank 0 writes networks/optimizer/counters; every rank writes its RNG state."""
+                    ctx: WorkerContext, extra: dict | None = None, tangent: TangentProbe | None = None) -> None:
+    """Rank 0 writes networks/optimizer/counters and the tangent probe's last directions;
+    every rank writes its RNG state and its own noise-scale average."""
     directory = Path(directory)
     if ctx.is_chief:
         torch.save({
             "net": unwrap(step.net).state_dict(), "ema": step.ema.state_dict(),
             "optimizer": step.optimizer.state_dict(), "iteration": state.iteration,
             "stage": step.schedule.stage(state.iteration), "curves": state.curves,
-            "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds, **(extra or {}),
+            "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
+            **({"tangent": tangent.state_dict()} if tangent is not None else {}), **(extra or {}),
         }, directory / STATE_FILE)
     torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
+    if step.noise_scale is not None:
+        torch.save(step.noise_scale.state_dict(), directory / f"noise_scale_rank{ctx.rank}.pt")
     (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps(ctx.describe()))
 
 
-def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext) -> RunState:
+def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext,
+                    tangent: TangentProbe | None = None) -> RunState:
     directory = Path(directory)
     blob = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     unwrap(step.net).load_state_dict(blob["net"])
     step.ema.load_state_dict(blob["ema"])
     step.optimizer.load_state_dict(blob["optimizer"])
+    if tangent is not None and "tangent" in blob:
+        tangent.load_state_dict(blob["tangent"])
+    noise_file = directory / f"noise_scale_rank{ctx.rank}.pt"
+    if step.noise_scale is not None and noise_file.is_file():    # a rank new to the run starts its own average
+        step.noise_scale.load_state_dict(torch.load(noise_file, map_location=ctx.device, weights_only=True))
     rng_file = directory / f"rng_rank{ctx.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), ctx.device)

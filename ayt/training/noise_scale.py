@@ -50,6 +50,13 @@ class NoiseScale:
             self.decay * self.average + (1 - self.decay) * estimate
         self.updates += 1
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so a resumed run continues its average instead of restarting it."""
+        return {"average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average, self.updates = state.get("average"), int(state.get("updates", 0))
+
     def estimate(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[float, float]:
         """Bias-corrected (|G|², tr(Σ)); `reduce` averages them over workers. Both estimates are
         linear in the small-batch norm, so the mean of the workers' EMAs is the EMA of the
