@@ -1,6 +1,7 @@
 """What a person running a study sees: one line when a trial starts (its axis values), one
 when it ends (final FID, iterations, wall time, status), an overall progress bar, and the
-final summary. Ray's and Tune's own logs go to a file (`ayt.logs.route_logs`)."""
+final summary. Ray's and Tune's own logs go to a file (`ayt.logs.route_logs`). `progress=false`
+drops the bar only: a study run into a log file still says what each trial did."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class StudyConsole(Callback):
     """The study's terminal output, as a Tune callback on the driver."""
 
     def __init__(self, total: int, metric: str, enabled: bool = True):
-        self.total, self.metric, self.enabled = total, metric, enabled
+        self.total, self.metric, self.enabled = total, metric, enabled     # enabled: the progress bar
         self.started: dict[str, float] = {}
         self.done = 0
         self.bar = None
@@ -40,8 +41,6 @@ class StudyConsole(Callback):
         return self.bar
 
     def say(self, line: str) -> None:
-        if not self.enabled:
-            return
         bar = self._bar()
         bar.write(line) if bar is not None else print(line, flush=True)
 
