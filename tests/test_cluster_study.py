@@ -49,14 +49,14 @@ def test_study_on_three_nodes_with_mlflow_server(three_node_cluster, mlflow_serv
     storage = tmp_path / "shared-storage"
     code = study_main("batch_size_sweep", [
         f"out_dir={shared_out_dir}", "study.name=cluster-sim", "study.axes.batch_size=[16]",
-        "study.axes.loss=[pseudo_huber,l2]", "study.budget.amount=320", "study.budget.evals=2",
+        "study.axes.loss=[pseudo_huber]", "study.budget.amount=320", "study.budget.evals=2",
         "scaling.num_workers=2", f"ray.address={cluster.address}", f"ray.storage_path={storage}",
         f"tracking.uri={mlflow_server}", "study.preset=smoke", "fid.num_samples=100", "progress=false"])
     assert code == 0
 
     # Every trial's two workers ran on two different nodes (provenance written into checkpoints).
     trial_dirs = sorted((p for p in storage.glob("cluster-sim-*/trials/*") if p.is_dir()))
-    assert len(trial_dirs) == 2
+    assert len(trial_dirs) == 1                # one trial: placement is what is tested, not the grid
     for trial in trial_dirs:
         final = trial / "iter_000000020"
         nodes = {json.loads((final / f"worker_rank{r}.json").read_text())["node_id"] for r in (0, 1)}
@@ -68,7 +68,7 @@ def test_study_on_three_nodes_with_mlflow_server(three_node_cluster, mlflow_serv
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
     children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parents[0]["info"]["run_id"]]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 1
     for child in children:
         assert child["info"]["status"] == "FINISHED"
         history = _get(mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="eval/fid_1step")

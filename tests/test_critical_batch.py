@@ -93,6 +93,10 @@ def test_section_appears_only_for_batch_size_sweeps_with_enough_seeds_and_batche
     text = "\n".join(full.lines)
     assert "## Critical batch size" in text and "critical_batch.png" in text
     assert "| loss=mfd | 10.0 | 80." in text and "| loss=pseudo_huber | 10.0 | 20." in text
+    assert "| 80.0 | 80.0 ± 0.0 (n=15) |" in text        # B_simple: last evaluation, and over the run
+    from ayt.studies.report import _write_curves_csv
+    header = open(_write_curves_csv(_sweep(), tmp_path / "curves.csv")).readline()
+    assert header.strip().endswith("fid_1step,fid_2step,noise_scale")
     assert (tmp_path / "critical_batch.png").is_file() and full.files
     assert "Learning-rate scaling" not in text            # lr_scaling is not an axis here
     one_seed = "\n".join(section(_sweep(seeds=(0,)), FID_1STEP, tmp_path).lines)

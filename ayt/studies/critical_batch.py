@@ -253,8 +253,9 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                     f"of S on 1/B; 95% CI of B_noise: percentile bootstrap over seeds ({bootstrap} resamples; with few "
                     "seeds it is too narrow: 76% coverage at 3 seeds, 88% at 5 on synthetic sweeps with 5% noise).", "",
                     "| series | target FID | B_noise [95% CI] | S_min (steps) | E_min (images) | B_simple (last eval, mean) "
-                    "| trials reaching target |", "|---|---|---|---|---|---|---|"]
-    simple = _last_noise_scale(trials)
+                    "| B_simple over the run (± 95% CI over trials) | trials reaching target |",
+                    "|---|---|---|---|---|---|---|---|"]
+    simple, over_run = _last_noise_scale(trials), run_noise_scale(trials)
     for series in sorted(set(m.points) | set(m.missed)):
         f = m.fits.get(series)
         reached, total = len(m.points.get(series, [])), len(m.points.get(series, [])) + len(m.missed.get(series, []))
@@ -266,7 +267,7 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
         if series in m.unresolved:
             cell += " (not resolved)"
         lines.append(f"| {series} | {m.targets.get(series, math.nan):.1f} | {cell} | {s_min} | {e_min} "
-                     f"| {simple.get(series, math.nan):.1f} | {reached}/{total} |")
+                     f"| {simple.get(series, math.nan):.1f} | {_pm(over_run.get(series))} | {reached}/{total} |")
     for series, missed in sorted(m.missed.items()):
         lines.append(f"- {series}: never reached the target: " + ", ".join(f"b{b} seed {s}" for b, s in missed) + ".")
     for series in m.unresolved:
@@ -298,10 +299,9 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                          f"| {r['max_over_min']:.2f} |")
         best: dict[str, dict] = {}
         for r in rules:               # ranked: the first row of each remaining series is its flattest rule
-            rest = ", ".join(p for p in r["series"].split(", ") if not p.startswith(f"{LR_RULE}=")) or "all"
-            best.setdefault(rest, r)
+            best.setdefault(_without_rule(r["series"]), r)
         for rest, r in best.items():
-            rule = next(p for p in r["series"].split(", ") if p.startswith(f"{LR_RULE}="))
+            rule = _rule(r["series"])
             lines.append(f"- Flattest for {rest}: {rule} (CV {r['cv']:.3f}).")
     return Section(lines, files)
 
@@ -315,10 +315,23 @@ def _last_noise_scale(trials) -> dict[str, float]:
     return {s: float(np.mean(v)) for s, v in values.items()}
 
 
+def run_noise_scale(trials) -> dict[str, tuple[float, float, int]]:
+    """Per series: each trial's B_simple averaged over its evaluations after the first (the
+    EMA's warm-up), then mean ± 95% t-interval over the trials (seeds × batch sizes)."""
+    from ayt.studies.stats import mean_ci
+    values: dict[str, list[float]] = {}
+    for t in trials:
+        curve = [v for _, v in (t.curves.get(NOISE_SCALE) or [])[1:] if math.isfinite(v)]
+        if curve:
+            values.setdefault(series_of(t), []).append(float(np.mean(curve)))
+    return {s: mean_ci(v) for s, v in values.items()}
+
+
 def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     palette = plt.get_cmap("tab10")
     colours = {s: palette(i % 10) for i, s in enumerate(sorted(set(m.points) | set(m.missed)))}
@@ -330,33 +343,46 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
             batches = np.geomspace(min(p.batch for p in points) / 2, max(p.batch for p in points) * 2, 100)
             steps = f.steps(batches)
             left.plot(steps * batches, steps, color=colour, label=f"{series}: B_noise {f.b_noise:.0f}")
-            right.axhline(f.b_noise, color=colour, linestyle=":", linewidth=1)
         for b in sorted({p.batch for p in points}):
             mean = [p for p in points if p.batch == b]
             left.annotate(f"{b}", (np.mean([p.images for p in mean]), np.mean([p.steps for p in mean])),
                           fontsize=7, color=colour)
     left.set_xscale("log"), left.set_yscale("log")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_xlabel("images to target (E)"), left.set_ylabel("steps to target (S)")
     left.set_title(f"steps vs images to FID {m.target:.2f}" if m.scope == "shared"
                    else "steps vs images to each series' target FID")
     left.grid(alpha=0.3, which="both")
     if left.get_legend_handles_labels()[0]:
         left.legend(fontsize=7)
+    # Right: the measured noise scale per (series without its lr rule, batch size), averaged over
+    # seeds and rules (the estimator does not depend on the lr; 24 lines of a crossed study would
+    # not be readable), the fitted B_noise of each series dotted in its loss's colour.
     styles = ["-", "--", "-.", ":"]
     batches = sorted({t.batch_size for t in trials})
-    for series in sorted(colours):
+    rests = sorted({_without_rule(series_of(t)) for t in trials})
+    rest_colours = {r: palette(i % 10) for i, r in enumerate(rests)}
+    crossed = any(f"{LR_RULE}=" in series_of(t) for t in trials)
+    for rest in rests:
         for i, b in enumerate(batches):
             curves = [t.curves[NOISE_SCALE] for t in trials
-                      if series_of(t) == series and t.batch_size == b and t.curves.get(NOISE_SCALE)]
+                      if _without_rule(series_of(t)) == rest and t.batch_size == b and t.curves.get(NOISE_SCALE)]
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
             mean = [np.mean([dict(c)[s] for c in curves]) for s in steps]
-            right.plot([s * b for s in steps], mean, color=colours[series], linestyle=styles[i % len(styles)],
-                       label=f"{series}, b{b}", linewidth=1)
+            right.plot([s * b for s in steps], mean, color=rest_colours[rest], linestyle=styles[i % len(styles)],
+                       label=f"{rest}, b{b}", linewidth=1)
+    for series, f in sorted(m.fits.items()):
+        if math.isfinite(f.b_noise) and f.b_noise > 0:
+            colour = rest_colours.get(_without_rule(series), "grey")
+            right.axhline(f.b_noise, color=colour, linestyle=":", linewidth=1)
+            if crossed:
+                right.annotate(f"B_noise, {_rule(series)}", (1.0, f.b_noise), xycoords=("axes fraction", "data"),
+                               ha="right", va="bottom", fontsize=6, color=colour)
     right.set_xlabel("images seen"), right.set_ylabel("B_simple = tr(Σ)/|G|²")
     right.set_yscale("log")
-    right.set_title("measured gradient noise scale")
+    right.set_title("measured gradient noise scale" + (" (mean over seeds and lr rules)" if crossed else ""))
     right.grid(alpha=0.3, which="both")
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=6, ncol=2)
@@ -365,6 +391,21 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _pm(stat: tuple[float, float, int] | None) -> str:
+    if stat is None or not math.isfinite(stat[0]):
+        return "–"
+    mean, half, n = stat
+    return f"{mean:.1f} ± {half:.1f} (n={n})" if math.isfinite(half) else f"{mean:.1f} (n={n})"
+
+
+def _without_rule(series: str) -> str:
+    return ", ".join(p for p in series.split(", ") if not p.startswith(f"{LR_RULE}=")) or "all"
+
+
+def _rule(series: str) -> str:
+    return next((p for p in series.split(", ") if p.startswith(f"{LR_RULE}=")), series)
 
 
 def noise_keys(logged: dict[str, float]) -> tuple[str, ...]:

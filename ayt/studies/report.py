@@ -275,13 +275,16 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
 
 
 def _write_curves_csv(trials: list[Trial], path: Path) -> str:
+    """One row per evaluation: the FID curves, and the noise scale where the study measured it."""
+    from ayt.training.noise_scale import NOISE_SCALE
+    keys = (*CURVES, *((NOISE_SCALE,) if any(t.curves.get(NOISE_SCALE) for t in trials) else ()))
     rows = []
     for t in trials:
         steps = sorted({s for k in CURVES for s, _ in t.curves.get(k, [])})
-        values = {k: dict(t.curves.get(k, [])) for k in CURVES}
+        values = {k: dict(t.curves.get(k, [])) for k in keys}
         for s in steps:
             rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "iteration": s,
-                         "images_seen": s * t.batch_size, **{short(k): values[k].get(s) for k in CURVES}})
+                         "images_seen": s * t.batch_size, **{short(k): values[k].get(s) for k in keys}})
     return _write_rows(rows or [{"run": None}], path)
 
 
