@@ -282,6 +282,8 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
               "against images seen, dotted lines at the fitted B_noise."]
     if not any(t.curves.get(NOISE_SCALE) for t in trials):
         lines.append("- No trial logged `eval/noise_scale` (set `diagnostics.noise_scale.enabled=true`).")
+    else:
+        lines += noise_scale_comparison(trials)
     rules = lr_rule_spread(m)
     if rules:
         lines += ["", "### Learning-rate scaling", "",
@@ -391,6 +393,29 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def noise_scale_comparison(trials) -> list[str]:
+    """B_simple over the run per loss (series without its lr rule), pooled over batch sizes and
+    rules; with two such series, their difference paired by (batch size, rule, seed)."""
+    from ayt.studies.stats import mean_ci, paired
+    by_rest: dict[str, dict[str, float]] = {}
+    for t in trials:
+        curve = [v for _, v in (t.curves.get(NOISE_SCALE) or [])[1:] if math.isfinite(v)]
+        if curve:
+            rule = _rule(series_of(t)) if f"{LR_RULE}=" in series_of(t) else ""
+            pair = f"b{t.batch_size}, {rule}, seed {t.seed}"
+            by_rest.setdefault(_without_rule(series_of(t)), {})[pair] = float(np.mean(curve))
+    if not by_rest:
+        return []
+    lines = ["- B_simple over the run (each trial's mean after its first evaluation), pooled over batch sizes"
+             + (" and lr rules" if any(f"{LR_RULE}=" in series_of(t) for t in trials) else "") + ": "
+             + "; ".join(f"{rest} {_pm(mean_ci(list(v.values())))}" for rest, v in sorted(by_rest.items())) + "."]
+    if len(by_rest) == 2:
+        (a, va), (b, vb) = sorted(by_rest.items())
+        c = paired(va, vb)
+        lines.append(f"- {a} − {b}, paired by batch size, rule and seed: {c.verdict('lower', 'higher')}.")
+    return lines
 
 
 def _pm(stat: tuple[float, float, int] | None) -> str:
