@@ -95,7 +95,8 @@ def test_section_appears_only_for_batch_size_sweeps_with_enough_seeds_and_batche
     assert "| loss=mfd | 10.0 | 80." in text and "| loss=pseudo_huber | 10.0 | 20." in text
     assert "| 80.0 | 80.0 ± 0.0 (n=15) |" in text        # B_simple: last evaluation, and over the run
     assert "pooled over batch sizes: loss=mfd 80.0 ± 0.0 (n=15); loss=pseudo_huber 20.0 ± 0.0 (n=15)." in text
-    assert "- loss=mfd − loss=pseudo_huber, paired by batch size, rule and seed: higher: +60" in text
+    assert "- loss=mfd − loss=pseudo_huber, each seed's mean over batch sizes and rules, paired by seed: higher: +60" in text
+    assert "(paired t, n=3); loss=mfd higher at 5 of 5 batch sizes" in text
     from ayt.studies.report import _write_curves_csv
     header = open(_write_curves_csv(_sweep(), tmp_path / "curves.csv")).readline()
     assert header.strip().endswith("fid_1step,fid_2step,noise_scale")

@@ -397,7 +397,9 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
 
 def noise_scale_comparison(trials) -> list[str]:
     """B_simple over the run per loss (series without its lr rule), pooled over batch sizes and
-    rules; with two such series, their difference paired by (batch size, rule, seed)."""
+    rules; with two such series, their difference paired by seed (each seed's mean over batch
+    sizes and rules: trials of one seed share data order and noise, so the seed is the
+    independent unit), and how often it has the same sign per batch size."""
     from ayt.studies.stats import mean_ci, paired
     by_rest: dict[str, dict[str, float]] = {}
     for t in trials:
@@ -413,8 +415,18 @@ def noise_scale_comparison(trials) -> list[str]:
              + "; ".join(f"{rest} {_pm(mean_ci(list(v.values())))}" for rest, v in sorted(by_rest.items())) + "."]
     if len(by_rest) == 2:
         (a, va), (b, vb) = sorted(by_rest.items())
-        c = paired(va, vb)
-        lines.append(f"- {a} − {b}, paired by batch size, rule and seed: {c.verdict('lower', 'higher')}.")
+
+        def per(values: dict[str, float], part: int) -> dict[str, float]:
+            groups: dict[str, list[float]] = {}
+            for key, value in values.items():
+                groups.setdefault(key.split(", ")[part], []).append(value)
+            return {k: float(np.mean(v)) for k, v in groups.items()}
+        c = paired(per(va, 2), per(vb, 2))
+        ba, bb = per(va, 0), per(vb, 0)
+        higher = sum(ba[k] > bb[k] for k in ba if k in bb)
+        lines.append(f"- {a} − {b}, each seed's mean over batch sizes and rules, paired by seed: "
+                     f"{c.verdict('lower', 'higher')}; {a} higher at {higher} of {len(set(ba) & set(bb))} batch sizes "
+                     "(means over seeds and rules).")
     return lines
 
 
