@@ -104,14 +104,19 @@ def check(store: Path, experiment: str, out: Path, chromium: str) -> list[str]:
                 charts = page.locator("canvas, svg.main-svg, .js-plotly-plot").count()
                 if charts == 0:
                     problems.append("no chart element rendered on the child's metrics page")
-                # The diagnostics a run logged must be findable on that page (MLflow groups charts
-                # by the key's prefix; a section may be collapsed, so its name is what is checked).
+                # The diagnostics a run logged must each have a chart: MLflow renders charts lazily
+                # (below the fold they are not in the page yet), so filter with its search box.
+                search = page.get_by_placeholder("Search metric charts")
                 for key in DIAGNOSTIC_METRICS:
-                    if key in child.data.metrics and key not in body:
-                        section = key.rsplit("/", 1)[0]
-                        if section not in body:
-                            problems.append(f"the child logged {key} but its metrics page does not show it "
-                                            f"(nor a {section} section)")
+                    if key not in child.data.metrics:
+                        continue
+                    name = key.rsplit("/", 1)[-1]
+                    search.fill(name)
+                    page.wait_for_timeout(3000)
+                    page.screenshot(path=str(out / f"child_metric_{name}.png"), full_page=True)
+                    if page.get_by_text(name, exact=True).count() == 0:
+                        problems.append(f"the child logged {key} but its metrics page shows no {name} chart")
+                search.fill("")
             for parent in parents[:1]:
                 page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts"
                           "?workflowType=machine_learning", wait_until="load", timeout=60000)
@@ -119,6 +124,16 @@ def check(store: Path, experiment: str, out: Path, chromium: str) -> list[str]:
                 page.screenshot(path=str(out / "parent_artifacts.png"), full_page=True)
                 if "report" not in page.inner_text("body"):
                     problems.append(f"the parent run {parent.info.run_name} lists no report/ artifact folder")
+                    continue
+                # Every figure the report logged is listed once the folder is opened.
+                page.get_by_text("report", exact=True).first.click()
+                page.wait_for_timeout(3000)
+                page.screenshot(path=str(out / "parent_report_folder.png"), full_page=True)
+                listed = page.inner_text("body")
+                for item in client.list_artifacts(parent.info.run_id, "report"):
+                    name = item.path.rsplit("/", 1)[-1]
+                    if name.endswith(".png") and name not in listed:
+                        problems.append(f"the parent's report/{name} is not listed on its artifacts page")
             browser.close()
     finally:
         server.terminate()
