@@ -36,6 +36,7 @@ def test_stage_one_tunes_lr_per_group_on_its_own_seeds_and_stage_two_uses_each_c
 
 @pytest.mark.parametrize("override, field, words", [
     ("study.protocol.name=bandit", "study.protocol.name", "allowed: single, tune_then_repeat"),
+    ("+study.tuned.x={lr: 1e-3}", "study.tuned", "would skip that stage"),
     ("study.protocol.tune.seeds=[0]", "study.protocol.tune.seeds", "also repeat seeds"),
     ("study.protocol.tune.key=loss", "study.protocol.tune.key", "also a study axis"),
     ("study.protocol.tune.low=-1", "study.protocol.tune.low", "low > 0"),

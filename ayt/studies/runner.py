@@ -146,6 +146,9 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     train_args = [a for a in argv if a not in study_args]
     composed = compose_config([f"+study={name}", *study_args, *train_args])
     study = composed.study
+    if edit is None and protocol_name(study) == "tune_then_repeat" and study.get("tuned"):
+        raise ConfigError("study.tuned", "tune_then_repeat chooses it in stage 1 and would skip that stage; "
+                          "remove it, or run hand-set values with study.protocol.name=single")
     if edit is not None:
         with open_dict(study):
             edit(study)
