@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ayt.errors import ConfigError
 from ayt.metrics import short
 from ayt.training.noise_scale import NOISE_SCALE
 
@@ -115,11 +116,15 @@ def fit(points: Sequence[Point], bootstrap: int = BOOTSTRAP, rng_seed: int = BOO
     return NoiseFit(float(a), b_noise, ci, float(ok.mean()))
 
 
+def target_scope(study) -> str:
+    """`study.critical_batch.target` (shared when unset)."""
+    return str((study.get("critical_batch") or {}).get("target", "shared"))
+
+
 def check_critical_batch(study) -> None:
     """`study.critical_batch`, checked with the rest of the study config."""
-    scope = str((study.get("critical_batch") or {}).get("target", "shared"))
+    scope = target_scope(study)
     if scope not in TARGET_SCOPES:
-        from ayt.errors import ConfigError
         raise ConfigError("study.critical_batch.target", f"unknown value {scope!r}; allowed: " + ", ".join(TARGET_SCOPES))
 
 
@@ -317,15 +322,21 @@ def _last_noise_scale(trials) -> dict[str, float]:
     return {s: float(np.mean(v)) for s, v in values.items()}
 
 
+def _run_noise_scale(trial) -> float | None:
+    """A trial's B_simple averaged over its evaluations after the first (the EMA's warm-up)."""
+    curve = [v for _, v in (trial.curves.get(NOISE_SCALE) or [])[1:] if math.isfinite(v)]
+    return float(np.mean(curve)) if curve else None
+
+
 def run_noise_scale(trials) -> dict[str, tuple[float, float, int]]:
-    """Per series: each trial's B_simple averaged over its evaluations after the first (the
-    EMA's warm-up), then mean ± 95% t-interval over the trials (seeds × batch sizes)."""
+    """Per series: each trial's B_simple over the run, mean ± 95% t-interval over the trials
+    (seeds × batch sizes)."""
     from ayt.studies.stats import mean_ci
     values: dict[str, list[float]] = {}
     for t in trials:
-        curve = [v for _, v in (t.curves.get(NOISE_SCALE) or [])[1:] if math.isfinite(v)]
-        if curve:
-            values.setdefault(series_of(t), []).append(float(np.mean(curve)))
+        value = _run_noise_scale(t)
+        if value is not None:
+            values.setdefault(series_of(t), []).append(value)
     return {s: mean_ci(v) for s, v in values.items()}
 
 
@@ -364,7 +375,7 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     batches = sorted({t.batch_size for t in trials})
     rests = sorted({_without_rule(series_of(t)) for t in trials})
     rest_colours = {r: palette(i % 10) for i, r in enumerate(rests)}
-    crossed = any(f"{LR_RULE}=" in series_of(t) for t in trials)
+    crossed = any(_rule(series_of(t)) for t in trials)
     for rest in rests:
         for i, b in enumerate(batches):
             curves = [t.curves[NOISE_SCALE] for t in trials
@@ -401,25 +412,25 @@ def noise_scale_comparison(trials) -> list[str]:
     sizes and rules: trials of one seed share data order and noise, so the seed is the
     independent unit), and how often it has the same sign per batch size."""
     from ayt.studies.stats import mean_ci, paired
-    by_rest: dict[str, dict[str, float]] = {}
+    by_rest: dict[str, dict[tuple[int, str, str], float]] = {}     # loss -> (batch, rule, seed) -> B_simple
     for t in trials:
-        curve = [v for _, v in (t.curves.get(NOISE_SCALE) or [])[1:] if math.isfinite(v)]
-        if curve:
-            rule = _rule(series_of(t)) if f"{LR_RULE}=" in series_of(t) else ""
-            pair = f"b{t.batch_size}, {rule}, seed {t.seed}"
-            by_rest.setdefault(_without_rule(series_of(t)), {})[pair] = float(np.mean(curve))
+        value = _run_noise_scale(t)
+        if value is not None:
+            series = series_of(t)
+            by_rest.setdefault(_without_rule(series), {})[(t.batch_size, _rule(series), t.seed)] = value
     if not by_rest:
         return []
     lines = ["- B_simple over the run (each trial's mean after its first evaluation), pooled over batch sizes"
-             + (" and lr rules" if any(f"{LR_RULE}=" in series_of(t) for t in trials) else "") + ": "
+             + (" and lr rules" if any(_rule(series_of(t)) for t in trials) else "") + ": "
              + "; ".join(f"{rest} {_pm(mean_ci(list(v.values())))}" for rest, v in sorted(by_rest.items())) + "."]
     if len(by_rest) == 2:
         (a, va), (b, vb) = sorted(by_rest.items())
 
-        def per(values: dict[str, float], part: int) -> dict[str, float]:
-            groups: dict[str, list[float]] = {}
+        def per(values: dict[tuple[int, str, str], float], part: int) -> dict:
+            """Means over everything but key element `part` (0: batch size, 2: seed)."""
+            groups: dict = {}
             for key, value in values.items():
-                groups.setdefault(key.split(", ")[part], []).append(value)
+                groups.setdefault(key[part], []).append(value)
             return {k: float(np.mean(v)) for k, v in groups.items()}
         c = paired(per(va, 2), per(vb, 2))
         ba, bb = per(va, 0), per(vb, 0)
@@ -442,7 +453,8 @@ def _without_rule(series: str) -> str:
 
 
 def _rule(series: str) -> str:
-    return next((p for p in series.split(", ") if p.startswith(f"{LR_RULE}=")), series)
+    """The series' `lr_scaling=<rule>` part ("" when the rule is not an axis)."""
+    return next((p for p in series.split(", ") if p.startswith(f"{LR_RULE}=")), "")
 
 
 def noise_keys(logged: dict[str, float]) -> tuple[str, ...]:

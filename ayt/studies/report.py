@@ -156,9 +156,9 @@ def write_report(plan, uri: str, parent_run_id: str) -> dict[str, Any]:
     files += _plots(trials, out, plan)
     started = MlflowClient(uri).get_run(parent_run_id).info.start_time
     wall = time.time() - started / 1000 if started else None
-    from ayt.studies.critical_batch import section as critical_batch_section
+    from ayt.studies.critical_batch import section as critical_batch_section, target_scope
     critical = critical_batch_section(trials, key, out, plan.name,      # batch-size sweeps only
-                                      scope=str((plan.study.get("critical_batch") or {}).get("target", "shared")))
+                                      scope=target_scope(plan.study))
     files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files],
                                  wall, critical.lines))
     files += critical.files

@@ -42,8 +42,7 @@ log = logging.getLogger(__name__)
 # 1-CPU worker each 0.01 CPU short of N CPUs, so one of them would wait with a core idle.
 TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
-# Study keys that change how a study runs, not what its trials compute.
-# Keys that change how a study runs or is reported, not what its trials compute.
+# Study keys that change how a study runs or is reported, not what its trials compute.
 VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend", "critical_batch",
                        "tuned_source")
 
