@@ -240,7 +240,8 @@ def test_sampled_studies_plan_their_ranges_and_lpips_is_skipped_with_the_reason(
     assert len(losses.skipped) == 1 and "lpips skipped" in losses.skipped[0] and "loss.vgg_weights" in losses.skipped[0]
 
 
-def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_reason(ray_session, shared_out_dir):
+def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_reason(ray_session, shared_out_dir,
+                                                                                      capsys):
     """huber_sweep with random search over its log range: two trials with distinct constants
     inside the range, each an MLflow child with the sampled value. One more trial at an
     absurd learning rate runs on the Ray Train path and diverges: its trial fails (no
@@ -251,6 +252,10 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     assert study_main("huber_sweep", [f"out_dir={out}", "study.name=random-huber", "study.search=random",
                                       "study.num_samples=2", "study.budget.amount=640", "study.max_concurrent_trials=2",
                                       "batch_size=32", *TINY]) == 0
+    # progress=false (TINY) drops the bar, not the one line per trial start and end.
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert sum(" started: " in line for line in printed) == 2, printed
+    assert sum(" finished: " in line and "fid_1step" in line for line in printed) == 2, printed
     client, _, children = _children(out, "random-huber")
     values = sorted(float(r.data.params["loss.huber_c"]) for r in children)
     assert len(children) == 2 and len(set(values)) == 2 and all(1e-4 <= v <= 0.1 for v in values)
