@@ -9,6 +9,8 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ayt.provenance import CODE_VERSIONS_TAG, code_version, provenance_tags
+
 RUN_NAME_TAG = "ayt.run_name"
 
 
@@ -49,9 +51,10 @@ def find_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
                         tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                        reopen_finished: bool = True) -> tuple[str, bool]:
+                        reopen_finished: bool = True, display_name: str | None = None) -> tuple[str, bool]:
     """Return (run_id, resumed). A new run gets its params and tags; an old one is reopened
-    (a FINISHED one only if `reopen_finished`: a study's completed trial stays as it was)."""
+    (a FINISHED one only if `reopen_finished`: a study's completed trial stays as it was).
+    `run_name` finds the run again; `display_name` (default: the same) is what the UI shows."""
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
     existing = find_run(client, experiment_id, run_name, parent_run_id)
@@ -59,10 +62,11 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[s
         if reopen_finished or existing.info.status != "FINISHED":
             client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    shown = display_name or run_name
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": shown, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=shown, tags=all_tags)
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):          # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -82,6 +86,7 @@ class RunLogger:
         self.run_id = run_id
         self.last_step: dict[str, int] = {}
         run = self.client.get_run(run_id)
+        self.code_versions = [v for v in run.data.tags.get(CODE_VERSIONS_TAG, "").split(",") if v]
         for key in run.data.metrics:
             history = self.client.get_metric_history(run_id, key)
             self.last_step[key] = max((m.step for m in history), default=-1)
@@ -95,6 +100,15 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=fresh)
             for m in fresh:
                 self.last_step[m.key] = m.step
+
+    def record_code(self, version: str | None = None) -> None:
+        """Tag the run with the code version that trains it (default: this process's); a run
+        resumed on other code keeps every version it ran on, in order (`ayt.code_versions`)."""
+        version = version or code_version()
+        if self.code_versions and self.code_versions[-1] == version:
+            return
+        self.code_versions.append(version)
+        self.set_tags({**provenance_tags(version), CODE_VERSIONS_TAG: ",".join(self.code_versions)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

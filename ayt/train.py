@@ -46,6 +46,7 @@ def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     run_id, resumed = start_or_resume_run(cfg.tracking.uri, cfg.tracking.experiment, name, run_params(cfg),
                                           tags={"ayt.entry": "ayt.train"})
     logger = RunLogger(cfg.tracking.uri, run_id)
+    logger.record_code()
     logger.log_metrics(artifacts.metrics, step=0)
     logging.getLogger(__name__).info("%s MLflow run %s (%s)", "resuming" if resumed else "started", run_id, name)
     try:

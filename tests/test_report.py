@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ayt.metrics import FID_1STEP, FID_2STEP
-from ayt.studies.report import Trial, _findings, _group_rows, mean_ci, targets
+from ayt.studies.report import Trial, _findings, _group_rows, code_line, mean_ci, targets
 from ayt.studies.stats import paired, unpaired
 
 STUDY = {"target": {"fid": None, "reference": {"loss": "pseudo_huber"}}}
@@ -158,3 +158,19 @@ def test_fine_tuning_start_fid_is_a_column_when_runs_start_from_the_converged_mo
     assert column.cell(rows["loss=mfd"], FID_1STEP) == "62.00 / 60.50" and column.shown(list(rows.values()))
     plain, _ = _rows([_trial("pseudo_huber", 0, [(100, 30.0)])])
     assert "converged_fid_1step" not in plain["loss=pseudo_huber"]
+
+
+def test_code_line_says_when_trials_ran_on_different_code():
+    """Provenance (issue 20): one version is named once; two are each counted, and a trial
+    resumed on new code is named with both. Mutation caught: the report naming only the
+    commit that wrote it (critical_batch_sweep's trials ran over six commits unsaid)."""
+    a, b = "a" * 40, "b" * 40 + "+dirty.12345678"
+    same = [_trial("mfd", s, [(10, 5.0)]) for s in range(2)]
+    for t in same:
+        t.code_versions = (a,)
+    assert code_line(same) == "- code that trained the trials: `aaaaaaa` (2 trials)"
+    same[1].code_versions = (a, b)
+    line = code_line(same)
+    assert line.startswith("- **code differs between trials**: 2 versions, `aaaaaaa` (2 trials), "
+                           "`bbbbbbb+dirty.12345678` (1 trial)"), line
+    assert "`mfd-1` (aaaaaaa then bbbbbbb+dirty.12345678)" in line

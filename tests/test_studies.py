@@ -63,6 +63,15 @@ def test_plan_grid_budget_in_images_gives_equal_images_per_trial(tmp_path):
     assert {(c.pretrain.iterations, c.fid.num_samples) for c in plan.trial_configs} == {(500, 500)}
 
 
+def test_trial_labels_name_a_trial_by_its_axis_values(tmp_path):
+    """Children are named for a person (issue 20): short axis values in axis order, the seed,
+    4 characters of the Tune trial id. Mutation caught: the old `<study id>-<trial id>` name."""
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}"])
+    assert plan.space.label({"batch_size": 16, "loss": "mfd", "seed": 0}, "57f90407") == "b16-mfd-s0-57f9"
+    huber = plan_study("huber_sweep", [f"out_dir={tmp_path}", "study.num_samples=2"])
+    assert huber.space.label({"loss__huber_c": 0.00010329669551879738}, "0a1b2c3d") == "huber_c=0.000103-s0-0a1b"
+
+
 def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir, monkeypatch):
     """A smoke batch-size sweep (2 batch sizes x 2 losses) whose driver is killed after the
     first trial finishes, then resumed: one parent, one child per trial, finished trials not
@@ -256,10 +265,41 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert sum(" started: " in line for line in printed) == 2, printed
     assert sum(" finished: " in line and "fid_1step" in line for line in printed) == 2, printed
-    client, _, children = _children(out, "random-huber")
+    client, parents, children = _children(out, "random-huber")
     values = sorted(float(r.data.params["loss.huber_c"]) for r in children)
     assert len(children) == 2 and len(set(values)) == 2 and all(1e-4 <= v <= 0.1 for v in values)
     assert all(r.data.params["axis.loss__huber_c"] == r.data.params["loss.huber_c"] for r in children)
+    # Readable names (issue 20): the MLflow run name is the label the console printed; the
+    # study id stays in a tag.
+    for run in children:
+        value, trial_id = float(run.data.params["loss.huber_c"]), run.data.tags["ayt.trial_id"]
+        assert run.info.run_name == f"huber_c={value:.3g}-s0-{trial_id[:4]}", run.info.run_name
+        assert any(line.startswith(f"trial {run.info.run_name} finished: ") for line in printed), printed
+        assert run.data.tags["ayt.study_id"] == parents[0].info.run_name
+    # Provenance (issue 20): each child records the code that trained it, as its trial reported it.
+    from ayt.provenance import code_version, split_version
+    now = code_version()
+    for run in children:
+        assert run.data.tags["ayt.code_version"] == now and run.data.tags["ayt.code_versions"] == now
+        assert (run.data.tags["ayt.git_commit"], run.data.tags["ayt.git_dirty"]) == \
+            (split_version(now)[0], str(split_version(now)[1]).lower())
+    # Resuming on other code is refused before any work, naming both versions and the
+    # override; with the override it goes on and records both. The parent is made to look
+    # as if it had started on another commit (its tags are what the check reads).
+    other = "0" * 40
+    client.set_tag(parents[0].info.run_id, "ayt.code_versions", other)
+    args = [f"out_dir={out}", "study.name=random-huber", "study.search=random", "study.num_samples=2",
+            "study.budget.amount=640", "study.max_concurrent_trials=2", "batch_size=32", *TINY, "resume=true"]
+    capsys.readouterr()
+    assert study_main("huber_sweep", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0000000" in err[0] and now[:7] in err[0] and "study.allow_code_change=true" in err[0], err
+    assert study_main("huber_sweep", [*args, "study.allow_code_change=true"]) == 0
+    client, parents, again = _children(out, "random-huber")
+    assert len(parents) == 1 and len(again) == 2                 # nothing duplicated
+    assert parents[0].data.tags["ayt.code_versions"] == f"{other},{now}"
+    report = (out / "random-huber" / "report.md").read_text()
+    assert f"code that trained the trials: `{now[:7]}" in report, report
 
     code = study_main("batch_size_sweep", [f"out_dir={out}", "study.name=diverges", "study.axes.batch_size=[32]",
                                            "study.axes.loss=[pseudo_huber]", "study.budget.amount=640",

@@ -53,6 +53,8 @@ def test_smoke_run_logs_fid_curve_params_and_artifacts(smoke_run):
         assert metrics[f"eval/tangent/err_t{b}"] > 0 and f"eval/tangent/dist_t{b}" in metrics
     assert -1 <= metrics["eval/tangent/cos_all"] < 0.999          # MFD does not pull along the pixel error
     assert len(run.data.tags["ayt.tangent.t_bin_edges"].split(",")) == 5
+    from ayt.provenance import code_version          # the code that trained it (issue 20)
+    assert run.data.tags["ayt.code_version"] == code_version() and run.data.tags["ayt.git_dirty"] in ("true", "false")
     assert metrics["fid_classifier_test_accuracy"] > 0.9
     assert metrics["feature_map_label_mse"] < metrics["feature_map_zero_mse"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 from tqdm.auto import tqdm
@@ -25,8 +25,9 @@ def _fmt(value: Any) -> str:
 class StudyConsole(Callback):
     """The study's terminal output, as a Tune callback on the driver."""
 
-    def __init__(self, total: int, metric: str, enabled: bool = True):
+    def __init__(self, total: int, metric: str, enabled: bool = True, label: Callable[[Any], str] | None = None):
         self.total, self.metric, self.enabled = total, metric, enabled     # enabled: the progress bar
+        self.label = label or (lambda trial: trial.trial_id)               # the trial's name in MLflow and the report
         self.started: dict[str, float] = {}
         self.done = 0
         self.bar = None
@@ -46,12 +47,12 @@ class StudyConsole(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.monotonic()
-        self.say(f"trial {trial.trial_id} started: {axis_text(trial.config)}")
+        self.say(f"trial {self.label(trial)} started: {axis_text(trial.config)}")
 
     def _ended(self, trial, status: str, detail: str) -> None:
         self.done += 1
         seconds = time.monotonic() - self.started.pop(trial.trial_id, time.monotonic())
-        self.say(f"trial {trial.trial_id} {status}: {axis_text(trial.config)} — {detail}, {seconds:.0f} s")
+        self.say(f"trial {self.label(trial)} {status}: {axis_text(trial.config)} — {detail}, {seconds:.0f} s")
         bar = self._bar()
         if bar is not None:
             bar.update(1)

@@ -22,7 +22,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from ayt.metrics import FID_KEYS, TRAIN_SECONDS, short
-from ayt.provenance import git_commit
+from ayt.provenance import CODE_VERSIONS_TAG, git_commit, short_version
 from ayt.studies.protocol import TUNING_FILE
 from ayt.studies.protocol import report_lines as protocol_lines
 from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
@@ -43,6 +43,7 @@ class Trial:
     train_seconds: float | None = None
     artifacts: dict[str, str] = field(default_factory=dict)   # artifact.* params: cache keys, their metrics
     failure: str | None = None      # the reason a failed trial gave (ayt.failure tag)
+    code_versions: tuple[str, ...] = ()   # the code that trained it, in order (more than one: resumed on new code)
 
     @property
     def seed(self) -> str:
@@ -103,7 +104,8 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
                             run.info.status, run.data.tags.get("ayt.stopped_early") == "true", curves,
                             run.data.metrics.get(TRAIN_SECONDS),
                             {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")},
-                            failure=run.data.tags.get("ayt.failure")))
+                            failure=run.data.tags.get("ayt.failure"),
+                            code_versions=tuple(v for v in run.data.tags.get(CODE_VERSIONS_TAG, "").split(",") if v)))
     return sorted(trials, key=lambda t: (_sort_key(t.group), t.seed))
 
 
@@ -270,7 +272,7 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
                      **{f"final_{short(k)}": t.final(k) for k in CURVES},
                      **{f"best_{short(k)}": t.best(k) for k in CURVES},
                      "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds,
-                     **{f"artifact.{k}": v for k, v in t.artifacts.items()}})
+                     "code_versions": " ".join(t.code_versions), **{f"artifact.{k}": v for k, v in t.artifacts.items()}})
     return _write_rows(rows, path)
 
 
@@ -405,7 +407,8 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
         command = command.replace(f"{root}/", "")
     lines = [f"# Study `{plan.name}` ({plan.study_id})", "",
              f"- command: `python -m ayt.studies.{plan.module} {command}`",
-             f"- git commit: `{git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
+             f"- report written by commit `{git_commit()}`; study config hash: `{plan.study_id.rsplit('-', 1)[1]}`",
+             code_line(trials),
              f"- machine: {platform.node()} ({platform.processor() or platform.machine()}, "
              f"{_cpu_count()} CPUs); written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
              f"- budget: {plan.space.budget_amount} {plan.space.budget_unit} per trial, "
@@ -436,6 +439,22 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
               "`groups.csv` (the table above with full precision).", ""]
     path.write_text("\n".join(lines))
     return str(path)
+
+
+def code_line(trials: Sequence[Trial]) -> str:
+    """Which code trained the trials: one version, or each version with its trials' count and
+    the trials that ran on more than one (a study resumed on new code, allow_code_change)."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        for version in t.code_versions or ("unrecorded",):
+            counts[version] = counts.get(version, 0) + 1
+    listed = ", ".join(f"`{short_version(v)}` ({n} trial{'s' * (n != 1)})" for v, n in counts.items())
+    if len(counts) <= 1:
+        return f"- code that trained the trials: {listed or 'none recorded'}"
+    mixed = [f"`{t.name}` ({' then '.join(short_version(v) for v in t.code_versions)})"
+             for t in trials if len(t.code_versions) > 1]
+    return (f"- **code differs between trials**: {len(counts)} versions, {listed}"
+            + (f"; trained on more than one: {', '.join(mixed)}" if mixed else ""))
 
 
 def _diverged_lines(trials: list[Trial], key: str) -> list[str]:

@@ -28,7 +28,7 @@ from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, flatten, load_config, run_name
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key
-from ayt.provenance import git_commit
+from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version
 from ayt.studies.critical_batch import check_critical_batch
 from ayt.studies.protocol import (TUNING_FILE, check_tuned, choose, groups, parse_tune_stage, protocol_name,
                                   repeat_edit, tune_edit, tuned_overrides, write_tuning)
@@ -44,7 +44,7 @@ TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
 # Study keys that change how a study runs or is reported, not what its trials compute.
 VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend", "critical_batch",
-                       "tuned_source")
+                       "tuned_source", "allow_code_change")
 
 
 @dataclass
@@ -111,14 +111,31 @@ class StudyPlan:
         runs in a directory of its own)."""
         return load_config(self.trial_overrides(params, trial_id), base_dir=self.base_dir or None)
 
-    def describe(self, trial) -> tuple[str, dict[str, Any], int, Path]:
-        """MLflow child run name, params, planned iterations and artifact directory of a Tune trial."""
+    def label(self, trial) -> str:
+        """The trial's readable name (`b16-mfd-s0-57f9`): console, report and MLflow run name."""
+        return self.space.label(trial.config, trial.trial_id)
+
+    def describe(self, trial) -> "TrialRecord":
+        """How the tracker records a Tune trial in MLflow."""
         cfg = self.trial_config(trial.config, trial.trial_id)
         name = run_name(cfg)
         from ayt.training.prepare import artifact_record
         params = {**_run_params(cfg), **{f"axis.{k}": v for k, v in trial.config.items()},
                   **{f"artifact.{k}": v for k, v in artifact_record(cfg).items()}}
-        return name, params, int(cfg.training.iterations), Path(cfg.out_dir) / "runs" / name
+        return TrialRecord(name, self.label(trial), params, int(cfg.training.iterations),
+                           Path(cfg.out_dir) / "runs" / name, {"ayt.study_id": self.study_id})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A Tune trial as the study's MLflow writer records it."""
+
+    key: str                    # stable and unique (study id + Tune trial id): finds the run again on resume
+    label: str                  # what a person reads: the MLflow run name
+    params: dict[str, Any]
+    planned_iterations: int
+    run_dir: Path               # where the trial writes its artifacts
+    tags: dict[str, str]
 
 
 def _join(root: str, *parts: str) -> str:
@@ -425,6 +442,9 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
                           "pass resume=true to finish it, or change study.name")
     if resume and not exists:
         log.info("resume=true but no earlier study %s: starting it", plan.study_id)
+    uri = str(plan.base.tracking.uri)
+    if exists:
+        check_code_version(plan, uri)
     connect(plan.base)                            # Ray + preflight, before any artifact or trial
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # a failed trial's last report has no FID
     # MLflow is the record (StudyTracker); Tune's JSON/CSV/TensorBoard files would only repeat it.
@@ -438,15 +458,15 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     built = prebuild_artifacts(plan, progress=progress)
     log.info("shared artifacts ready (%d distinct settings)", built)
 
-    uri = str(plan.base.tracking.uri)
     parent_id, resumed = start_or_resume_run(
         uri, str(plan.base.tracking.experiment), plan.study_id,
         {**{f"study.{k}": v for k, v in flatten(_study_params(plan)).items()}},
-        tags={"ayt.study": plan.name, "ayt.git_commit": git_commit(), "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
+        tags={"ayt.study": plan.name, "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
               "ayt.entry": f"ayt.studies.{plan.module}"})
     parent = RunLogger(uri, parent_id)
+    parent.record_code()                          # appends this checkout's version on a resume
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
-    console = StudyConsole(plan.space.trial_count(), plan.metric, enabled=progress)
+    console = StudyConsole(plan.space.trial_count(), plan.metric, enabled=progress, label=plan.label)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
     if exists:
         requeue_orphaned_trials(plan, parent_id)
@@ -480,6 +500,34 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent.finish("FINISHED" if errors == 0 else "FAILED")
     summary.update(parent_run_id=parent_id, resumed=resumed, trials=len(grid), errors=errors)
     return summary
+
+
+def check_code_version(plan: StudyPlan, uri: str) -> None:
+    """Before resuming: refuse to go on with other code than the study ran on, unless asked.
+
+    A study resumed on other code would mix trials trained by different code without saying
+    so; that is refused, in one line naming both versions and the override. With
+    `study.allow_code_change=true` it goes on, the parent run lists every version
+    (`ayt.code_versions`) and each trial's child run the ones that trained it."""
+    from mlflow.tracking import MlflowClient
+
+    from ayt.tracking import find_run
+    now = code_version()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(str(plan.base.tracking.experiment))
+    parent = find_run(client, experiment.experiment_id, plan.study_id) if experiment else None
+    if parent is None:
+        return
+    tags = parent.data.tags
+    seen = [v for v in (tags.get(CODE_VERSIONS_TAG) or tags.get("ayt.code_version") or
+                        tags.get("ayt.git_commit") or "").split(",") if v]
+    if not seen or seen[-1] == now:
+        return
+    if not plan.study.get("allow_code_change"):
+        raise ConfigError("study.resume", f"study {plan.study_id} ran on code {short_version(seen[-1])}, this "
+                          f"checkout is {short_version(now)}: its trials would be trained by different code; "
+                          "pass study.allow_code_change=true to resume anyway (each trial records its code)")
+    log.warning("study %s: resuming on code %s (it ran on %s)", plan.study_id, now, ", ".join(seen))
 
 
 def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:

@@ -21,6 +21,7 @@ CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling",
 SEARCHES = ("grid", "tpe", "random")
 SCHEDULERS = ("none", "asha")
 BUDGET_UNITS = ("images", "iterations")
+LABEL_PREFIXES = {"batch_size": "b", "seed": "s"}      # the axes a trial label abbreviates most
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,16 @@ class Axis:
 
     def override(self, value: Any) -> str:
         return f"{self.key}={_hydra_value(value)}"
+
+    def label(self, value: Any) -> str:
+        """This axis' part of a trial label: `b16`, `s0`, a group's option (`mfd`), else
+        `<last key part>=<value>` with floats at 3 significant digits (`huber_c=0.0473`)."""
+        text = f"{value:.3g}" if isinstance(value, float) else _hydra_value(value)
+        if self.key in LABEL_PREFIXES:
+            return LABEL_PREFIXES[self.key] + text
+        if self.is_group:
+            return text
+        return f"{self.key.rsplit('.', 1)[-1]}={text}"
 
 
 def _hydra_value(value: Any) -> str:
@@ -110,6 +121,17 @@ class StudySpace:
         """Optuna define-by-run space (OptunaSearch calls it with an Optuna trial)."""
         for axis in self.all_axes:
             axis.suggest(trial)
+
+    def label(self, params: dict[str, Any], trial_id: str | None = None) -> str:
+        """A trial's short, readable name from its axis values, in axis order (seed last):
+        `b16-mfd-s0-57f9`. The same label names its console lines, report rows and MLflow
+        run; the study id and the full Tune trial id stay in the run's tags."""
+        parts = [axis.label(params[axis.param]) for axis in self.all_axes if axis.param in params]
+        if self.seed_axis is None:
+            parts.append(f"s{self.seeds[0]}")
+        if trial_id:
+            parts.append(trial_id.replace("_", "")[:4])
+        return "-".join(parts)
 
     def grid_space(self) -> dict[str, list]:
         return {a.param: list(a.values) for a in self.all_axes}

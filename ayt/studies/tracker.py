@@ -3,7 +3,9 @@ per trial under the study's parent run.
 
 Ray's stock `MLflowLoggerCallback` logs against Tune's report counter, has no parent run and
 creates a second run for a trial that `Tuner.restore` resumes. Here a child run is found again
-by its stable name (study + Tune trial id) under its parent, and metrics are logged with
+by its stable key (study + Tune trial id) under its parent, named for a person by its axis
+values (`b16-mfd-s0-57f9`) and tagged with the code version its trial reports (a resumed study
+may run on newer code: `ayt.studies.runner` refuses that unless asked), and metrics are logged with
 step = training iteration, skipping steps already stored, so a resumed or retried trial adds
 only what is new.
 """
@@ -16,16 +18,16 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from ayt.metrics import EVAL, HISTORY, VS_IMAGES, numeric_metrics
+from ayt.provenance import CODE_VERSION
 from ayt.tracking import RunLogger, start_or_resume_run
 
 STOPPED_TAG = "ayt.stopped_early"
 
 
 class StudyTracker(Callback):
-    """Child runs for trials; `describe(trial)` returns (run name, params, planned iterations, run dir)."""
+    """Child runs for trials; `describe(trial)` returns its `TrialRecord` (ayt.studies.runner)."""
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str, study: str,
-                 describe: Callable[[Any], tuple[str, dict[str, Any], int, Path]]):
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, study: str, describe: Callable[[Any], Any]):
         self.uri, self.experiment, self.parent_run_id, self.study = uri, experiment, parent_run_id, study
         self.describe = describe
         self.loggers: dict[str, RunLogger] = {}
@@ -40,16 +42,17 @@ class StudyTracker(Callback):
     def child(self, trial) -> RunLogger:
         logger = self.loggers.get(trial.trial_id)
         if logger is None:
-            name, params, planned, run_dir = self.describe(trial)
-            run_id, _ = start_or_resume_run(self.uri, self.experiment, name, params, parent_run_id=self.parent_run_id,
+            record = self.describe(trial)
+            run_id, _ = start_or_resume_run(self.uri, self.experiment, record.key, record.params,
+                                            parent_run_id=self.parent_run_id, display_name=record.label,
                                             tags={"ayt.study": self.study, "ayt.trial_id": trial.trial_id,
-                                                  "ayt.entry": "ayt.studies"}, reopen_finished=False)
+                                                  "ayt.entry": "ayt.studies", **record.tags}, reopen_finished=False)
             logger = self.loggers[trial.trial_id] = RunLogger(self.uri, run_id)
             if logger.client.get_run(run_id).info.status == "FINISHED":
                 # Finished before the driver died but Tune had not saved that yet: the trial
                 # restarts from its final checkpoint, trains nothing, and its run stays as it is.
                 self.finished.add(trial.trial_id)
-            self.planned[trial.trial_id], self.run_dirs[trial.trial_id] = planned, run_dir
+            self.planned[trial.trial_id], self.run_dirs[trial.trial_id] = record.planned_iterations, record.run_dir
         return logger
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -62,6 +65,8 @@ class StudyTracker(Callback):
         if step is None:
             return
         logger = self.child(trial)
+        if result.get(CODE_VERSION):
+            logger.record_code(result[CODE_VERSION])       # the code its trial process runs
         for point_step, point in result.get(HISTORY) or []:
             logger.log_metrics(numeric_metrics(point), step=int(point_step))
         metrics = numeric_metrics(result)

@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_KEYS, TRAIN_SECONDS
+from ayt.provenance import CODE_VERSION, code_version
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
@@ -72,6 +73,7 @@ class RayWorkerContext(WorkerContext):
             return False
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
+        metrics = {**metrics, CODE_VERSION: code_version()}     # which code trained it (the study tags it)
         if write_checkpoint is None:
             ray.train.report(metrics)
             return

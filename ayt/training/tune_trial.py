@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from ayt.provenance import CODE_VERSION, code_version
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
@@ -34,6 +35,7 @@ class TuneTrialContext(WorkerContext):
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
         from ray import tune
+        metrics = {**metrics, CODE_VERSION: code_version()}     # which code trained it (the study tags it)
         if write_checkpoint is None:
             tune.report(metrics)
             return
