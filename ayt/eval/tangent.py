@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencySchedule
+from ayt.training.diagnostics import Diagnostic, register_diagnostic
 
 PREFIX = "eval/tangent/"
 EDGES_TAG = "ayt.tangent.t_bin_edges"
@@ -163,9 +164,12 @@ def bin_means(values: Tensor, bins: Tensor, t_bins: int) -> Tensor:
     return sums / counts
 
 
-class TangentProbe:
+@register_diagnostic("tangent")
+class TangentProbe(Diagnostic):
     """The tangent metrics of one run (rank 0). Keeps the last evaluation's directions for
     the oscillation; `__call__(step, iteration)` returns `{eval/tangent/...: float}`."""
+
+    chief_only = True
 
     def __init__(self, probes: ProbeSet, device: torch.device, batch_size: int | None = None):
         self.probes = probes.to(device)
@@ -182,6 +186,27 @@ class TangentProbe:
         schedule = ConsistencySchedule.from_config(cfg.schedule, cfg.edm)
         probes = build_probe_set(data.images, int(cfg.seed), int(spec.probe_size), int(spec.t_bins), schedule)
         return cls(probes, device, batch_size=int(cfg.fid.batch_size))
+
+    @classmethod
+    def validate(cls, cfg, key: str) -> None:
+        """A probe set of >= 1 pair per t-bin."""
+        from omegaconf import OmegaConf
+
+        from ayt.config import _number
+        from ayt.errors import ConfigError
+        _number(cfg, f"{key}.t_bins", low=1, integer=True)
+        _number(cfg, f"{key}.probe_size", low=1, integer=True)
+        spec = OmegaConf.select(cfg, key)
+        if spec.probe_size < spec.t_bins:
+            raise ConfigError(f"{key}.probe_size", f"must be >= {key}.t_bins ({spec.t_bins}): every t-bin needs "
+                              f"a probe, got {spec.probe_size}")
+
+    @classmethod
+    def create(cls, cfg, spec, data, device: torch.device) -> "TangentProbe":
+        return cls.from_config(cfg, data, device)
+
+    def evaluate(self, step, iteration: int, reduce) -> dict[str, float]:
+        return self(step, iteration)
 
     def state_dict(self) -> dict:
         """The last evaluation's directions: a resumed run's first evaluation still has its oscillation."""

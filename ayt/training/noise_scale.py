@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from ayt.metrics import EVAL
+from ayt.training.diagnostics import Diagnostic, register_diagnostic
 
 NOISE_SCALE = EVAL + "noise_scale"          # B_simple = tr(Σ)/|G|², in samples
 GRAD_SQ_NORM = EVAL + "grad_sq_norm"        # |G|², the squared norm of the true gradient
@@ -34,15 +36,52 @@ def squared_norm(tensors: list[Tensor]) -> Tensor:
     return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
 
 
-class NoiseScale:
+@register_diagnostic("noise_scale")
+class NoiseScale(Diagnostic):
     """EMA of the |G|² and tr(Σ) estimates, kept on the device: `update` never syncs, the
-    loop reads `values` at evaluations (a sync point there anyway)."""
+    loop reads `values` at evaluations (a sync point there anyway). On every rank: each keeps
+    its own average of its own micro-batches, averaged over workers when read."""
+
+    observes_gradients = True
 
     def __init__(self, micro_batches: int = 2, ema: float = 0.9):
         self.micro_batches = micro_batches      # chunks per step when the step has no accumulation
         self.decay = ema
         self.average: Tensor | None = None      # [|G|², tr(Σ)], EMA without bias correction
         self.updates = 0
+        self._grads: MicroBatchGradients | None = None     # the current step's, between begin and end
+
+    @classmethod
+    def validate(cls, cfg, key: str) -> None:
+        """The split needs equal micro-batches of >= 1 image (a mean of unequal chunk means is
+        not the batch mean, and B_small must be one number)."""
+        from ayt.config import _number
+        from ayt.errors import ConfigError
+        _number(cfg, f"{key}.micro_batches", low=2, integer=True)
+        _number(cfg, f"{key}.ema", low=0, high=1, high_open=True)
+        spec = OmegaConf.select(cfg, key)
+        per_worker = int(cfg.batch_size) // int(cfg.scaling.num_workers)
+        if spec.enabled and per_worker % int(spec.micro_batches):
+            raise ConfigError(f"{key}.micro_batches", f"{spec.micro_batches} does not divide the per-worker batch "
+                              f"{per_worker} (batch_size / scaling.num_workers); choose a divisor or set {key}.enabled=false")
+
+    @classmethod
+    def create(cls, cfg, spec, data, device) -> "NoiseScale":
+        return cls(micro_batches=int(spec.micro_batches), ema=float(spec.ema))
+
+    # The step's gradient hooks: B_small is one micro-batch of this worker, B_big the global batch.
+    def begin_step(self, params: list[Tensor], chunks: int) -> None:
+        self._grads = MicroBatchGradients(params, chunks)
+
+    def after_backward(self, keep: bool) -> None:
+        self._grads.observe(keep=keep)
+
+    def end_step(self, b_small: int, b_big: int) -> None:
+        grads, self._grads = self._grads, None
+        self.update(grads.small_sq(), squared_norm(grads.grads()), b_small, b_big)
+
+    def evaluate(self, step, iteration: int, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        return self.values(reduce)
 
     def update(self, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float) -> None:
         estimate = torch.stack(unbiased_estimates(small_sq, big_sq, b_small, b_big))
