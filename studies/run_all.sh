@@ -4,12 +4,15 @@
 # one pretrained model, one FID extractor, one feature map per augmentation setting).
 # Interrupted? Run it again: a study that exists is resumed (resume=true), finished ones are
 # only re-reported. Then the small report files are copied into studies/<name>/.
-#   usage: studies/run_all.sh [OUT_DIR] [study ...]      (default: runs/studies, all six)
+#   usage: studies/run_all.sh [OUT_DIR] [study ...]
+#   default: runs/studies, every committed study (a studies/<name>/ with a conf/study/<name>.yaml),
+#   in the order they were run; a tuning stage (studies/<name>-tune-*) comes with its study.
 #   e.g.   studies/run_all.sh runs/studies speed_tuned finetune feature_map_fidelity
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/studies}"; shift || true
-names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget)
+names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget
+                                               speed_tuned feature_map_fidelity finetune critical_batch_sweep)
 py="${PYTHON:-python}"
 for name in "${names[@]}"; do
   resume=()
