@@ -1,30 +1,35 @@
 """A content-addressed cache of the artifacts trials share (pretrained denoiser, feature
 maps, FID extractor): built once, keyed by a hash of the config that made them and of the
 code that builds them, written atomically, and safe when many processes ask for the same
-one at once.
+one at once. Each kind of artifact is declared once, in `ARTIFACT_KINDS` below.
 
-The code version: each kind of artifact names the modules that build it in
-`ARTIFACT_SOURCES`, and its key includes a hash of those modules' source bytes
-(`source_version`). A change to, say, the augmentation code then builds a new feature map
-instead of silently reusing one trained with the old labels. The price is that any edit
-to those files (a comment too) rebuilds; the old directories stay on disk until removed.
-A new kind of artifact must be added to `ARTIFACT_SOURCES`.
+The code version: a kind's key includes a hash of the source bytes (`source_version`) of
+its builder's module and of every `ayt` module that module imports, transitively (read
+with `ast`, `ayt.import_graph`), plus those of the kinds it is built from: its
+`ARTIFACT_SOURCES` entry, derived, never kept by hand. A change to, say, the augmentation
+code then builds a new feature map instead of silently reusing one trained with the old
+labels. The price is that any edit to those files (a comment too) rebuilds; the old
+directories stay on disk until removed. A builder should import only what it computes with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
+
+from ayt.import_graph import closure
 
 
 def config_hash(spec: Any, length: int = 12) -> str:
@@ -35,18 +40,19 @@ def config_hash(spec: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-# Kind of artifact -> the modules whose source builds it (what `ayt.training.prepare` and
-# `ayt.training.converged` call), including what defines the data it is built from.
-_DENOISER = ("ayt.data", "ayt.networks.unet", "ayt.networks.precond")
-ARTIFACT_SOURCES: dict[str, tuple[str, ...]] = {
-    "pretrained": _DENOISER + ("ayt.training.pretrain",),
-    "init_file": _DENOISER,
-    "feature_map": ("ayt.data", "ayt.method.augment", "ayt.networks.feature_map", "ayt.training.feature_map",
-                    "ayt.training.alignment", "ayt.method.losses"),
-    "fid_classifier": ("ayt.data", "ayt.eval.classifier"),
-    "converged": _DENOISER + ("ayt.training.pretrain", "ayt.training.converged", "ayt.training.loop",
-                              "ayt.training.step", "ayt.method.losses", "ayt.method.schedule", "ayt.method.ema"),
-}
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime): init files are ~220 MB."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def source_version(modules: Iterable[str], length: int = 12) -> str:
@@ -63,12 +69,29 @@ def source_version(modules: Iterable[str], length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
-def code_version(kind: str) -> str:
-    """The version of the code that builds artifacts of `kind` (see `ARTIFACT_SOURCES`)."""
+# Kind of artifact -> the modules whose source keys its cache: filled from ARTIFACT_KINDS on
+# first use (`artifact_sources`), once per process; a test may set an entry.
+ARTIFACT_SOURCES: dict[str, tuple[str, ...]] = {}
+
+
+def artifact_sources(kind: str) -> tuple[str, ...]:
+    """The modules whose code builds artifacts of `kind`: its builder's module and every `ayt`
+    module that one imports, transitively, plus the sources of the kinds it is built from."""
     if kind not in ARTIFACT_SOURCES:
-        raise KeyError(f"artifact kind {kind!r} has no entry in ayt.artifacts.ARTIFACT_SOURCES "
-                       f"(known: {', '.join(sorted(ARTIFACT_SOURCES))}); add the modules that build it")
-    return source_version(ARTIFACT_SOURCES[kind])
+        if kind not in ARTIFACT_KINDS:
+            raise KeyError(f"artifact kind {kind!r} has no entry in ayt.artifacts.ARTIFACT_SOURCES "
+                           f"(known: {', '.join(ARTIFACT_KINDS)}); declare it in ARTIFACT_KINDS")
+        declared = ARTIFACT_KINDS[kind]
+        modules = set(closure([declared.module]))
+        for used in declared.uses:
+            modules.update(artifact_sources(used))
+        ARTIFACT_SOURCES[kind] = tuple(sorted(modules))
+    return ARTIFACT_SOURCES[kind]
+
+
+def code_version(kind: str) -> str:
+    """The version of the code that builds artifacts of `kind` (see `artifact_sources`)."""
+    return source_version(artifact_sources(kind))
 
 
 @contextlib.contextmanager
@@ -113,10 +136,119 @@ class ArtifactCache:
                 if isinstance(spec, DictConfig):
                     spec = OmegaConf.to_container(spec, resolve=True)
                 (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
-                (tmp / "code.json").write_text(json.dumps({"version": version, "modules": ARTIFACT_SOURCES[kind]},
+                (tmp / "code.json").write_text(json.dumps({"version": version, "modules": artifact_sources(kind)},
                                                           indent=2))
                 os.replace(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return final
+
+
+# ---- the kinds --------------------------------------------------------------------------
+
+@dataclass
+class Artifacts:
+    """Absolute paths of the shared artifacts one run uses, plus how good they are."""
+
+    pretrained: str | None = None      # start weights (torch.save state dict) of the run's start mode, if any
+    feature_map: str | None = None     # feature map {kwargs, state_dict, metrics}
+    fid_weights: str | None = None     # FID extractor weights (classifier or Inception)
+    fid_cache: str = ""                # torch-fidelity cache root (reference statistics)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def path(self, kind: str) -> str | None:
+        """The file of the artifact of `kind` this run uses (None: not built for it)."""
+        return getattr(self, ARTIFACT_KINDS[kind].slot)
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """One kind of cached artifact, declared once: what defines it, what builds it, where a
+    run finds it. A run needs it when its start mode (`ayt.startup`) or its loss's frozen
+    networks (`ayt.method.losses.FROZEN`) name it, or when `needed` says so."""
+
+    name: str                                   # its directory under the cache root; record keys <name>_*
+    build: str                                  # "module:function"; fn(cfg, tmp_dir, data, device, progress) writes it
+    spec: Callable[[DictConfig], dict]          # the config that defines it (with the code version: its key)
+    file: str                                   # the file in its directory a run reads
+    slot: str                                   # the `Artifacts` field that file's path fills
+    uses: tuple[str, ...] = ()                  # kinds it is built from: their code keys it too
+    needed: Callable[[DictConfig], bool] | None = None          # needed by runs it says (else: when named)
+    record: Callable[[dict], dict[str, Any]] | None = None      # extra run-record entries from its spec
+
+    @property
+    def module(self) -> str:
+        return self.build.partition(":")[0]
+
+    def builder(self) -> Callable[..., None]:
+        """The build function, imported on first use (builders import torch and the code they run)."""
+        module, _, name = self.build.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+ARTIFACT_KINDS: dict[str, ArtifactKind] = {}
+
+
+def register_artifact(kind: ArtifactKind) -> ArtifactKind:
+    ARTIFACT_KINDS[kind.name] = kind
+    return kind
+
+
+DATASET_AUGMENT_KEYS = ("augment_rot_max",)   # dataset keys read only through `augment` (its spec has them)
+
+
+def _container(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _data_spec(cfg: DictConfig) -> dict:
+    return {k: v for k, v in _container(cfg.dataset).items() if k not in DATASET_AUGMENT_KEYS}
+
+
+def pretrained_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "network": _container(cfg.network), "edm": _container(cfg.edm),
+            "pretrain": _container(cfg.pretrain)}
+
+
+def init_file_spec(cfg: DictConfig) -> dict:
+    """training.init=file: keyed by the file's content (sha256), not its path, and by the network
+    it must fit (a run whose network changes checks the file again)."""
+    return {"init_file_sha256": file_sha256(cfg.training.init_file), "resolution": int(cfg.dataset.resolution),
+            "network": _container(cfg.network), "edm": _container(cfg.edm)}
+
+
+def converged_spec(cfg: DictConfig) -> dict:
+    """What defines the converged model: the pretrained denoiser's spec, and how it was trained."""
+    return {"pretrained": pretrained_spec(cfg), "schedule": _container(cfg.schedule),
+            "converged": _container(cfg.converged), "optimizer": {"adam_betas": list(cfg.adam_betas)},
+            "precision": str(cfg.precision)}
+
+
+def feature_map_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "augment": _container(cfg.augment), "feature_map": _container(cfg.feature_map)}
+
+
+def classifier_spec(cfg: DictConfig) -> dict:
+    return {"dataset": _data_spec(cfg), "classifier": _container(cfg.fid.classifier)}
+
+
+def _uses_classifier(cfg: DictConfig) -> bool:
+    """Datasets without a standard extractor measure FID with a classifier of their own."""
+    return cfg.dataset.fid_extractor != "inception"
+
+
+register_artifact(ArtifactKind("pretrained", "ayt.training.pretrain:build_pretrained", pretrained_spec,
+                               file="denoiser.pt", slot="pretrained"))
+register_artifact(ArtifactKind("init_file", "ayt.training.init_file:build_init_file", init_file_spec,
+                               file="denoiser.pt", slot="pretrained",
+                               record=lambda spec: {"init_file_sha256": spec["init_file_sha256"]}))
+register_artifact(ArtifactKind("converged", "ayt.training.converged:build_converged", converged_spec,
+                               file="denoiser.pt", slot="pretrained", uses=("pretrained",)))
+register_artifact(ArtifactKind("feature_map", "ayt.training.feature_map:build_feature_map", feature_map_spec,
+                               file="feature_map.pt", slot="feature_map"))
+register_artifact(ArtifactKind("fid_classifier", "ayt.eval.classifier:build_classifier", classifier_spec,
+                               file="classifier.pt", slot="fid_weights", needed=_uses_classifier))

@@ -3,8 +3,6 @@ work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -16,7 +14,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ayt.artifacts import config_hash, file_sha256
 from ayt.errors import ConfigError
+from ayt.startup import START_MODES
 
 CONFIG_MODULE = "ayt.conf"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -92,6 +92,8 @@ def _absolute(path: Any, base: Path) -> str:
 
 
 # ---- validation ---------------------------------------------------------------------------
+# The validators import torch-heavy modules (torch, ayt.data, ayt.method.*, ayt.networks.*)
+# when they run, not at import: ayt.config is on every CLI's start-up path (usage, overrides).
 
 def _number(cfg: DictConfig, key: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, integer: bool = False,
@@ -146,10 +148,8 @@ def _validate_training(cfg: DictConfig) -> None:
     _number(cfg, "training.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "training.ema_halflife_kimg", low=0, low_open=True, optional=True)
     _number(cfg, "pretrain.ema_decay", low=0, high=1, high_open=True)
-    _choice(cfg, "training.init", ("pretrained", "scratch", "file", "converged"))
-    _validate_init_file(cfg)
-    from ayt.training.converged import validate_converged
-    validate_converged(cfg)
+    _choice(cfg, "training.init", START_MODES)
+    START_MODES[cfg.training.init].validate(cfg)
     _choice(cfg, "optimizer", ("adam", "radam"))
     stats = cfg.fid.get("reference_stats")
     if stats and cfg.dataset.fid_extractor != "inception":
@@ -163,33 +163,6 @@ def _validate_training(cfg: DictConfig) -> None:
     _number(cfg, "pretrain.p_std", low=0, low_open=True)
     if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
         raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {list(cfg.adam_betas)}")
-
-
-def _validate_init_file(cfg: DictConfig) -> None:
-    """training.init=file needs training.init_file, an existing file (read and shape-checked later)."""
-    if cfg.training.init != "file":
-        return
-    path = cfg.training.get("init_file")
-    if not path:
-        raise ConfigError("training.init_file", "required with training.init=file (a denoiser state dict, "
-                          "e.g. from python -m ayt.tools.import_edm)")
-    if not Path(str(path)).is_file():
-        raise ConfigError("training.init_file", f"no such file: {path}")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's content, memoised per (path, size, mtime): init files are ~220 MB."""
-    stat = Path(path).stat()
-    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _validate_method(cfg: DictConfig) -> None:
@@ -208,9 +181,8 @@ def _validate_method(cfg: DictConfig) -> None:
     _number(cfg, "dataset.augment_rot_max", low=0)     # the augment presets' rot_max (conf/dataset/)
     from ayt.method.augment import validate_augment
     validate_augment(cfg.augment)
-    from ayt.training.feature_map import validate_feature_map
+    from ayt.networks.feature_map import num_stages_for, validate_feature_map
     validate_feature_map(cfg.feature_map)
-    from ayt.networks.feature_map import num_stages_for
     stages = num_stages_for(int(cfg.dataset.resolution))
     if len(cfg.feature_map.channels) < stages:
         raise ConfigError("feature_map.channels", f"needs at least {stages} entries for dataset.resolution="
@@ -342,12 +314,11 @@ VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", 
 
 def run_name(cfg: DictConfig) -> str:
     """The stable name of a run: `name` if given, else a hash of what defines the run."""
-    from ayt.artifacts import config_hash
     if cfg.get("name"):
         return str(cfg.name)
     spec = OmegaConf.to_container(cfg, resolve=True)
     for volatile in VOLATILE_KEYS:
         spec.pop(volatile, None)
-    if spec["training"].get("init_file") and spec["training"].get("init") == "file":   # the content, not the path
+    if spec["training"].get("init_file") and START_MODES[str(cfg.training.init)].reads_init_file:   # content, not path
         spec["training"]["init_file"] = "sha256:" + file_sha256(spec["training"]["init_file"])
     return f"{cfg.loss.name}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(spec, 8)}"

@@ -8,17 +8,20 @@ path alone (`load_classifier`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
-from ayt.data import ImageData
+from ayt.data import ImageData, load_dataset
 
 
 class DigitClassifier(nn.Module):
@@ -142,3 +145,13 @@ def train_classifier(
         sched.step()
     acc = evaluate_accuracy(model, test, device)
     return model.eval().requires_grad_(False), acc
+
+
+def build_classifier(cfg: DictConfig, out: Path, data: ImageData, device: torch.device, progress: bool = True) -> None:
+    """The `fid_classifier` artifact (ayt.artifacts): trained on `data` (the training split),
+    its accuracy measured on the test split."""
+    test = load_dataset(cfg.dataset, train=False)
+    model, accuracy = train_classifier(data, test, cfg.fid.classifier, seed=int(cfg.fid.classifier.seed),
+                                       device=device, progress=progress)
+    save_classifier(model, str(out / "classifier.pt"))
+    (out / "metrics.json").write_text(json.dumps({"fid_classifier_test_accuracy": accuracy}, indent=2, sort_keys=True))

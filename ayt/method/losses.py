@@ -1,13 +1,17 @@
 """Losses on a consistency pair (ALGORITHM §4), one small class each, chosen by name.
 
 Every loss returns per-sample terms; the step multiplies by w = 1/(t - r) and averages.
-A new loss is one class registered here plus one yaml in conf/loss/.
+A new loss is one class registered here plus one yaml in conf/loss/. A loss that needs a
+frozen network names it in `frozen` (a key of `FROZEN`); a new frozen network is one
+`FROZEN` entry here, plus its artifact kind in `ayt.artifacts` if it is built and cached.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -21,24 +25,59 @@ LOSSES: dict[str, type["PairLoss"]] = {}
 def register_loss(name: str):
     def wrap(cls):
         cls.name = name
+        cls.needs_feature_map = "feature_map" in cls.frozen     # for callers that ask only that
         LOSSES[name] = cls
         return cls
     return wrap
 
 
-@dataclass
-class LossResources:
-    """Frozen networks some losses need, built lazily by the pipeline."""
+@dataclass(frozen=True)
+class FrozenNetwork:
+    """A frozen network some loss needs: the artifact kind it is built as (None: files the
+    loss config names) and how a run loads it."""
 
-    feature_map: Callable[[], nn.Module] | None = None
-    lpips: Callable[[], nn.Module] | None = None
+    artifact: str | None
+    load: str       # "module:function"; fn(cfg_loss, artifact path or None, device) -> frozen nn.Module
+
+    def loader(self) -> Callable[[Any, str | None, torch.device], nn.Module]:
+        """The load function, imported on first use (this module stays free of the networks)."""
+        module, _, name = self.load.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+FROZEN: dict[str, FrozenNetwork] = {
+    "feature_map": FrozenNetwork("feature_map", "ayt.networks.feature_map:load_frozen"),   # MFD's φ, trained and cached
+    "lpips": FrozenNetwork(None, "ayt.networks.lpips:load_frozen"),                       # VGG16 + LPIPS files
+}
+
+
+class LossResources:
+    """The frozen networks a loss may ask for, by `FROZEN` name, each loaded when asked."""
+
+    def __init__(self, **loaders: Callable[[], nn.Module]):
+        self.loaders = loaders
+
+    def load(self, name: str) -> nn.Module:
+        if name not in self.loaders:
+            raise KeyError(f"frozen network {name!r} not provided (a loss asks only for those in its `frozen`)")
+        return self.loaders[name]()
+
+    @classmethod
+    def for_run(cls, cfg_loss: Any, paths: Callable[[str], str | None], device: torch.device) -> "LossResources":
+        """Loaders of the frozen networks the loss of `cfg_loss` declares; `paths(kind)` is where
+        the run's artifact of that kind lies (`Artifacts.path`)."""
+        def loader(network: FrozenNetwork) -> Callable[[], nn.Module]:
+            path = paths(network.artifact) if network.artifact else None
+            return lambda: network.loader()(cfg_loss, path, device)
+        return cls(**{name: loader(FROZEN[name]) for name in LOSSES[cfg_loss.name].frozen})
 
 
 class PairLoss:
     """Per-sample loss between the prediction D(x_t, t) and the stop-gradient target."""
 
     name: ClassVar[str]
-    needs_feature_map: ClassVar[bool] = False
+    frozen: ClassVar[tuple[str, ...]] = ()      # the frozen networks it needs (keys of FROZEN)
+    needs_feature_map: ClassVar[bool] = False   # "feature_map" in frozen (set by register_loss)
 
     def __call__(self, pred: Tensor, target: Tensor, iteration: int) -> dict[str, Tensor]:
         """Return {'loss': [B] per-sample term to backprop, optional monitored terms}."""
@@ -51,6 +90,11 @@ class PairLoss:
     @classmethod
     def from_config(cls, cfg: Any, resources: LossResources) -> "PairLoss":
         return cls()
+
+    @classmethod
+    def artifacts(cls) -> tuple[str, ...]:
+        """The artifact kinds its frozen networks are built as (what a run must build first)."""
+        return tuple(FROZEN[name].artifact for name in cls.frozen if FROZEN[name].artifact)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -137,7 +181,7 @@ def manifold_feature_distance(feature_map: nn.Module, a: Tensor, target: Tensor,
 class ManifoldFeatureDistance(PairLoss):
     """AYT's loss: MFD through the frozen feature map, in normalised-gradient form."""
 
-    needs_feature_map = True
+    frozen = ("feature_map",)
 
     def __init__(self, feature_map: nn.Module, eps: float = 1e-5):
         self.feature_map = feature_map
@@ -153,12 +197,14 @@ class ManifoldFeatureDistance(PairLoss):
 
     @classmethod
     def from_config(cls, cfg, resources):
-        return cls(resources.feature_map(), eps=cfg.get("eps", 1e-5))
+        return cls(resources.load("feature_map"), eps=cfg.get("eps", 1e-5))
 
 
 @register_loss("lpips")
 class LPIPSLoss(PairLoss):
     """LPIPS (VGG) distance in normalised-gradient form; weights come from local files."""
+
+    frozen = ("lpips",)
 
     def __init__(self, lpips: nn.Module):
         self.lpips = lpips
@@ -169,7 +215,6 @@ class LPIPSLoss(PairLoss):
 
     @classmethod
     def validate(cls, cfg):
-        from pathlib import Path
         for key in ("vgg_weights", "lin_weights"):
             path = cfg.get(key)
             if not path or not Path(str(path)).is_file():
@@ -178,7 +223,7 @@ class LPIPSLoss(PairLoss):
 
     @classmethod
     def from_config(cls, cfg, resources):
-        return cls(resources.lpips())
+        return cls(resources.load("lpips"))
 
 
 PIXEL_LOSSES = ("pseudo_huber", "l2", "l1")
@@ -188,7 +233,7 @@ PIXEL_LOSSES = ("pseudo_huber", "l2", "l1")
 class Mixed(PairLoss):
     """L = L_pixel + lam * min(1, (it+1)/n_ramp) * L_MFD (ALGORITHM §4)."""
 
-    needs_feature_map = True
+    frozen = ("feature_map",)
 
     def __init__(self, pixel: PairLoss, mfd: ManifoldFeatureDistance, lam: float, n_ramp: int):
         self.pixel, self.mfd, self.lam, self.n_ramp = pixel, mfd, float(lam), int(n_ramp)

@@ -6,9 +6,12 @@ downsampling stage plus the regression head's output.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ayt.errors import ConfigError
@@ -19,6 +22,33 @@ def num_stages_for(resolution: int) -> int:
     if resolution < 2 or resolution & (resolution - 1):
         raise ConfigError("dataset.resolution", f"the feature map needs a power of two >= 2, got {resolution}")
     return resolution.bit_length() - 1
+
+
+def _int_at_least(cfg: Mapping[str, Any], key: str, low: int) -> int:
+    value = cfg[key] if key in cfg else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"feature_map.{key}", f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def validate_feature_map(cfg_feature_map: Mapping[str, Any]) -> None:
+    """Check the `feature_map` config block; raise `ConfigError` naming the first bad field."""
+    cfg = cfg_feature_map
+    channels = cfg["channels"] if "channels" in cfg else None
+    if channels is None or isinstance(channels, str) or not hasattr(channels, "__iter__"):
+        raise ConfigError("feature_map.channels", f"must be a list of channel counts, got {channels!r}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
+        raise ConfigError("feature_map.channels", f"entries must be integers >= 1, got {list(channels)}")
+    _int_at_least(cfg, "convs_per_stage", 1)
+    _int_at_least(cfg, "iterations", 0)
+    _int_at_least(cfg, "batch_size", 2)  # BatchNorm on a 1×1 map needs two images
+    _int_at_least(cfg, "p_ramp_iterations", 0)
+    lr = cfg["lr"] if "lr" in cfg else None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError("feature_map.lr", f"must be a number > 0, got {lr!r}")
+    holdout = cfg["holdout"] if "holdout" in cfg else None
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise ConfigError("feature_map.holdout", f"must be in (0, 1), got {holdout!r}")
 
 
 class FeatureMap(nn.Module):
@@ -102,3 +132,23 @@ class FeatureMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, resolution={self.resolution}, num_labels={self.num_labels}"
+
+
+def fm_kwargs(fm: FeatureMap) -> dict:
+    """The constructor arguments that rebuild `fm` (stored with its weights)."""
+    return {"in_channels": fm.in_channels, "resolution": fm.resolution,
+            "channels": [stage[0].out_channels for stage in fm.stages], "num_labels": fm.num_labels,
+            "convs_per_stage": sum(isinstance(m, torch.nn.Conv2d) for m in fm.stages[0])}
+
+
+def load_feature_map(path: str | os.PathLike, device: torch.device) -> FeatureMap:
+    """The frozen feature map saved at `path`: eval mode, no parameter gradients."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    fm = FeatureMap(**blob["kwargs"])
+    fm.load_state_dict(blob["state_dict"])
+    return fm.to(device).freeze()
+
+
+def load_frozen(cfg_loss: Any, path: str | None, device: torch.device) -> FeatureMap:
+    """The feature map a loss uses (`ayt.method.losses.FROZEN`): the run's cached artifact."""
+    return load_feature_map(path, device)

@@ -156,6 +156,11 @@ def write_random_lpips_weights(directory: str | os.PathLike, seed: int = 0) -> t
     return str(vgg_path), str(lin_path)
 
 
+def load_frozen(cfg_loss, path: str | None, device: torch.device) -> LPIPS:
+    """The LPIPS a loss uses (`ayt.method.losses.FROZEN`): from the two files its config names."""
+    return LPIPS(cfg_loss.vgg_weights, cfg_loss.lin_weights).to(device)
+
+
 def _torchvision_vgg16_features() -> nn.Module:
     """torchvision's ``vgg16(weights=None).features``, without building the classifier."""
     import torchvision

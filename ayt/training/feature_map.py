@@ -12,49 +12,26 @@ alignment cosines (`ayt.training.alignment`): how well MFD's step points at pixe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ayt.data import ImageData
 from ayt.errors import ConfigError
 from ayt.method.augment import FAMILIES, AugmentPipeline, validate_augment
 from ayt.method.losses import ManifoldFeatureDistance
-from ayt.networks.feature_map import FeatureMap
+from ayt.networks.feature_map import FeatureMap, fm_kwargs, validate_feature_map
 from ayt.training.alignment import alignment_cosines
 
 _EVAL_PASSES = 8  # augmented passes over the held-out set for `label_mse` (more draws, less noise)
 _BN_CALIBRATION_BATCHES = 20  # idt preset: batches that set BatchNorm statistics of the untrained net
 _ALIGNMENT_IMAGES = 256  # held-out images on which the alignment cosines are measured
-
-
-def _int_at_least(cfg: Mapping[str, Any], key: str, low: int) -> int:
-    value = cfg[key] if key in cfg else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"feature_map.{key}", f"must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def validate_feature_map(cfg_feature_map: Mapping[str, Any]) -> None:
-    """Check the `feature_map` config block; raise `ConfigError` naming the first bad field."""
-    cfg = cfg_feature_map
-    channels = cfg["channels"] if "channels" in cfg else None
-    if channels is None or isinstance(channels, str) or not hasattr(channels, "__iter__"):
-        raise ConfigError("feature_map.channels", f"must be a list of channel counts, got {channels!r}")
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
-        raise ConfigError("feature_map.channels", f"entries must be integers >= 1, got {list(channels)}")
-    _int_at_least(cfg, "convs_per_stage", 1)
-    _int_at_least(cfg, "iterations", 0)
-    _int_at_least(cfg, "batch_size", 2)  # BatchNorm on a 1×1 map needs two images
-    _int_at_least(cfg, "p_ramp_iterations", 0)
-    lr = cfg["lr"] if "lr" in cfg else None
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError("feature_map.lr", f"must be a number > 0, got {lr!r}")
-    holdout = cfg["holdout"] if "holdout" in cfg else None
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
-        raise ConfigError("feature_map.holdout", f"must be in (0, 1), got {holdout!r}")
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -198,3 +175,13 @@ def train_feature_map(
         **{f"align_{name}": cos for name, cos in alignment.items()},
     }
     return model, metrics
+
+
+def build_feature_map(cfg: DictConfig, out: Path, data: ImageData, device: torch.device, progress: bool = True) -> None:
+    """The `feature_map` artifact (ayt.artifacts): φ's kwargs and weights, and its metrics."""
+    fm, metrics = train_feature_map(data.images.to(device), cfg.feature_map, cfg.augment,
+                                    seed=int(cfg.feature_map.seed), device=device, progress=progress)
+    torch.save({"kwargs": fm_kwargs(fm), "state_dict": {k: v.cpu() for k, v in fm.state_dict().items()}},
+               out / "feature_map.pt")
+    metrics = {f"feature_map_{k}": float(v) for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

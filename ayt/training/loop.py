@@ -21,7 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from ayt.artifacts import Artifacts
+from ayt.config import run_name
 from ayt.data import load_dataset
+from ayt.eval.fid import FIDEvaluator
 from ayt.eval.tangent import TangentProbe
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_1STEP, FID_2STEP, FID_KEYS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
@@ -29,8 +32,9 @@ from ayt.method.ema import EMA
 from ayt.method.losses import LossResources, build_loss
 from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
+from ayt.networks.precond import build_denoiser
+from ayt.startup import start_mode
 from ayt.training.noise_scale import NoiseScale
-from ayt.training.prepare import Artifacts, load_feature_map
 from ayt.training.step import ConsistencyStep, unwrap
 
 STATE_FILE = "state.pt"
@@ -139,7 +143,6 @@ class FIDProbe:
     """FID of 1- and 2-step samples of the EMA model on a fixed noise set (rank 0 only)."""
 
     def __init__(self, cfg: DictConfig, artifacts: Artifacts, data, device: torch.device):
-        from ayt.eval.fid import FIDEvaluator
         self.cfg = cfg
         self.evaluator = FIDEvaluator(data, cfg.dataset.fid_extractor, artifacts.fid_weights,
                                       artifacts.fid_cache, device, reference_stats=cfg.fid.get("reference_stats"))
@@ -161,11 +164,9 @@ class FIDProbe:
 
 def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, data):
     """Networks, optimizer, loss and step for one worker (pretrained weights loaded)."""
-    from ayt.networks.precond import build_denoiser
     device = ctx.device
     net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
-    if cfg.training.init in ("pretrained", "file", "converged") and artifacts.pretrained:   # the cached start
-        net.load_state_dict(torch.load(artifacts.pretrained, map_location="cpu", weights_only=True))
+    start_mode(cfg).initialise(net, artifacts.pretrained)     # the cached start, if the mode has one
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -177,12 +178,7 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     lr = float(cfg.lr) * lr_scale(str(cfg.lr_scaling), int(cfg.batch_size), int(cfg.lr_ref_batch))
     optimizer_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[str(cfg.get("optimizer", "adam"))]
     optimizer = optimizer_class(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
-
-    def lpips():
-        from ayt.networks.lpips import LPIPS
-        return LPIPS(cfg.loss.vgg_weights, cfg.loss.lin_weights).to(device)
-
-    resources = LossResources(feature_map=lambda: load_feature_map(artifacts.feature_map, device), lpips=lpips)
+    resources = LossResources.for_run(cfg.loss, artifacts.path, device)
     per_worker = int(cfg.batch_size) // ctx.world_size
     step = ConsistencyStep(
         net=wrapped, loss=build_loss(cfg.loss, resources),
@@ -376,8 +372,7 @@ def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: Wo
 def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunState, probe: FIDProbe,
                           sink: MetricSink | None) -> list[str]:
     """Sample grids, the FID-curve PNG and the final EMA weights under out_dir/runs/<name>/."""
-    from ayt.config import run_name
-    from ayt.eval.plots import save_curves, save_sample_grid
+    from ayt.eval.plots import save_curves, save_sample_grid   # matplotlib: rank 0 draws once, at the end
     out = Path(cfg.out_dir) / "runs" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     samples = probe.samples(step.ema.model)

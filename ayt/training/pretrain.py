@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ayt.data import ImageData
 from ayt.method.ema import EMA
+from ayt.networks.precond import build_denoiser
 
 
 def edm_loss(denoiser: nn.Module, x: Tensor, p_mean: float, p_std: float, sigma_data: float) -> Tensor:
@@ -42,3 +48,14 @@ def pretrain_diffusion(denoiser: nn.Module, images: Tensor, cfg_pretrain, sigma_
     if final != final or final in (float("inf"), float("-inf")):
         raise RuntimeError(f"EDM pretraining diverged (loss {final}); lower pretrain.lr")
     return ema.state_dict(), {"pretrain_loss": final}
+
+
+def build_pretrained(cfg: DictConfig, out: Path, data: ImageData, device: torch.device, progress: bool = True) -> None:
+    """The `pretrained` artifact (ayt.artifacts): the EDM denoiser's EMA weights and its final loss."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.pretrain.seed))
+        net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels).to(device)
+    state, metrics = pretrain_diffusion(net, data.images.to(device), cfg.pretrain, float(cfg.edm.sigma_data),
+                                        progress=progress)
+    torch.save({k: v.cpu() for k, v in state.items()}, out / "denoiser.pt")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
