@@ -28,55 +28,17 @@ cannot change what the next one measures. Records hold relative paths only (temp
 directories are `<tmp>`, a benchmark's out_dir `<out_dir>`). Results of a run are committed
 under studies/benchmarks/; `python -m ayt.bench.table FILE` prints their table.
 
-Layout: this module (registry, options), `harness` (timing, machine, records), one module
-per benchmark, `table` (the README table from the records), `__main__` (the CLI).
+Layout: `registry` (the registry, options; re-exported here), `harness` (timing, machine,
+records), one module per benchmark, `table` (the README table from the records), `__main__` (the CLI).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-BENCHMARKS: dict[str, Callable[["Options"], dict[str, Any]]] = {}
-ALL = ("step", "switches", "mfd", "ray", "fid", "roofline", "front_door")
+from ayt.bench.registry import ALL, BENCHMARKS, MODULES, Options, benchmark, get_benchmark
 
-# The module that registers each benchmark (imported on first use: `ray` would shadow the
-# package of the same name, so its module is `ray_overhead`).
-MODULES = {"step": "step", "switches": "switches", "mfd": "mfd", "ray": "ray_overhead", "fid": "fid",
-           "roofline": "roofline", "front_door": "front_door"}
-
-
-def benchmark(name: str):
-    """Register `fn(opts) -> dict` as the benchmark `name`."""
-    def wrap(fn):
-        BENCHMARKS[name] = fn
-        return fn
-    return wrap
-
-
-def get_benchmark(name: str) -> Callable[["Options"], dict[str, Any]]:
-    if name not in BENCHMARKS and name in MODULES:
-        importlib.import_module(f"{__name__}.{MODULES[name]}")
-    return BENCHMARKS[name]
-
-
-@dataclass
-class Options:
-    """What every benchmark reads; the CLI flags of the same names set them."""
-
-    repeats: int = 5                 # timed calls per variant
-    warmup: int = 1                  # untimed calls per variant first
-    threads: int | None = None       # torch intra-op threads (None: torch's default)
-    device: str = "auto"             # auto | cpu | cuda | mps
-    quick: bool = False              # tiny networks and batches (tests, a dry run of the harness)
-    compile: bool = False            # switches: also measure torch.compile (minutes of compilation)
-    lpips_weights: tuple[str, str] | None = None   # (vgg16.pth, lpips vgg.pth): time the LPIPS loss
-    ray_iterations: int = 150        # ray: optimizer steps of the small trial
-    ray_threads: int = 1             # ray: cpu_threads of the trial, both paths (a Ray worker reserves 1 CPU)
-    front_door_args: tuple[str, ...] = ()   # front_door: extra overrides (shrink it: study.budget.amount=640 ...)
-    front_door_timeout_s: float | None = None   # front_door: kill the study after this long (None: never)
-    seed: int = 0
+# The harness imports torch: imported on first call, so the CLI parses its flags without it.
 
 
 def run_benchmark(name: str, opts: Options) -> dict[str, Any]:
@@ -87,3 +49,6 @@ def run_benchmark(name: str, opts: Options) -> dict[str, Any]:
 def write_records(records: list[dict[str, Any]], path) -> None:
     from ayt.bench.harness import write_records as write
     write(records, path)
+
+
+__all__ = ["ALL", "BENCHMARKS", "MODULES", "Options", "benchmark", "get_benchmark", "run_benchmark", "write_records"]

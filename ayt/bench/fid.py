@@ -14,16 +14,16 @@ import torch
 from ayt.bench import Options, benchmark
 from ayt.bench.harness import resolve, summarize, synchronize, temp_dir, time_interleaved
 from ayt.bench.presets import CPU_PRESET, build_step, preset_for, random_batch
+from ayt.config import compose_config
+from ayt.data import load_dataset
+from ayt.eval.classifier import DigitClassifier, save_classifier
+from ayt.networks.precond import build_denoiser
+from ayt.training.loop import FIDProbe
+from ayt.training.prepare import Artifacts
 
 
 @benchmark("fid")
 def bench_fid(opts: Options) -> dict[str, Any]:
-    from ayt.config import compose_config
-    from ayt.data import load_dataset
-    from ayt.eval.classifier import DigitClassifier, save_classifier
-    from ayt.networks.precond import build_denoiser
-    from ayt.training.loop import FIDProbe
-    from ayt.training.prepare import Artifacts
     device = resolve(opts.device)
     preset = preset_for(CPU_PRESET, opts)
     extra = ["fid.num_samples=20", "fid.batch_size=10"] if opts.quick else []

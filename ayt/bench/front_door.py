@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from ayt.bench import Options, benchmark
 from ayt.bench.harness import register_path, target, temp_dir, usable_cpus
 
@@ -64,7 +66,6 @@ def _number(params: dict[str, str], key: str, default: float) -> float:
 def trial_times(tracking_uri: str, experiment: str = EXPERIMENT) -> list[dict[str, Any]]:
     """One entry per child run (a study trial) of `experiment`: its train and FID seconds, its
     CPUs, and their product (core-seconds), its status and number of artifacts."""
-    from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

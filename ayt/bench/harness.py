@@ -20,9 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
-from ayt.bench import Options, get_benchmark
+from ayt.bench.registry import Options, get_benchmark
+from ayt.training.prepare import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +88,6 @@ def torch_info(device: torch.device) -> dict[str, Any]:
 
 
 def resolve(device: str) -> torch.device:
-    from ayt.training.prepare import resolve_device
     return resolve_device(device)
 
 
@@ -171,10 +172,7 @@ def preserved_state() -> Iterator[None]:
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     py_rng = random.getstate()
-    np_rng = None
-    with contextlib.suppress(ImportError):
-        import numpy as np
-        np_rng = np.random.get_state()
+    np_rng = np.random.get_state()
     environ = dict(os.environ)
     cwd = os.getcwd()
     try:
@@ -192,9 +190,7 @@ def preserved_state() -> Iterator[None]:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         random.setstate(py_rng)
-        if np_rng is not None:
-            import numpy as np
-            np.random.set_state(np_rng)
+        np.random.set_state(np_rng)
 
 
 # ---------------------------------------------------------------------------------------

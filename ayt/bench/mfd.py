@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from ayt.bench import Options, benchmark
 from ayt.bench.harness import ratio, resolve, round_ratios, summarize, target, temp_dir, time_interleaved
 from ayt.bench.presets import CIFAR_PRESET, CPU_PRESET, Preset, preset_for, random_feature_map_file
+from ayt.config import compose_config
+from ayt.method.losses import ManifoldFeatureDistance
+from ayt.networks.feature_map import load_feature_map
 from ayt.training.probes import MFD_ATOL, MFD_RTOL, gradient_wrt_prediction, mfd_gradients, naive_mfd_terms
 
 TARGET_MFD_SPEEDUP = 1.3           # optimised MFD >= 1.3x faster than the naive form
@@ -19,9 +22,6 @@ TARGET_MFD_SPEEDUP = 1.3           # optimised MFD >= 1.3x faster than the naive
 
 def mfd_pair(preset: Preset, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     """(optimised loss, naive feature map, pred, target) with the same weights and inputs."""
-    from ayt.config import compose_config
-    from ayt.method.losses import ManifoldFeatureDistance
-    from ayt.training.prepare import load_feature_map
     cfg = compose_config(list(preset.overrides))
     with temp_dir() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -12,6 +12,12 @@ import torch
 from torch import Tensor
 
 from ayt.bench import Options
+from ayt.config import compose_config
+from ayt.method.augment import AugmentPipeline
+from ayt.networks.feature_map import FeatureMap, fm_kwargs
+from ayt.training.loop import WorkerContext, build_training
+from ayt.training.prepare import Artifacts, needs_feature_map
+from ayt.training.step import unwrap
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,6 @@ def preset_for(preset: Preset, opts: Options) -> Preset:
 
 def random_feature_map_file(cfg, resolution: int, channels: int, directory: Path) -> str:
     """A randomly initialised feature map, saved the way `ensure_feature_map` saves a trained one."""
-    from ayt.method.augment import AugmentPipeline
-    from ayt.networks.feature_map import FeatureMap
-    from ayt.training.prepare import fm_kwargs
     num_labels = AugmentPipeline(cfg.augment, channels).num_labels
     fm = FeatureMap(channels, resolution, list(cfg.feature_map.channels), num_labels,
                     int(cfg.feature_map.convs_per_stage))
@@ -66,9 +69,6 @@ def random_feature_map_file(cfg, resolution: int, channels: int, directory: Path
 def build_step(preset: Preset, overrides: Iterable[str], device: torch.device, workdir: Path, seed: int = 0):
     """(ConsistencyStep, cfg) for `preset` + overrides, through the loop's own `build_training`
     (scratch init: random weights; a random feature map where the loss needs one)."""
-    from ayt.config import compose_config
-    from ayt.training.loop import WorkerContext, build_training
-    from ayt.training.prepare import Artifacts, needs_feature_map
     cfg = compose_config([*preset.overrides, *overrides, f"batch_size={preset.batch}", "training.init=scratch",
                           f"seed={seed}"])
     artifacts = Artifacts()
@@ -93,7 +93,6 @@ def random_batch(preset: Preset, cfg, device: torch.device, seed: int = 0) -> Te
 
 
 def count_parameters(step) -> int:
-    from ayt.training.step import unwrap
     return sum(p.numel() for p in unwrap(step.net).parameters())
 
 

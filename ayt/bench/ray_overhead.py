@@ -11,8 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+from mlflow.tracking import MlflowClient
+
 from ayt.bench import Options, benchmark
 from ayt.bench.harness import target, temp_dir
+from ayt.config import load_config
+from ayt.studies.runner import plan_study, run_study
+from ayt.train import run
 
 TARGET_RAY_OVERHEAD = 0.10         # Ray Train (1 worker) per-step time <= 1.10x the plain loop
 TARGET_STUDY_WALL_RATIO = 1.10     # a Tune study of small trials <= 1.10x the same trials in a plain loop
@@ -28,8 +34,6 @@ def trial_overrides(out_dir: Path, iterations: int, threads: int) -> list[str]:
 
 
 def _run_trial(overrides: list[str]) -> dict[str, Any]:
-    from ayt.config import load_config
-    from ayt.train import run
     cfg = load_config(overrides)
     start = time.perf_counter()
     summary = run(cfg, progress=False)
@@ -41,7 +45,6 @@ def _run_trial(overrides: list[str]) -> dict[str, Any]:
 def _start_ray() -> tuple[float, bool]:
     """A fresh local Ray as `ayt.training.ray_train.connect` starts one (dashboard on 127.0.0.1);
     address="local" so that it never joins another session's cluster."""
-    import ray
     if ray.is_initialized():
         return 0.0, False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -53,7 +56,6 @@ def _start_ray() -> tuple[float, bool]:
 
 @benchmark("ray")
 def bench_ray(opts: Options) -> dict[str, Any]:
-    import ray
     iterations = 10 if opts.quick else opts.ray_iterations
     threads = opts.ray_threads
     results: dict[str, Any] = {}
@@ -118,12 +120,6 @@ def run_study_trials(opts: Options, trial: list[str], iterations: int) -> dict[s
     (the loss_sweep study with its loss axis cut to mfd and `study.seeds` = 0..N-1), one at
     a time (`study.max_concurrent_trials=1`): the comparison is of machinery, not of
     parallelism. Expects Ray to be running (started by the caller)."""
-    try:
-        from ayt.studies.runner import plan_study, run_study
-    except ImportError:
-        # TODO(benchmarks, issue 6): nothing to compare until ayt.studies.runner exists.
-        return {"skipped": "study runner not available"}
-    from mlflow.tracking import MlflowClient
     n = 2 if opts.quick else STUDY_TRIALS
     # Same out_dir as the plain runs: the artifact cache (feature map, FID classifier and
     # statistics) is already built, so the study's wall time is the trials'.
