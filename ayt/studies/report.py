@@ -10,9 +10,10 @@ trials logged tangent diagnostics, tangent.png and tangent.csv (`report_tangent`
 
 from __future__ import annotations
 
-import csv
 import math
+import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,12 @@ from mlflow.tracking import MlflowClient
 from ayt.metrics import FID_KEYS, TRAIN_SECONDS, short
 from ayt.provenance import CODE_VERSIONS_TAG, git_commit, short_version
 from ayt.studies.protocol import TUNING_FILE
+from ayt.studies.critical_batch import noise_keys, section as critical_batch_section, target_scope
 from ayt.studies.protocol import report_lines as protocol_lines
+from ayt.studies.report_rows import group_label, write_rows as _write_rows
+from ayt.studies.report_tangent import history_keys, tangent_files
 from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
+from ayt.training.noise_scale import NOISE_SCALE
 
 CURVES = FID_KEYS
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
@@ -95,8 +100,6 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
         axes = {k[len("axis."):].replace("__", "."): v for k, v in sorted(params.items()) if k.startswith("axis.")}
         if "seed" not in axes:
             axes["seed"] = params.get("seed", "?")
-        from ayt.studies.report_tangent import history_keys
-        from ayt.studies.critical_batch import noise_keys
         curves = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
                                                           key=lambda m: m.step)]
                   for key in (*CURVES, *history_keys(run.data.metrics), *noise_keys(run.data.metrics))}
@@ -119,10 +122,6 @@ def _is_number(text: str) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-def group_label(group) -> str:
-    return ", ".join(f"{k}={v}" for k, v in group) or "all"
 
 
 def targets(trials: list[Trial], study: dict[str, Any], key: str) -> dict[tuple, float | None]:
@@ -158,7 +157,6 @@ def write_report(plan, uri: str, parent_run_id: str) -> dict[str, Any]:
     files += _plots(trials, out, plan)
     started = MlflowClient(uri).get_run(parent_run_id).info.start_time
     wall = time.time() - started / 1000 if started else None
-    from ayt.studies.critical_batch import section as critical_batch_section, target_scope
     critical = critical_batch_section(trials, key, out, plan.name,      # batch-size sweeps only
                                       scope=target_scope(plan.study))
     files.append(_write_markdown(plan, trials, groups, tgt, key, out / "report.md", [Path(f).name for f in files],
@@ -252,16 +250,6 @@ def _images_to(trial: Trial, key: str, target: float | None) -> float | None:
     return None if reached is None else float(reached * trial.batch_size)
 
 
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> str:
-    rows = [{k: v for k, v in row.items() if k != "comparisons"} for row in rows]
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
 def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> str:
     rows = []
     for t in trials:
@@ -278,7 +266,6 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
 
 def _write_curves_csv(trials: list[Trial], path: Path) -> str:
     """One row per evaluation: the FID curves, and the noise scale where the study measured it."""
-    from ayt.training.noise_scale import NOISE_SCALE
     keys = (*CURVES, *((NOISE_SCALE,) if any(t.curves.get(NOISE_SCALE) for t in trials) else ()))
     rows = []
     for t in trials:
@@ -324,7 +311,6 @@ def _plots(trials: list[Trial], out: Path, plan) -> list[str]:
         plt.close(fig)
         files.append(str(path))
     files += _final_vs_first_axis(trials, out, plan, plt)
-    from ayt.studies.report_tangent import tangent_files
     files += tangent_files(trials, out, plan, plt, styles)
     return files
 
@@ -397,7 +383,6 @@ def _write_markdown(plan, trials, groups, tgt, key, path: Path, figures: list[st
     worker_minutes = sum(t.train_seconds or 0 for t in trials) / 60
     # The command without this machine's paths: the out_dir (and what is under it) as `<out_dir>`,
     # or relative when it lies under the working directory, and any path under that relative.
-    import re
     cwd, command = Path.cwd(), " ".join(plan.argv)
     out_dir = Path(str(plan.base.out_dir))
     for root in sorted({out_dir, out_dir.resolve()}, key=lambda p: -len(str(p))):
@@ -570,5 +555,4 @@ def _findings(groups: list[dict[str, Any]], key: str) -> list[str]:
 
 
 def _cpu_count() -> int:
-    import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)

@@ -17,8 +17,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ayt.eval.tangent import COS, ERR, OSC, PREFIX, metric_key
+from ayt.eval.tangent import COS, ERR, OSC, PREFIX, bin_edges, metric_key
+from ayt.method.schedule import ConsistencySchedule
 from ayt.metrics import VS_IMAGES
+from ayt.studies.report_rows import group_label, write_rows
 
 ROWS = ((COS, "cos(−grad, error)"), (OSC, "oscillation (cos with previous eval)"), (ERR, "|error| (pixels)"))
 _BIN = re.compile(r"_t(\d+)$")
@@ -36,8 +38,6 @@ def _bins(trials) -> list[int]:
 
 def _edges(plan, count: int) -> tuple[float, ...] | None:
     try:
-        from ayt.eval.tangent import bin_edges
-        from ayt.method.schedule import ConsistencySchedule
         return bin_edges(ConsistencySchedule.from_config(plan.base.schedule, plan.base.edm), count)
     except Exception:           # a plan without a usable base config: titles without t ranges
         return None
@@ -45,7 +45,6 @@ def _edges(plan, count: int) -> tuple[float, ...] | None:
 
 def tangent_files(trials, out: Path, plan, plt, styles: dict[tuple, dict[str, Any]]) -> list[str]:
     """tangent.png and tangent.csv under `out` (nothing when no trial logged tangent metrics)."""
-    from ayt.studies.report import _write_rows, group_label
     bins = _bins(trials)
     if not bins:
         return []
@@ -91,10 +90,10 @@ def tangent_files(trials, out: Path, plan, plt, styles: dict[tuple, dict[str, An
     path = out / "tangent.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [str(path), _write_csv(trials, out / "tangent.csv", _write_rows)]
+    return [str(path), _write_csv(trials, out / "tangent.csv")]
 
 
-def _write_csv(trials, path: Path, write_rows) -> str:
+def _write_csv(trials, path: Path) -> str:
     rows = []
     for t in trials:
         keys = history_keys(t.curves)
