@@ -238,45 +238,15 @@ def _validate_data(cfg: DictConfig) -> None:
     _choice(cfg, "dataset.fid_extractor", ("classifier", "inception"))
 
 
-def _diagnostic(cfg: DictConfig, name: str) -> tuple[DictConfig | None, str]:
-    """`diagnostics.<name>` (None if the config has no such block) with its `enabled` checked."""
-    key = f"diagnostics.{name}"
-    spec = OmegaConf.select(cfg, key)
-    if spec is not None and not isinstance(spec.get("enabled"), bool):
-        raise ConfigError(f"{key}.enabled", f"must be true or false, got {spec.get('enabled')!r}")
-    return spec, key
-
-
-def _validate_noise_scale(cfg: DictConfig) -> None:
-    """The noise-scale split needs equal micro-batches of >= 1 image (a mean of unequal chunk
-    means is not the batch mean, and B_small must be one number)."""
-    spec, key = _diagnostic(cfg, "noise_scale")
-    if spec is None:
-        return
-    _number(cfg, f"{key}.micro_batches", low=2, integer=True)
-    _number(cfg, f"{key}.ema", low=0, high=1, high_open=True)
-    per_worker = int(cfg.batch_size) // int(cfg.scaling.num_workers)
-    if spec.enabled and per_worker % int(spec.micro_batches):
-        raise ConfigError(f"{key}.micro_batches", f"{spec.micro_batches} does not divide the per-worker batch "
-                          f"{per_worker} (batch_size / scaling.num_workers); choose a divisor or set {key}.enabled=false")
-
-
-def _validate_tangent(cfg: DictConfig) -> None:
-    """Tangent diagnostics (ayt/eval/tangent.py): a probe set of >= 1 pair per t-bin."""
-    spec, key = _diagnostic(cfg, "tangent")
-    if spec is None:
-        return
-    _number(cfg, f"{key}.t_bins", low=1, integer=True)
-    _number(cfg, f"{key}.probe_size", low=1, integer=True)
-    if spec.probe_size < spec.t_bins:
-        raise ConfigError(f"{key}.probe_size", f"must be >= {key}.t_bins ({spec.t_bins}): every t-bin needs "
-                          f"a probe, got {spec.probe_size}")
+def _validate_diagnostics(cfg: DictConfig) -> None:
+    """Every `diagnostics.<name>` block, by its registered class (ayt/diagnostics.py)."""
+    from ayt.diagnostics import validate_diagnostics
+    validate_diagnostics(cfg)
 
 
 VALIDATORS: list[Callable[[DictConfig], None]] = [
     _validate_device, _validate_training, _validate_method, _validate_network, _validate_scaling,
-    _validate_tracking, _validate_data, _validate_noise_scale,
-    _validate_tangent,
+    _validate_tracking, _validate_data, _validate_diagnostics,
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ayt.config import _validate_noise_scale
+from ayt.diagnostics import validate_diagnostics
 from ayt.errors import ConfigError
 from ayt.method.ema import EMA
 from ayt.method.losses import LOSSES
@@ -73,7 +73,7 @@ def _step(net, noise_scale: NoiseScale | None) -> ConsistencyStep:
     normalise it away, and amplify rounding in near-zero gradients)."""
     return ConsistencyStep(net=net, loss=LOSSES["pseudo_huber"](), schedule=ConsistencySchedule(),
                            noise=PairNoise(7, torch.device("cpu")), optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                           ema=EMA(net, 0.9), global_batch=8, noise_scale=noise_scale)
+                           ema=EMA(net, 0.9), global_batch=8, hooks=(noise_scale,) if noise_scale else ())
 
 
 def test_noise_scale_micro_batching_gives_the_same_update():
@@ -104,11 +104,11 @@ def test_config_rejects_micro_batches_that_do_not_divide_the_worker_batch():
     def cfg(batch, micro, workers=1, enabled=True):
         return OmegaConf.create({"batch_size": batch, "scaling": {"num_workers": workers},
                                  "diagnostics": {"noise_scale": {"enabled": enabled, "micro_batches": micro, "ema": 0.9}}})
-    _validate_noise_scale(cfg(32, 2))
-    _validate_noise_scale(cfg(9, 2, enabled=False))
+    validate_diagnostics(cfg(32, 2))
+    validate_diagnostics(cfg(9, 2, enabled=False))
     with pytest.raises(ConfigError, match="micro_batches"):
-        _validate_noise_scale(cfg(9, 2))
+        validate_diagnostics(cfg(9, 2))
     with pytest.raises(ConfigError, match="micro_batches"):
-        _validate_noise_scale(cfg(32, 4, workers=16))       # 2 images per worker
+        validate_diagnostics(cfg(32, 4, workers=16))       # 2 images per worker
     with pytest.raises(ConfigError, match="micro_batches"):
-        _validate_noise_scale(cfg(32, 1))
+        validate_diagnostics(cfg(32, 1))

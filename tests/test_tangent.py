@@ -199,25 +199,28 @@ def test_a_checkpoint_keeps_the_oscillation_and_the_noise_scale_average(setup, t
     stopped). Mutations caught: either state left out of save_checkpoint or load_checkpoint."""
     import copy
 
+    from ayt.diagnostics import Diagnostics
     from ayt.training.loop import RunState, WorkerContext, load_checkpoint, save_checkpoint
     from ayt.training.noise_scale import NoiseScale
 
     def build(net):
-        return ConsistencyStep(net=net, loss=PseudoHuber(0.0), schedule=setup.schedule, noise=PairNoise(0, CPU),
+        noise_scale = NoiseScale(micro_batches=2, ema=0.9)
+        step = ConsistencyStep(net=net, loss=PseudoHuber(0.0), schedule=setup.schedule, noise=PairNoise(0, CPU),
                                optimizer=torch.optim.Adam(net.parameters(), lr=1e-2), ema=EMA(net, 0.9),
-                               global_batch=8, noise_scale=NoiseScale(micro_batches=2, ema=0.9))
+                               global_batch=8, hooks=(noise_scale,))
+        return step, noise_scale
 
-    step, probe = build(copy.deepcopy(setup.net)), _probe(setup)
+    (step, noise_scale), probe = build(copy.deepcopy(setup.net)), _probe(setup)
     x = setup.data.images[:8]
     for it in range(3):
         step(x, it)
     probe(step, 3)
     ctx = WorkerContext(CPU)
-    save_checkpoint(tmp_path, step, RunState(iteration=3), ctx, tangent=probe)
-    resumed, resumed_probe = build(copy.deepcopy(setup.net)), _probe(setup)
-    assert resumed_probe.previous is None and resumed.noise_scale.average is None
-    assert load_checkpoint(tmp_path, resumed, ctx, resumed_probe).iteration == 3
+    save_checkpoint(tmp_path, step, RunState(iteration=3), ctx, diagnostics=Diagnostics([noise_scale, probe]))
+    (resumed, resumed_noise), resumed_probe = build(copy.deepcopy(setup.net)), _probe(setup)
+    assert resumed_probe.previous is None and resumed_noise.average is None
+    assert load_checkpoint(tmp_path, resumed, ctx, Diagnostics([resumed_noise, resumed_probe])).iteration == 3
     assert torch.equal(resumed_probe.previous, probe.previous)
-    assert resumed.noise_scale.updates == step.noise_scale.updates == 3
-    assert resumed.noise_scale.values() == step.noise_scale.values()
+    assert resumed_noise.updates == noise_scale.updates == 3
+    assert resumed_noise.values() == noise_scale.values()
     assert metric_key(OSC) in resumed_probe(resumed, 3)

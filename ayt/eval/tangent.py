@@ -48,9 +48,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ayt.diagnostics import Diagnostic, register_diagnostic
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencySchedule
-from ayt.training.diagnostics import Diagnostic, register_diagnostic
 
 PREFIX = "eval/tangent/"
 EDGES_TAG = "ayt.tangent.t_bin_edges"

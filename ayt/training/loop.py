@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ayt.artifacts import Artifacts
 from ayt.config import run_name
 from ayt.data import load_dataset
+from ayt.diagnostics import Diagnostics, build_diagnostics
 from ayt.eval.fid import FIDEvaluator
-from ayt.eval.tangent import TangentProbe
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_1STEP, FID_2STEP, FID_KEYS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
 from ayt.method.ema import EMA
@@ -34,7 +34,6 @@ from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_s
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
 from ayt.networks.precond import build_denoiser
 from ayt.startup import start_mode
-from ayt.training.noise_scale import NoiseScale
 from ayt.training.step import ConsistencyStep, unwrap
 
 STATE_FILE = "state.pt"
@@ -162,8 +161,10 @@ class FIDProbe:
         return {key: float(self.evaluator.fid(images)) for key, images in self.samples(net).items()}
 
 
-def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, data):
-    """Networks, optimizer, loss and step for one worker (pretrained weights loaded)."""
+def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, data,
+                   diagnostics: Diagnostics | None = None):
+    """Networks, optimizer, loss and step for one worker (pretrained weights loaded); the step
+    calls the gradient hooks of `diagnostics` (None: those of `cfg`, for a step on its own)."""
     device = ctx.device
     net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
     start_mode(cfg).initialise(net, artifacts.pretrained)     # the cached start, if the mode has one
@@ -180,22 +181,16 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     optimizer = optimizer_class(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
     resources = LossResources.for_run(cfg.loss, artifacts.path, device)
     per_worker = int(cfg.batch_size) // ctx.world_size
+    if diagnostics is None:
+        diagnostics = build_diagnostics(cfg, ctx.rank, data, device, gradients_only=True)
     step = ConsistencyStep(
         net=wrapped, loss=build_loss(cfg.loss, resources),
         schedule=ConsistencySchedule.from_config(cfg.schedule, cfg.edm),
         noise=PairNoise(int(cfg.seed), device), optimizer=optimizer, ema=ema,
         global_batch=int(cfg.batch_size), rank=ctx.rank, world_size=ctx.world_size,
         accum_steps=accumulation_steps(per_worker, cfg.scaling.batch_per_worker_max),
-        precision=str(cfg.precision), noise_scale=build_noise_scale(cfg))
+        precision=str(cfg.precision), hooks=diagnostics.gradient_hooks())
     return step
-
-
-def build_noise_scale(cfg: DictConfig) -> NoiseScale | None:
-    """The gradient-noise-scale diagnostic of `diagnostics.noise_scale` (None: off)."""
-    spec = OmegaConf.select(cfg, "diagnostics.noise_scale")
-    if not spec or not spec.enabled:
-        return None
-    return NoiseScale(micro_batches=int(spec.micro_batches), ema=float(spec.ema))
 
 
 def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: WorkerContext,
@@ -216,14 +211,15 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                                  shuffle=True, seed=int(cfg.seed), drop_last=True)
     loader = ctx.prepare_loader(DataLoader(sampler.dataset, batch_size=per_worker, sampler=sampler,
                                            drop_last=True))
-    step = build_training(cfg, artifacts, ctx, data)
-    tangent = TangentProbe.from_config(cfg, data, device) if ctx.is_chief else None     # None: switched off
-    state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx, tangent)) or RunState()
+    diagnostics = build_diagnostics(cfg, ctx.rank, data, device)
+    step = build_training(cfg, artifacts, ctx, data, diagnostics)
+    state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx, diagnostics)) or RunState()
     if state.iteration and sink is not None and ctx.is_chief:
         sink.set_tags({"ayt.resumed_from_iteration": state.iteration})
     probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
-    if tangent is not None and sink is not None:
-        sink.set_tags(tangent.tags())
+    tags = diagnostics.tags()
+    if sink is not None and ctx.is_chief and tags:
+        sink.set_tags(tags)
     total, it = int(cfg.training.iterations), state.iteration
     tr = cfg.training
     batches = len(loader)
@@ -258,16 +254,14 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
             if evaluate or checkpoint:
                 now = time.perf_counter()
                 state.train_seconds += now - tick
-                if evaluate and step.noise_scale is not None:       # every rank: an all-reduce
-                    metrics.update(step.noise_scale.values(lambda t: ctx.all_reduce(t, "mean")))
+                if evaluate:            # every rank: a diagnostic may all-reduce
+                    metrics.update(diagnostics.evaluate(step, it, lambda t: ctx.all_reduce(t, "mean")))
                 if evaluate and probe is not None:
                     fids = probe(step.ema.model)
                     metrics.update(fids)
                     for key, value in fids.items():
                         state.curves[key].append([it, value])
                     bar.set_postfix(loss=metrics.get(LOSS), fid1=f"{fids[FID_1STEP]:.2f}")
-                    if tangent is not None:
-                        metrics.update(tangent(step, it))
                     state.eval_seconds += time.perf_counter() - now
                 state.iteration = it
                 metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), **state.timings())
@@ -275,7 +269,7 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                     sink.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=it)
                 if history:
                     metrics[HISTORY] = history
-                ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx, tangent=tangent))
+                ctx.report(metrics, (lambda d, s=state: save_checkpoint(d, step, s, ctx, diagnostics=diagnostics))
                            if checkpoint else None)
                 history = []
                 tick = time.perf_counter()
@@ -332,9 +326,9 @@ def _maybe_fail(cfg: DictConfig, it: int, ctx: WorkerContext) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: RunState,
-                    ctx: WorkerContext, extra: dict | None = None, tangent: TangentProbe | None = None) -> None:
-    """Rank 0 writes networks/optimizer/counters and the tangent probe's last directions;
-    every rank writes its RNG state and its own noise-scale average."""
+                    ctx: WorkerContext, extra: dict | None = None, diagnostics: Diagnostics | None = None) -> None:
+    """Rank 0 writes networks/optimizer/counters; every rank writes its RNG state and the
+    state of its diagnostics."""
     directory = Path(directory)
     if ctx.is_chief:
         torch.save({
@@ -342,26 +336,23 @@ def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: 
             "optimizer": step.optimizer.state_dict(), "iteration": state.iteration,
             "stage": step.schedule.stage(state.iteration), "curves": state.curves,
             "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
-            **({"tangent": tangent.state_dict()} if tangent is not None else {}), **(extra or {}),
+            **(extra or {}),
         }, directory / STATE_FILE)
     torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
-    if step.noise_scale is not None:
-        torch.save(step.noise_scale.state_dict(), directory / f"noise_scale_rank{ctx.rank}.pt")
+    if diagnostics is not None:
+        diagnostics.save(directory, ctx.rank)
     (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps(ctx.describe()))
 
 
 def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext,
-                    tangent: TangentProbe | None = None) -> RunState:
+                    diagnostics: Diagnostics | None = None) -> RunState:
     directory = Path(directory)
     blob = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     unwrap(step.net).load_state_dict(blob["net"])
     step.ema.load_state_dict(blob["ema"])
     step.optimizer.load_state_dict(blob["optimizer"])
-    if tangent is not None and "tangent" in blob:
-        tangent.load_state_dict(blob["tangent"])
-    noise_file = directory / f"noise_scale_rank{ctx.rank}.pt"
-    if step.noise_scale is not None and noise_file.is_file():    # a rank new to the run starts its own average
-        step.noise_scale.load_state_dict(torch.load(noise_file, map_location=ctx.device, weights_only=True))
+    if diagnostics is not None:
+        diagnostics.load(directory, ctx.rank, ctx.device, blob)
     rng_file = directory / f"rng_rank{ctx.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), ctx.device)

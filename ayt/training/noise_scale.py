@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from ayt.diagnostics import Diagnostic, register_diagnostic
 from ayt.metrics import EVAL
-from ayt.training.diagnostics import Diagnostic, register_diagnostic
 
 NOISE_SCALE = EVAL + "noise_scale"          # B_simple = tr(Σ)/|G|², in samples
 GRAD_SQ_NORM = EVAL + "grad_sq_norm"        # |G|², the squared norm of the true gradient

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ayt.diagnostics import Diagnostic
 from ayt.method.ema import EMA
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencyPair, ConsistencySchedule, PairNoise
-from ayt.training.noise_scale import MicroBatchGradients, NoiseScale, squared_norm
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -55,7 +56,7 @@ class ConsistencyStep:
     world_size: int = 1
     accum_steps: int = 1           # micro-batches per worker per step
     precision: str = "fp32"        # fp32 | bf16
-    noise_scale: NoiseScale | None = None   # gradient-noise-scale diagnostic (None: off)
+    hooks: Sequence[Diagnostic] = ()  # diagnostics that read the micro-batch gradients (ayt.diagnostics)
 
     def __post_init__(self):
         # First iteration whose loss was not finite (-1: none); a device tensor, read at log time.
@@ -67,8 +68,8 @@ class ConsistencyStep:
 
     @property
     def chunks(self) -> int:
-        """Micro-batches per step: the accumulation, or the noise-scale split when there is none."""
-        return self.noise_scale.micro_batches if self.noise_scale and self.accum_steps == 1 else self.accum_steps
+        """Micro-batches per step: the accumulation, or the split the hooks need when there is none."""
+        return max([h.micro_batches for h in self.hooks], default=1) if self.accum_steps == 1 else self.accum_steps
 
     def __call__(self, x: Tensor, iteration: int) -> dict[str, Tensor]:
         n, eps = self.noise.draw(iteration, self.global_batch, tuple(x.shape[1:]), self.rank, self.world_size)
@@ -78,7 +79,8 @@ class ConsistencyStep:
         distributed = hasattr(self.net, "no_sync")
         # Under DDP the last micro-batch's backward all-reduces: only the others are this worker's own.
         local = len(chunks) - distributed
-        grads = MicroBatchGradients(self._params(), len(chunks)) if self.noise_scale else None
+        for hook in self.hooks:
+            hook.begin_step(self._params(), len(chunks))
         for i, (xc, nc, ec) in enumerate(chunks):
             pair = self.schedule.pair(xc, nc, ec, iteration)
             last = i == len(chunks) - 1
@@ -88,14 +90,15 @@ class ConsistencyStep:
                                           self.autocast(x.device))
                 loss = (pair.weight * terms["loss"]).mean() / len(chunks)
                 loss.backward()
-            if grads is not None and i < local:
-                grads.observe(keep=i + 1 < local)
+            for hook in self.hooks:
+                if i < local:
+                    hook.after_backward(keep=i + 1 < local)
             totals["loss"] = totals.get("loss", 0.0) + loss.detach()
             for key, value in terms.items():
                 if key != "loss":
                     totals[key] = totals.get(key, 0.0) + value.mean() / len(chunks)
-        if grads is not None:
-            self.noise_scale.update(grads.small_sq(), squared_norm(grads.grads()), len(chunks[0][0]), self.global_batch)
+        for hook in self.hooks:
+            hook.end_step(len(chunks[0][0]), self.global_batch)
         self.optimizer.step()
         self.ema.update(unwrap(self.net), self.global_batch)
         self._track_non_finite(totals["loss"], iteration)
