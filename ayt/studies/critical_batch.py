@@ -31,6 +31,10 @@ import numpy as np
 
 from ayt.errors import ConfigError
 from ayt.metrics import short
+from ayt.studies.group import Group
+from ayt.studies.report_plots import pyplot, seeds_and_mean
+from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.stats import mean_ci, paired
 from ayt.training.noise_scale import NOISE_SCALE
 
 BATCH = "batch_size"
@@ -45,7 +49,7 @@ BOOTSTRAP_SEED = 0
 class Point:
     """One trial's distance to the target: steps (interpolated iteration) and images."""
 
-    series: str          # the trial's group without the batch size, e.g. "loss=mfd"
+    series: Group        # the trial's group without the batch size, e.g. loss=mfd
     batch: int
     seed: str
     steps: float
@@ -134,15 +138,16 @@ class Measurement:
 
     target: float | None                 # the shared target (the loosest per-series one when per_series)
     scope: str = "shared"
-    targets: dict[str, float] = field(default_factory=dict)           # series -> its target
-    unresolved: list[str] = field(default_factory=list)              # series reached at the first evaluation only
-    points: dict[str, list[Point]] = field(default_factory=dict)      # series -> reached points
-    missed: dict[str, list[tuple[int, str]]] = field(default_factory=dict)   # series -> (batch, seed) never reached
-    fits: dict[str, NoiseFit] = field(default_factory=dict)
+    targets: dict[Group, float] = field(default_factory=dict)           # series -> its target
+    unresolved: list[Group] = field(default_factory=list)              # series reached at the first evaluation only
+    points: dict[Group, list[Point]] = field(default_factory=dict)      # series -> reached points
+    missed: dict[Group, list[tuple[int, str]]] = field(default_factory=dict)   # series -> (batch, seed) never reached
+    fits: dict[Group, NoiseFit] = field(default_factory=dict)
 
 
-def series_of(trial) -> str:
-    return ", ".join(f"{k}={v}" for k, v in trial.group if k != BATCH) or "all"
+def series_of(trial) -> Group:
+    """The trial's series: its group without the batch size."""
+    return trial.group.without(BATCH)
 
 
 def shared_target(trials, key: str) -> float | None:
@@ -161,7 +166,7 @@ def shared_target(trials, key: str) -> float | None:
 
 
 def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared") -> Measurement:
-    by_series: dict[str, list] = {}
+    by_series: dict[Group, list] = {}
     for t in trials:
         by_series.setdefault(series_of(t), []).append(t)
     if scope == "per_series":
@@ -213,7 +218,7 @@ def lr_rule_spread(measurement: Measurement) -> list[dict]:
     lower = flatter); series with a trial that missed the target rank after the others."""
     rows = []
     for series in sorted(set(measurement.points) | set(measurement.missed)):
-        if f"{LR_RULE}=" not in series:
+        if series.get(LR_RULE) is None:
             continue
         by_batch: dict[int, list[float]] = {}
         for p in measurement.points.get(series, []):
@@ -227,24 +232,32 @@ def lr_rule_spread(measurement: Measurement) -> list[dict]:
     return sorted(rows, key=lambda r: (bool(r["missed_batches"]), r["cv"]))
 
 
-@dataclass
-class Section:
-    lines: list[str]
-    files: list[str] = field(default_factory=list)
+class CriticalBatch(Section):
+    """The report's "Critical batch size" section, for sweeps of the batch size."""
+
+    def applies(self, ctx: ReportContext) -> bool:
+        return sweeps_batch(ctx.trials)
+
+    def write(self, ctx: ReportContext) -> SectionOutput:
+        return section(ctx.trials, ctx.key, ctx.out, ctx.plan.name, scope=target_scope(ctx.plan.study))
+
+
+def sweeps_batch(trials) -> bool:
+    return bool(trials) and all(BATCH in t.axes for t in trials)
 
 
 def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTSTRAP,
-            scope: str = "shared") -> Section:
-    """The report's "Critical batch size" section (empty when batch size is not swept)."""
-    if not trials or not all(BATCH in t.axes for t in trials):
-        return Section([])
+            scope: str = "shared") -> SectionOutput:
+    """The "Critical batch size" section's text and figure (empty when batch size is not swept)."""
+    if not sweeps_batch(trials):
+        return SectionOutput([])
     head = ["", "## Critical batch size", ""]
     lacking = requirements(trials)
     if lacking:
-        return Section(head + [f"- Not computed: the sweep has {lacking}."])
+        return SectionOutput(head + [f"- Not computed: the sweep has {lacking}."])
     m = measure(trials, key, bootstrap, scope)
     if m.target is None:
-        return Section(head + ["- Not computed: no trial has an FID curve."])
+        return SectionOutput(head + ["- Not computed: no trial has an FID curve."])
     if scope == "per_series":
         which = (f"Target {short(key)} per series (`study.critical_batch.target=per_series`): the series' worst batch "
                  "size's best seed-mean FID, the loosest FID every batch size of it reaches, so no series is fitted "
@@ -304,17 +317,16 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                 per += "; some seeds missed at " + ", ".join(f"b{b}" for b in r["missed_batches"])
             lines.append(f"| {r['series']} | {m.targets.get(r['series'], math.nan):.1f} | {per} | {r['cv']:.3f} "
                          f"| {r['max_over_min']:.2f} |")
-        best: dict[str, dict] = {}
+        best: dict[Group, dict] = {}
         for r in rules:               # ranked: the first row of each remaining series is its flattest rule
-            best.setdefault(_without_rule(r["series"]), r)
+            best.setdefault(r["series"].without(LR_RULE), r)
         for rest, r in best.items():
-            rule = _rule(r["series"])
-            lines.append(f"- Flattest for {rest}: {rule} (CV {r['cv']:.3f}).")
-    return Section(lines, files)
+            lines.append(f"- Flattest for {rest}: {r['series'].part(LR_RULE)} (CV {r['cv']:.3f}).")
+    return SectionOutput(lines, files)
 
 
-def _last_noise_scale(trials) -> dict[str, float]:
-    values: dict[str, list[float]] = {}
+def _last_noise_scale(trials) -> dict[Group, float]:
+    values: dict[Group, list[float]] = {}
     for t in trials:
         curve = t.curves.get(NOISE_SCALE)
         if curve:
@@ -328,11 +340,10 @@ def _run_noise_scale(trial) -> float | None:
     return float(np.mean(curve)) if curve else None
 
 
-def run_noise_scale(trials) -> dict[str, tuple[float, float, int]]:
+def run_noise_scale(trials) -> dict[Group, tuple[float, float, int]]:
     """Per series: each trial's B_simple over the run, mean ± 95% t-interval over the trials
     (seeds × batch sizes)."""
-    from ayt.studies.stats import mean_ci
-    values: dict[str, list[float]] = {}
+    values: dict[Group, list[float]] = {}
     for t in trials:
         value = _run_noise_scale(t)
         if value is not None:
@@ -341,9 +352,7 @@ def run_noise_scale(trials) -> dict[str, tuple[float, float, int]]:
 
 
 def _plot(trials, m: Measurement, path: Path, title: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     palette = plt.get_cmap("tab10")
@@ -373,25 +382,20 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     # not be readable), the fitted B_noise of each series dotted in its loss's colour.
     styles = ["-", "--", "-.", ":"]
     batches = sorted({t.batch_size for t in trials})
-    rests = sorted({_without_rule(series_of(t)) for t in trials})
+    rests = sorted({series_of(t).without(LR_RULE) for t in trials})
     rest_colours = {r: palette(i % 10) for i, r in enumerate(rests)}
-    crossed = any(_rule(series_of(t)) for t in trials)
+    crossed = any(t.group.get(LR_RULE) is not None for t in trials)
     for rest in rests:
         for i, b in enumerate(batches):
-            curves = [t.curves[NOISE_SCALE] for t in trials
-                      if _without_rule(series_of(t)) == rest and t.batch_size == b and t.curves.get(NOISE_SCALE)]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-            mean = [np.mean([dict(c)[s] for c in curves]) for s in steps]
-            right.plot([s * b for s in steps], mean, color=rest_colours[rest], linestyle=styles[i % len(styles)],
-                       label=f"{rest}, b{b}", linewidth=1)
+            members = [t for t in trials if series_of(t).without(LR_RULE) == rest and t.batch_size == b]
+            style = {"color": rest_colours[rest], "linestyle": styles[i % len(styles)]}
+            seeds_and_mean(right, members, NOISE_SCALE, style, f"{rest}, b{b}", seeds=False, linewidth=1)
     for series, f in sorted(m.fits.items()):
         if math.isfinite(f.b_noise) and f.b_noise > 0:
-            colour = rest_colours.get(_without_rule(series), "grey")
+            colour = rest_colours.get(series.without(LR_RULE), "grey")
             right.axhline(f.b_noise, color=colour, linestyle=":", linewidth=1)
             if crossed:
-                right.annotate(f"B_noise, {_rule(series)}", (1.0, f.b_noise), xycoords=("axes fraction", "data"),
+                right.annotate(f"B_noise, {series.part(LR_RULE)}", (1.0, f.b_noise), xycoords=("axes fraction", "data"),
                                ha="right", va="bottom", fontsize=6, color=colour)
     right.set_xlabel("images seen"), right.set_ylabel("B_simple = tr(Σ)/|G|²")
     right.set_yscale("log")
@@ -411,17 +415,16 @@ def noise_scale_comparison(trials) -> list[str]:
     rules; with two such series, their difference paired by seed (each seed's mean over batch
     sizes and rules: trials of one seed share data order and noise, so the seed is the
     independent unit), and how often it has the same sign per batch size."""
-    from ayt.studies.stats import mean_ci, paired
-    by_rest: dict[str, dict[tuple[int, str, str], float]] = {}     # loss -> (batch, rule, seed) -> B_simple
+    by_rest: dict[Group, dict[tuple[int, str, str], float]] = {}     # loss -> (batch, rule, seed) -> B_simple
     for t in trials:
         value = _run_noise_scale(t)
         if value is not None:
             series = series_of(t)
-            by_rest.setdefault(_without_rule(series), {})[(t.batch_size, _rule(series), t.seed)] = value
+            by_rest.setdefault(series.without(LR_RULE), {})[(t.batch_size, series.part(LR_RULE), t.seed)] = value
     if not by_rest:
         return []
     lines = ["- B_simple over the run (each trial's mean after its first evaluation), pooled over batch sizes"
-             + (" and lr rules" if any(_rule(series_of(t)) for t in trials) else "") + ": "
+             + (" and lr rules" if any(t.group.get(LR_RULE) is not None for t in trials) else "") + ": "
              + "; ".join(f"{rest} {_pm(mean_ci(list(v.values())))}" for rest, v in sorted(by_rest.items())) + "."]
     if len(by_rest) == 2:
         (a, va), (b, vb) = sorted(by_rest.items())
@@ -447,16 +450,3 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     mean, half, n = stat
     return f"{mean:.1f} ± {half:.1f} (n={n})" if math.isfinite(half) else f"{mean:.1f} (n={n})"
 
-
-def _without_rule(series: str) -> str:
-    return ", ".join(p for p in series.split(", ") if not p.startswith(f"{LR_RULE}=")) or "all"
-
-
-def _rule(series: str) -> str:
-    """The series' `lr_scaling=<rule>` part ("" when the rule is not an axis)."""
-    return next((p for p in series.split(", ") if p.startswith(f"{LR_RULE}=")), "")
-
-
-def noise_keys(logged: dict[str, float]) -> tuple[str, ...]:
-    """The noise-scale history the report loads for a run that logged it."""
-    return (NOISE_SCALE,) if NOISE_SCALE in logged else ()

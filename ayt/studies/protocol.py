@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig
 
 from ayt.errors import ConfigError
+from ayt.studies.group import Group
 from ayt.studies.space import StudySpace
 
 PROTOCOLS = ("single", "tune_then_repeat")
@@ -117,16 +118,21 @@ def groups(space: StudySpace) -> list[dict[str, Any]]:
     seen, out = set(), []
     for point in space.grid():
         group = {k: v for k, v in point.items() if k != "seed"}
-        label = group_key(space, group)
-        if label not in seen:
-            seen.add(label)
+        key = space_group(space, group)
+        if key not in seen:
+            seen.add(key)
             out.append(group)
     return out
 
 
+def space_group(space: StudySpace, params: Mapping[str, Any]) -> Group:
+    """The group of Tune/Optuna params: each axis' config key and value, in axis order."""
+    return Group.of((a.key, params[a.param]) for a in space.axes if a.param in params)
+
+
 def group_key(space: StudySpace, params: Mapping[str, Any]) -> str:
     """`loss=mfd,batch_size=16`: a group's name, in axis order, from Tune/Optuna params."""
-    return ",".join(f"{a.key}={params[a.param]}" for a in space.axes if a.param in params)
+    return space_group(space, params).joined(",")
 
 
 def stage_name(name: str, group: str) -> str:
@@ -201,9 +207,8 @@ def check_tuned(study: Mapping[str, Any], space: StudySpace) -> None:
 
 def _matching(tuned: Mapping[str, Any], space: StudySpace, params: Mapping[str, Any]) -> list[str]:
     """The tuned labels a trial belongs to: every axis value the label names equals the trial's."""
-    mine = {a.key: str(params[a.param]) for a in space.axes if a.param in params}
-    return [label for label in tuned
-            if all(mine.get(k) == v for k, v in parse_group_label(space, label).items())]
+    mine = space_group(space, params)
+    return [label for label in tuned if mine.matches(parse_group_label(space, label))]
 
 
 def tuned_overrides(study: Mapping[str, Any], space: StudySpace, params: Mapping[str, Any]) -> list[str]:

@@ -7,10 +7,12 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from ayt.studies.group import Group
+
 
 def group_label(group) -> str:
     """`loss=mfd, batch_size=16` for a group's (key, value) pairs; "all" for the one group of none."""
-    return ", ".join(f"{k}={v}" for k, v in group) or "all"
+    return Group.of(group).label
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The study report's tangent-diagnostics part (`ayt.eval.tangent`): tangent.png and tangent.csv.
+"""The study report's tangent-diagnostics section (`ayt.eval.tangent`): tangent.png and tangent.csv.
 
 tangent.png has one column per t-bin and a row each for the cosine of the loss's output
 gradient with the pixel error (`cos`), the oscillation (`osc`: cosine with the previous
@@ -15,20 +15,31 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
 from ayt.eval.tangent import COS, ERR, OSC, PREFIX, bin_edges, metric_key
 from ayt.method.schedule import ConsistencySchedule
-from ayt.metrics import VS_IMAGES
-from ayt.studies.report_rows import group_label, write_rows
+from ayt.studies.report_plots import group_styles, pyplot, seeds_and_mean
+from ayt.studies.report_rows import write_rows
+from ayt.studies.report_section import ReportContext, Section, SectionOutput
 
 ROWS = ((COS, "cos(−grad, error)"), (OSC, "oscillation (cos with previous eval)"), (ERR, "|error| (pixels)"))
 _BIN = re.compile(r"_t(\d+)$")
 
 
-def history_keys(logged: Iterable[str]) -> list[str]:
-    """The tangent metrics (per bin and overall) among a run's logged metric names, step = iteration."""
-    return sorted(k for k in logged if k.startswith(PREFIX) and not k.endswith(VS_IMAGES))
+class Tangent(Section):
+    """tangent.png and tangent.csv, for studies whose trials logged tangent metrics; the figure
+    is listed under the report's "## Figures"."""
+
+    def applies(self, ctx: ReportContext) -> bool:
+        return bool(_bins(ctx.trials))
+
+    def write(self, ctx: ReportContext) -> SectionOutput:
+        plt = pyplot()
+        return SectionOutput(files=tangent_files(ctx.trials, ctx.out, ctx.plan, plt, group_styles(ctx.groups, plt)))
+
+
+def tangent_keys(logged: Iterable[str]) -> list[str]:
+    """The tangent metrics (per bin and overall) among a trial's histories."""
+    return sorted(k for k in logged if k.startswith(PREFIX))
 
 
 def _bins(trials) -> list[int]:
@@ -43,7 +54,7 @@ def _edges(plan, count: int) -> tuple[float, ...] | None:
         return None
 
 
-def tangent_files(trials, out: Path, plan, plt, styles: dict[tuple, dict[str, Any]]) -> list[str]:
+def tangent_files(trials, out: Path, plan, plt, styles: dict[Any, dict[str, Any]]) -> list[str]:
     """tangent.png and tangent.csv under `out` (nothing when no trial logged tangent metrics)."""
     bins = _bins(trials)
     if not bins:
@@ -58,19 +69,8 @@ def tangent_files(trials, out: Path, plan, plt, styles: dict[tuple, dict[str, An
         for c, b in enumerate(bins):
             ax, key = panels[r][c], metric_key(kind, b)
             for group in groups:
-                members = [t for t in trials if t.group == group and t.curves.get(key)]
-                if not members:
-                    continue
-                style = styles.get(group, {})
-                for t in members:
-                    ax.plot([s * t.batch_size for s, _ in t.curves[key]], [v for _, v in t.curves[key]],
-                            color=style.get("color"), linestyle=style.get("linestyle"), alpha=0.3, linewidth=0.8)
-                steps = sorted(set.intersection(*[{s for s, _ in t.curves[key]} for t in members]))
-                if steps:
-                    mean = [np.mean([dict(t.curves[key])[s] for t in members]) for s in steps]
-                    ax.plot([s * members[0].batch_size for s in steps], mean, linewidth=2,
-                            marker=style.get("marker"), markersize=3, color=style.get("color"),
-                            linestyle=style.get("linestyle"), label=group_label(group))
+                seeds_and_mean(ax, [t for t in trials if t.group == group], key, styles.get(group, {}), group.label,
+                               markersize=3)
             if kind == ERR:
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(plt.NullFormatter())
@@ -96,7 +96,7 @@ def tangent_files(trials, out: Path, plan, plt, styles: dict[tuple, dict[str, An
 def _write_csv(trials, path: Path) -> str:
     rows = []
     for t in trials:
-        keys = history_keys(t.curves)
+        keys = tangent_keys(t.curves)
         values = {k: dict(t.curves[k]) for k in keys}
         for s in sorted({s for k in keys for s, _ in t.curves[k]}):
             rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "iteration": s,

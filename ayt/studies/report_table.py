@@ -1,0 +1,239 @@
+"""The report's group table and what it is computed from: final/best FID with 95% confidence
+intervals across seeds, iterations and images to a target FID, and each group against its
+reference (unpaired and, where seeds are shared, paired: `stats`); the findings are sentences
+from the same comparison records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ayt.metrics import FID_KEYS, short
+from ayt.studies.group import Group
+from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
+from ayt.studies.trials import Trial
+
+CURVES = FID_KEYS
+
+
+def fmt(mean: float, half: float, digits: int = 2) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
+
+
+def _reference(study: dict[str, Any]) -> dict[str, str]:
+    """`study.target.reference`: the values that turn a group into its reference group."""
+    return {k: str(v) for k, v in ((study.get("target") or {}).get("reference") or {}).items()}
+
+
+def targets(trials: list[Trial], study: dict[str, Any], key: str) -> dict[Group, float | None]:
+    """Target FID per group: `study.target.fid`, or the mean final FID of the reference group
+    (the same group with `study.target.reference` values substituted)."""
+    target = study.get("target") or {}
+    groups = {t.group for t in trials}
+    if target.get("fid") is not None:
+        return {g: float(target["fid"]) for g in groups}
+    reference = _reference(study)
+    if not reference:
+        return {g: None for g in groups}
+    finals: dict[Group, list[float]] = {}
+    for t in trials:
+        finals.setdefault(t.group, []).append(t.final(key))
+    out = {}
+    for g in groups:
+        ref = g.replace(reference)
+        out[g] = mean_ci(finals[ref])[0] if ref in finals else None
+    return out
+
+
+def group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[dict[str, Any]]:
+    by_group: dict[Group, list[Trial]] = {}
+    for t in trials:
+        by_group.setdefault(t.group, []).append(t)
+    rows = []
+    for group, members in by_group.items():
+        row: dict[str, Any] = {"group": group.label, "seeds": len(members)}
+        for k in CURVES:
+            for what, fn in (("final", Trial.final), ("best", Trial.best)):
+                m, h, _ = mean_ci([fn(t, k) for t in members])
+                row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
+        for name in ARTIFACT_KEYS:         # artifact metadata (artifact.* params), averaged over seeds
+            values = [float(t.artifacts[name]) for t in members if name in t.artifacts]
+            if values:
+                row[name] = float(np.mean(values))
+        diverged = [t for t in members if t.divergence(key)]
+        if diverged:
+            row["diverged"] = f"{len(diverged)}/{len(members)}"
+        target = tgt.get(group)
+        row["target_fid"] = target
+        if target is not None:
+            reached = [t.first_reaching(key, target) for t in members]
+            m, h, n = mean_ci([r for r in reached if r is not None])
+            row["iters_to_target_mean"], row["iters_to_target_ci95"], row["reached"] = m, h, n
+            batch = members[0].batch_size
+            row["images_to_target_mean"] = m * batch if math.isfinite(m) else math.nan
+            row["images_to_target_ci95"] = h * batch if math.isfinite(h) else math.nan
+        rows.append(row)
+    _compare_with_reference(rows, by_group, study, key, tgt)
+    return rows
+
+
+def _compare_with_reference(rows, by_group: dict[Group, list[Trial]], study, key, tgt) -> None:
+    """Each group against its reference (the same group with `study.target.reference`
+    substituted): final FID unpaired (Welch) and paired by seed, and images seen to the
+    target FID. The records go in `row["comparisons"]`; the CSV gets their verdicts."""
+    reference = _reference(study)
+    if not reference:
+        return
+    index = {group: (row, members) for (group, members), row in zip(by_group.items(), rows)}
+    for (group, members), row in zip(by_group.items(), rows):
+        ref = group.replace(reference)
+        if ref not in index:
+            row["vs_reference"] = "–"
+            continue
+        other, ref_members = index[ref]
+        if other is row:
+            row["vs_reference"] = "reference"
+            continue
+        finals = {t.seed: t.final(key) for t in members}
+        ref_finals = {t.seed: t.final(key) for t in ref_members}
+        comparisons: dict[str, Comparison] = {
+            "final": unpaired(list(finals.values()), list(ref_finals.values())),
+            "final_paired": paired(finals, ref_finals)}
+        row["vs_reference"] = comparisons["final"].verdict()
+        row["paired_vs_reference"] = comparisons["final_paired"].verdict()
+        # Speed on the x-axis that is fair across batch sizes: images seen to the target FID.
+        target = tgt.get(group)
+        if target is not None and "images_to_target_mean" in row and "images_to_target_mean" in other:
+            mine = [_images_to(t, key, target) for t in members]
+            theirs = [_images_to(t, key, tgt.get(t.group)) for t in ref_members]
+            reached, ref_reached = sum(v is not None for v in mine), sum(v is not None for v in theirs)
+            if reached < row["seeds"]:
+                row["speed_vs_reference"] = f"reached the target in {reached}/{row['seeds']} seeds"
+            elif ref_reached < 2:         # the reference's own time to target has no interval
+                row["speed_vs_reference"] = f"reference reached the target in {ref_reached}/{other['seeds']} seeds"
+            else:
+                comparisons["images_to_target"] = unpaired(mine, theirs)
+                row["speed_vs_reference"] = comparisons["images_to_target"].verdict("faster", "slower")
+                mean_mine, mean_theirs = row["images_to_target_mean"], other["images_to_target_mean"]
+                if reached >= 2 and mean_mine > 0 and math.isfinite(mean_theirs):
+                    row["speedup_vs_reference"] = mean_theirs / mean_mine
+        row["comparisons"] = comparisons
+
+
+def _images_to(trial: Trial, key: str, target: float | None) -> float | None:
+    if target is None:
+        return None
+    reached = trial.first_reaching(key, target)
+    return None if reached is None else float(reached * trial.batch_size)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the report's group table: its header, how a row renders in it, and
+    which rows' keys make it appear at all."""
+
+    header: str
+    render: Any                                    # (row, metric key) -> str
+    needs: str | None = None                       # shown only if some row has this key
+
+    def shown(self, rows: list[dict[str, Any]]) -> bool:
+        return self.needs is None or any(r.get(self.needs) is not None for r in rows)
+
+    def cell(self, row: dict[str, Any], key: str) -> str:
+        return str(self.render(row, key))
+
+
+def _stat(name: str, digits: int = 2):
+    return lambda r, key: fmt(r.get(f"{name}_mean", math.nan), r.get(f"{name}_ci95", math.nan), digits)
+
+
+def _speedup(r: dict[str, Any], key: str) -> str:
+    speedup = r.get("speedup_vs_reference")
+    return f"{speedup:.2f}×" if speedup else "–"
+
+
+FM_FAMILIES = ("geo", "clr", "deg")
+FM_ERRORS = ("noise", "blur", "mixup", "shift", "mean")     # ayt.training.alignment.ERRORS
+FEATURE_MAP_KEYS = ("feature_map_label_mse", "feature_map_r2", "feature_map_train_images",
+                    *(f"feature_map_r2_{f}" for f in FM_FAMILIES), *(f"feature_map_align_{e}" for e in FM_ERRORS))
+CONVERGED_KEYS = ("converged_fid_1step", "converged_fid_2step")     # the fine-tuning regime's start
+ARTIFACT_KEYS = (*FEATURE_MAP_KEYS, *CONVERGED_KEYS)
+
+
+def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
+    return " / ".join(f"{r[prefix + n]:.2f}" if r.get(prefix + n) is not None else "–" for n in names)
+
+
+TABLE = [
+    Column("group", lambda r, key: r["group"]),
+    Column("seeds", lambda r, key: r["seeds"]),
+    Column("start FID 1-step / 2-step (converged model)",
+           lambda r, key: f"{r['converged_fid_1step']:.2f} / {r.get('converged_fid_2step', math.nan):.2f}",
+           needs="converged_fid_1step"),
+    Column("final FID 1-step", _stat("final_fid_1step")),
+    Column("final FID 2-step", _stat("final_fid_2step")),
+    Column("best FID 1-step", _stat("best_fid_1step")),
+    Column("best FID 2-step", _stat("best_fid_2step")),
+    Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
+    Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
+           needs="feature_map_label_mse"),
+    Column("feature-map held-out R² (geo / clr / deg)", lambda r, key: _joined(r, "feature_map_r2_", FM_FAMILIES),
+           needs="feature_map_r2"),
+    Column("feature-map training images", lambda r, key: f"{r['feature_map_train_images']:,.0f}"
+           if r.get("feature_map_train_images") is not None else "–", needs="feature_map_train_images"),
+    Column("MFD step cosine (" + " / ".join(FM_ERRORS) + ")", lambda r, key: _joined(r, "feature_map_align_", FM_ERRORS),
+           needs="feature_map_align_noise"),
+    Column("target FID", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
+           needs="target_fid"),
+    Column("iterations to target (reached)",
+           lambda r, key: f"{_stat('iters_to_target', 0)(r, key)} ({r.get('reached', 0)}/{r['seeds']})",
+           needs="target_fid"),
+    Column("images to target", _stat("images_to_target", 0), needs="target_fid"),
+    Column("speed-up vs reference", _speedup, needs="target_fid"),
+    Column("final FID vs reference", lambda r, key: r.get("vs_reference", "–"), needs="vs_reference"),
+    Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
+    Column("images to target vs reference", lambda r, key: r.get("speed_vs_reference", "–"), needs="target_fid"),
+]
+
+
+def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """The group table in markdown: the columns some row has a value for."""
+    columns = [c for c in TABLE if c.shown(rows)]
+    return (["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in rows])
+
+
+def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
+    """Plain sentences from the comparison records: the best group, every significant
+    difference, and what is missing when nothing can be tested."""
+    name = short(key)
+    finite = [r for r in groups if math.isfinite(r.get(f"final_{name}_mean", math.nan))]
+    if not finite:
+        return ["- No trial produced an FID curve."]
+    best = min(finite, key=lambda r: r[f"final_{name}_mean"])
+    out = [f"- Lowest final {name}: {best['group']} "
+           f"({fmt(best[f'final_{name}_mean'], best[f'final_{name}_ci95'])}, {best['seeds']} seeds)."]
+    compared = [r for r in groups if r.get("comparisons")]
+    labels = {"final": f"final {name} (Welch)", "final_paired": f"final {name} (paired by seed)",
+              "images_to_target": "images to target"}
+    for r in compared:
+        significant = [f"{labels[what]} {c.verdict('faster', 'slower') if what == 'images_to_target' else c.verdict()}"
+                       for what, c in r["comparisons"].items() if c.significant]
+        if significant:
+            speed = r.get("speedup_vs_reference")
+            out.append(f"- {r['group']} vs reference — " + "; ".join(significant)
+                       + (f" (speed-up {speed:.2f}×)" if speed else "") + ".")
+    if not compared:
+        return out
+    if all(not c.available for r in compared for c in r["comparisons"].values()):
+        out.append("- No comparison with the reference can be tested: "
+                   + (next(iter(compared[0]["comparisons"].values())).method) + ".")
+    elif len(out) == 1:
+        out.append("- No difference from the reference group is significant at 95%.")
+    return out

@@ -1,0 +1,102 @@
+"""A study's trials as its MLflow runs hold them (the source of truth after any resume), loaded
+once for the report and the protocol: every child run of the study's parent run with its axis
+values, status, artifact metadata, the code that trained it, and every metric history that
+follows the naming convention (`ayt.metrics`): all of `eval/…` and `train/…`, step =
+iteration. Nothing here names a metric: one that a trial logs reaches the report's sections
+(and curves.csv) as logged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ayt.metrics import EVAL, TRAIN, TRAIN_SECONDS, VS_IMAGES, short
+from ayt.provenance import CODE_VERSIONS_TAG
+from ayt.studies.group import Group
+
+DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
+Curve = list[tuple[int, float]]       # [(iteration, value)], by iteration
+
+
+def history_keys(logged: Iterable[str]) -> list[str]:
+    """The metrics among `logged` whose histories a trial carries: every `eval/…` and `train/…`
+    metric, step = iteration (their `…_vs_images` copies, step = images seen, are left out)."""
+    return sorted(k for k in logged if k.startswith((EVAL, TRAIN)) and not k.endswith(VS_IMAGES))
+
+
+@dataclass
+class Trial:
+    run_id: str
+    name: str
+    axes: dict[str, str]            # swept values (seed included), as MLflow stores params
+    batch_size: int
+    status: str
+    stopped_early: bool
+    curves: dict[str, Curve] = field(default_factory=dict)   # metric -> its history (`history_keys`)
+    train_seconds: float | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)   # artifact.* params: cache keys, their metrics
+    failure: str | None = None      # the reason a failed trial gave (ayt.failure tag)
+    code_versions: tuple[str, ...] = ()   # the code that trained it, in order (more than one: resumed on new code)
+
+    @property
+    def seed(self) -> str:
+        return self.axes.get("seed", self.axes.get("_seed", "?"))
+
+    @property
+    def group(self) -> Group:
+        return Group.of((k, v) for k, v in self.axes.items() if k != "seed")
+
+    def eval_keys(self) -> list[str]:
+        """The evaluation histories this trial has (`eval/…`), in name order."""
+        return sorted(k for k in self.curves if k.startswith(EVAL))
+
+    def final(self, key: str) -> float:
+        return self.curves[key][-1][1] if self.curves.get(key) else math.nan
+
+    def best(self, key: str) -> float:
+        return min((v for _, v in self.curves.get(key, [])), default=math.nan)
+
+    def divergence(self, key: str) -> str | None:
+        """Why this trial counts as diverged, or None. Diverged: it failed on a non-finite loss,
+        or its FID rose above its first evaluation by more than DIVERGED_RISE and stayed there
+        (the last two evaluations, or the last one when there are only two)."""
+        if self.failure and ("non-finite" in self.failure.lower() or "nan" in self.failure.lower()):
+            return self.failure.split(":", 1)[-1].strip()[:160] or "non-finite loss"
+        curve = [v for _, v in self.curves.get(key, [])]
+        if len(curve) < 2:
+            return None
+        tail = curve[-2:] if len(curve) > 2 else curve[-1:]
+        if all(v > curve[0] * (1 + DIVERGED_RISE) for v in tail):
+            return f"{short(key)} rose from {curve[0]:.1f} (first evaluation) to {curve[-1]:.1f} and stayed above it"
+        return None
+
+    def first_reaching(self, key: str, target: float) -> int | None:
+        """First evaluated iteration whose FID is at or below the target (None: never)."""
+        return next((s for s, v in self.curves.get(key, []) if v <= target), None)
+
+
+def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
+    """The study's trials (child runs of `parent_run_id`), by group then seed."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=5000)
+    trials = []
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        axes = {k[len("axis."):].replace("__", "."): v for k, v in sorted(params.items()) if k.startswith("axis.")}
+        if "seed" not in axes:
+            axes["seed"] = params.get("seed", "?")
+        curves = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                          key=lambda m: m.step)]
+                  for key in history_keys(run.data.metrics)}
+        trials.append(Trial(run.info.run_id, run.info.run_name, axes, int(params.get("batch_size", 0)),
+                            run.info.status, tags.get("ayt.stopped_early") == "true", curves,
+                            run.data.metrics.get(TRAIN_SECONDS),
+                            {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")},
+                            failure=tags.get("ayt.failure"),
+                            code_versions=tuple(v for v in tags.get(CODE_VERSIONS_TAG, "").split(",") if v)))
+    return sorted(trials, key=lambda t: (t.group.sort_key(), t.seed))
