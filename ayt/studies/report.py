@@ -14,8 +14,8 @@ report.md shows them; each says when it applies and writes its markdown, files a
   Tangent        tangent.png, tangent.csv (`report_tangent`, trials with tangent diagnostics)
   Figures        fid_1step.png, fid_2step.png, final_vs_axis.png, and every figure a section
                  before it wrote without showing it itself
-  Data           trials.csv (one row per trial), curves.csv (one row per evaluation: the FID
-                 curves, and the noise scale where the study measured it)
+  Data           trials.csv (one row per trial), curves.csv (one row per evaluation, a column
+                 per `eval/…` history)
 
 All under out_dir/<study>/, beside report.md.
 """
@@ -239,13 +239,13 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
 
 
 def _write_curves_csv(trials: list[Trial], path: Path) -> str:
-    """One row per evaluation: the FID curves, and the noise scale where the study measured it."""
-    from ayt.training.noise_scale import NOISE_SCALE
-    keys = (*CURVES, *((NOISE_SCALE,) if any(t.curves.get(NOISE_SCALE) for t in trials) else ()))
+    """One row per evaluation (an iteration with any `eval/…` value) and a column per `eval/…`
+    history any trial has, in name order; empty where a trial has no value at that iteration."""
+    keys = sorted({k for t in trials for k in t.eval_keys()})
     rows = []
     for t in trials:
         values = {k: dict(t.curves.get(k, [])) for k in keys}
-        for s in sorted({s for k in CURVES for s, _ in t.curves.get(k, [])}):
+        for s in sorted({s for k in keys for s in values[k]}):
             rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "iteration": s,
                          "images_seen": s * t.batch_size, **{short(k): values[k].get(s) for k in keys}})
     return write_rows(rows or [{"run": None}], path)
