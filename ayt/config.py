@@ -177,12 +177,14 @@ def _validate_method(cfg: DictConfig) -> None:
     _number(cfg, "schedule.iterations_per_stage", low=1, integer=True, optional=True)
     _number(cfg, "sampling.t_mid", low=cfg.edm.sigma_min, high=cfg.edm.sigma_max, low_open=True, high_open=True)
     from ayt.method.losses import validate_loss
-    validate_loss(cfg.loss)
+    loss = validate_loss(cfg.loss)
     _number(cfg, "dataset.augment_rot_max", low=0)     # the augment presets' rot_max (conf/dataset/)
     from ayt.method.augment import validate_augment
     validate_augment(cfg.augment)
     from ayt.networks.feature_map import num_stages_for, validate_feature_map
     validate_feature_map(cfg.feature_map)
+    if not loss.needs_feature_map:      # the map (and its power-of-two resolution) is built only for MFD losses
+        return
     stages = num_stages_for(int(cfg.dataset.resolution))
     if len(cfg.feature_map.channels) < stages:
         raise ConfigError("feature_map.channels", f"needs at least {stages} entries for dataset.resolution="
@@ -202,8 +204,6 @@ def _validate_network(cfg: DictConfig) -> None:
     if res % (2 ** (len(net.channel_mult) - 1)):
         raise ConfigError("network.channel_mult", f"{len(net.channel_mult)} levels need a resolution divisible by "
                           f"{2 ** (len(net.channel_mult) - 1)}, got dataset.resolution={res}")
-    if res & (res - 1):
-        raise ConfigError("dataset.resolution", f"must be a power of two (the feature map halves it to 1), got {res}")
 
 
 def _validate_scaling(cfg: DictConfig) -> None:

@@ -58,6 +58,82 @@ def ray_session():
     yield ray
 
 
+class StandIns:
+    """Small local stand-ins for the dataset files `ayt.data` reads (nothing downloads)."""
+
+    @staticmethod
+    def idx(path, array) -> None:
+        """The MNIST idx format: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, raw bytes."""
+        import struct
+
+        import numpy as np
+        with open(path, "wb") as f:
+            f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
+            f.write(struct.pack(f">{array.ndim}I", *array.shape))
+            f.write(np.asarray(array).astype(np.uint8).tobytes())
+
+    @classmethod
+    def mnist(cls, root, folder="MNIST", n_train=6, n_test=4, size=28, seed=0, digits=False) -> Path:
+        """`<root>/<folder>/raw/` as torchvision's MNIST/FashionMNIST read it, 28x28 uint8: noise
+        with labels 0, 1, ... mod 10, or (digits=True) scikit-learn's 8x8 digits enlarged, with
+        their labels, for a classifier that can learn something; returns `root` (`dataset.root`)."""
+        import numpy as np
+        raw = Path(root) / folder / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        if digits:
+            import torch
+            from sklearn.datasets import load_digits
+            bunch = load_digits()
+            big = torch.nn.functional.interpolate(torch.from_numpy(bunch.images).float()[:, None] * 16,
+                                                  size=(size, size), mode="bilinear", align_corners=False)
+            images, labels = big[:, 0].clamp(0, 255).round().numpy(), bunch.target
+            assert n_train + n_test <= len(labels)
+        else:
+            rng = np.random.default_rng(seed)
+            images = rng.integers(0, 256, (n_train + n_test, size, size))
+            labels = np.concatenate([np.arange(n_train), np.arange(n_test)]) % 10
+        for split, rows in (("train", slice(0, n_train)), ("t10k", slice(n_train, n_train + n_test))):
+            cls.idx(raw / f"{split}-images-idx3-ubyte", images[rows])
+            cls.idx(raw / f"{split}-labels-idx1-ubyte", labels[rows])
+        return Path(root)
+
+    @staticmethod
+    def cifar10(root, n=2, seed=0) -> Path:
+        """`<root>/cifar-10-batches-py/` in the python-pickle format. Enough for validation (it
+        checks the files exist); torchvision's loader also checks their md5, which these fail."""
+        import pickle
+
+        import numpy as np
+        base = Path(root) / "cifar-10-batches-py"
+        base.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), "labels": list(range(n))}
+            (base / name).write_bytes(pickle.dumps(batch))
+        (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+        return Path(root)
+
+    @staticmethod
+    def pngs(root, sizes, mode="RGB") -> Path:
+        """Random PNGs of the given (width, height), spread over nested folders under `root`."""
+        import numpy as np
+        from PIL import Image
+        root = Path(root)
+        rng = np.random.default_rng(0)
+        for i, (w, h) in enumerate(sizes):
+            sub = root / "a" if i % 2 else root / "b" / "deep"
+            sub.mkdir(parents=True, exist_ok=True)
+            shape = (h, w, 3) if mode == "RGB" else (h, w)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(sub / f"img{i}.png")
+        return root
+
+
+@pytest.fixture(scope="session")
+def stand_ins():
+    """Writers of local stand-in dataset files (`StandIns`)."""
+    return StandIns
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -86,40 +85,24 @@ def test_relative_root_is_made_absolute(tmp_path, monkeypatch):
     assert str(tmp_path / "data") in str(err.value)
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    """The MNIST idx format: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, raw bytes."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
-def test_mnist_loads_from_local_files_and_resizes(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("t10k", 4)):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-    check_dataset_available(_cfg("mnist", root=str(tmp_path)))
-    train = load_dataset(_cfg("mnist", root=str(tmp_path)), train=True)
-    assert train.images.shape == (6, 1, 28, 28) and train.labels.tolist() == [0, 1, 2, 3, 4, 5]
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_loads_from_local_files_resized_to_32(tmp_path, stand_ins, name, folder):
+    """The 28x28 files come out at the preset's 32 px (a power of two, as the feature map needs)."""
+    stand_ins.mnist(tmp_path, folder=folder)
+    check_dataset_available(_cfg(name, root=str(tmp_path)))
+    train = load_dataset(_cfg(name, root=str(tmp_path)), train=True)
+    assert _cfg(name).resolution == 32
+    assert train.images.shape == (6, 1, 32, 32) and train.labels.tolist() == [0, 1, 2, 3, 4, 5]
     assert train.images.min() >= -1 and train.images.max() <= 1
-    small = load_dataset(_cfg("mnist", root=str(tmp_path), resolution=14), train=False)
+    native = load_dataset(_cfg(name, root=str(tmp_path), resolution=28), train=False)
+    assert native.images.shape == (4, 1, 28, 28)
+    assert torch.allclose((native.images + 1) * 127.5, ((native.images + 1) * 127.5).round(), atol=1e-3)
+    small = load_dataset(_cfg(name, root=str(tmp_path), resolution=14), train=False)
     assert small.images.shape == (4, 1, 14, 14)
 
 
-def _write_pngs(root, sizes, mode="RGB"):
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate(sizes):
-        sub = root / "a" if i % 2 else root / "b" / "deep"
-        sub.mkdir(parents=True, exist_ok=True)
-        shape = (h, w, 3) if mode == "RGB" else (h, w)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(sub / f"img{i}.png")
-
-
-def test_image_folder_recursive_resize_crop(tmp_path):
-    _write_pngs(tmp_path, [(40, 30), (20, 20), (64, 100)])
+def test_image_folder_recursive_resize_crop(tmp_path, stand_ins):
+    stand_ins.pngs(tmp_path, [(40, 30), (20, 20), (64, 100)])
     (tmp_path / "notes.txt").write_text("not an image")
     rgb = load_dataset(_cfg("image_folder", root=str(tmp_path), resolution=16))
     assert rgb.images.shape == (3, 3, 16, 16) and rgb.num_classes == 1
