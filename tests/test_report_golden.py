@@ -7,8 +7,8 @@ The trials are what `ayt.studies.tracker` writes, put straight into a real sqlit
 (no Ray): a parent run and one child per trial with its params (`axis.*`, `batch_size`, `seed`,
 `artifact.*`), tags (`mlflow.parentRunId`, `ayt.code_versions`, `ayt.stopped_early`,
 `ayt.failure`) and metric histories (FIDs, tangent diagnostics, noise scale and its
-companions, their `_vs_images` copies, `train/loss`, `time/*`), drawn from seeded numpy. The
-plans are the real ones (`plan_study`). Two cases:
+companions, the `_vs_images` copies of all but the tangent ones, `train/loss`, `time/*`),
+drawn from seeded numpy. The plans are the real ones (`plan_study`). Two cases:
 
   critical_batch  critical_batch_sweep at 3 batch sizes x 2 lr rules x 2 losses x 3 seeds, with
                   tangent and noise-scale histories, one trial failed on a non-finite loss and

@@ -232,8 +232,9 @@ def lr_rule_spread(measurement: Measurement) -> list[dict]:
     return sorted(rows, key=lambda r: (bool(r["missed_batches"]), r["cv"]))
 
 
-class CriticalBatch(Section):
-    """The report's "Critical batch size" section, for sweeps of the batch size."""
+class CriticalBatchSection(Section):
+    """The report's "Critical batch size" section, for sweeps of the batch size (`CriticalBatch`
+    is the schema of `study.critical_batch`)."""
 
     def applies(self, ctx: ReportContext) -> bool:
         return sweeps_batch(ctx.trials)

@@ -4,18 +4,18 @@ any resume; `ayt.studies.trials` loads them once, every `eval/…` and `train/�
 The report is `SECTIONS`, a list of `Section`s (ayt/studies/report_section.py) in the order
 report.md shows them; each says when it applies and writes its markdown, files and records:
 
-  Header         the command, the code that wrote and trained it, machine, budget, trial counts
-  GroupTable     FID per group with 95% CIs across seeds, iterations and images to the target,
-                 each group against its reference (`report_table`); groups.csv
-  Protocol       what each group ran at (`study.tuned`) and the tuning it came from (`protocol`)
-  Findings       the comparison records in sentences
-  Diverged       every diverged trial by name
-  CriticalBatch  B_noise per series and the lr rules (`critical_batch`, batch-size sweeps)
-  Tangent        tangent.png, tangent.csv (`report_tangent`, trials with tangent diagnostics)
-  Figures        fid_1step.png, fid_2step.png, final_vs_axis.png, and every figure a section
-                 before it wrote without showing it itself
-  Data           trials.csv (one row per trial), curves.csv (one row per evaluation, a column
-                 per `eval/…` history)
+  Header                the command, the code that wrote and trained it, machine, budget, trials
+  GroupTable            FID per group with 95% CIs across seeds, iterations and images to the
+                        target, each group against its reference (`report_table`); groups.csv
+  Protocol              what each group ran at (`study.tuned`) and the tuning it came from
+  Findings              the comparison records in sentences
+  Diverged              every diverged trial by name
+  CriticalBatchSection  B_noise per series and the lr rules (`critical_batch`, batch-size sweeps)
+  Tangent               tangent.png, tangent.csv (`report_tangent`, trials with tangent diagnostics)
+  Figures               fid_1step.png, fid_2step.png, final_vs_axis.png, and every figure a
+                        section before it wrote without showing it itself
+  Data                  trials.csv (one row per trial), curves.csv (one row per evaluation, a
+                        column per `eval/…` history)
 
 All under out_dir/<study>/, beside report.md.
 """
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from ayt.metrics import short
 from ayt.provenance import git_commit, short_version
-from ayt.studies.critical_batch import CriticalBatch
+from ayt.studies.critical_batch import CriticalBatchSection
 from ayt.studies.group import Group, is_number
 from ayt.studies.protocol import TUNING_FILE
 from ayt.studies.protocol import report_lines as protocol_lines
@@ -251,8 +251,8 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
     return write_rows(rows or [{"run": None}], path)
 
 
-SECTIONS: list[Section] = [Header(), GroupTable(), Protocol(), Findings(), Diverged(), CriticalBatch(), Tangent(),
-                           Figures(), Data()]
+SECTIONS: list[Section] = [Header(), GroupTable(), Protocol(), Findings(), Diverged(), CriticalBatchSection(),
+                           Tangent(), Figures(), Data()]
 
 
 def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section] | None = None) -> dict[str, Any]:
