@@ -165,9 +165,10 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from ayt.studies.runner import _searcher, requeue_orphaned_trials
+    from ayt.studies.resume import requeue_orphaned_trials
+    from ayt.studies.tune_backend import optuna_searcher
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
-    searcher = _searcher(plan)
+    searcher = optuna_searcher(plan)
     first = searcher.suggest("tune-a")                     # a trial Tune owns and saved
     Path(plan.experiment_path).mkdir(parents=True)
     searcher.save(str(Path(plan.experiment_path) / "searcher-state-2026-01-01_00-00-00.pkl"))
@@ -178,7 +179,7 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
     assert requeue_orphaned_trials(plan) == 0               # idempotent: the retry is not an orphan
 
-    restored = _searcher(plan)                             # what Tuner.restore does
+    restored = optuna_searcher(plan)                       # what Tuner.restore does
     restored.restore(str(Path(plan.experiment_path) / "searcher-state-2026-01-01_00-00-00.pkl"))
     rest = [restored.suggest(f"tune-{k}") for k in "cde"]
     assert rest[0] == orphan                               # the lost point comes first

@@ -7,7 +7,8 @@ import logging
 import sys
 
 from ayt.errors import ConfigError
-from ayt.studies.runner import StudyPlan, study_hook, study_main
+from ayt.studies.cli import study_main
+from ayt.studies.plan import StudyPlan, study_hook
 
 
 @study_hook("loss_sweep")

@@ -1,0 +1,88 @@
+"""The study command line. `python -m ayt.studies.<name>` (a study module) and
+`python -m ayt.studies <name>` (ayt/studies/__main__.py) both run `study_main(name)`:
+plan (ayt.studies.plan), check every path, then run on Tune (ayt.studies.tune_backend)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.resources import files
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from ayt.config import CONFIG_MODULE
+from ayt.errors import ConfigError
+
+USAGE = """usage: python -m ayt.studies.{name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+   or: python -m ayt.studies {name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+
+Study keys (conf/study/{name}.yaml): study.axes.*, study.seeds, study.budget.amount,
+study.budget.unit (images|iterations), study.budget.evals, study.scheduler (none|asha),
+study.search (grid|tpe|random), study.num_samples, study.max_concurrent_trials.
+Any other key=value applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2)."""
+
+
+def study_names() -> list[str]:
+    """The studies a user can name: every conf/study/<name>.yaml but base (what they share)."""
+    found = files(CONFIG_MODULE).joinpath("study").iterdir()
+    return sorted(p.name[:-len(".yaml")] for p in found if p.name.endswith(".yaml") and p.name != "base.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ayt.studies <name> [overrides]`: the study is the first argument."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    names = study_names()
+    if not args or args[0] in ("-h", "--help"):
+        text = USAGE.format(name="STUDY") + "\n\nSTUDY (conf/study/STUDY.yaml): " + ", ".join(names)
+        print(text, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in names:
+        print(f"ayt: config error: study: unknown study {name!r}; allowed: {', '.join(names)}", file=sys.stderr)
+        return 2
+    return study_main(name, rest)
+
+
+def study_main(name: str, argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE.format(name=name))
+        return 0
+    # Imported here, not above: help and a wrong study name answer without loading torch.
+    from ayt.studies.plan import plan_study
+    from ayt.studies.tune_backend import StudyError, run_study, run_tune_then_repeat
+    dry_run = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        plan = plan_study(name, args)
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id, "trials": plan.space.trial_count(),
+                                 "base_overrides": plan.base_overrides}))
+        return 0
+    from ayt.preflight import check_locations
+    from ayt.logs import route_logs
+    try:
+        check_locations(plan.base)         # every path and address, before Ray or MLflow
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ayt").setLevel(logging.INFO)
+    log_file = route_logs(plan.out_dir / "logs" / "study.log", verbose=bool(plan.base.get("verbose")))
+    print(f"ayt: study {plan.study_id}: {plan.space.trial_count()} trials; Ray/Tune logs in {log_file}", flush=True)
+    try:
+        runner = run_tune_then_repeat if plan.tune_plans else run_study
+        summary = runner(plan, progress=bool(plan.base.progress))
+    except ConfigError as err:
+        print(f"ayt: config error: {err}", file=sys.stderr)
+        return 2
+    except StudyError as err:
+        print(f"ayt: study error: {err}", file=sys.stderr)
+        return 1
+    print(f"ayt: study {plan.study_id}: {summary['trials']} trials ({summary['errors']} failed); "
+          f"report {summary['report']}; MLflow parent run {summary['parent_run_id']}")
+    return 0 if summary["errors"] == 0 else 1

@@ -1,0 +1,255 @@
+"""A study's plan: the study block and every trial config composed and validated from the
+command line, before Ray starts (anything that can fail does so here), and the per-study
+hooks that may adjust it (`study_hook`)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ayt.artifacts import config_hash
+from ayt.config import VOLATILE_KEYS, compose_config, load_config, run_name
+from ayt.errors import ConfigError
+from ayt.metrics import eval_key
+from ayt.studies.critical_batch import check_critical_batch
+from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
+from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
+
+
+# A Ray Train trial's Tune actor only waits on its TorchTrainer, whose workers Ray Train
+# places outside the trial's placement group. It reserves a token of memory, not CPU: Tune
+# refuses an empty bundle, and even 0.01 CPU per trial driver would leave N trials of one
+# 1-CPU worker each 0.01 CPU short of N CPUs, so one of them would wait with a core idle.
+TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
+TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
+# Study keys that change how a study runs or is reported, not what its trials compute.
+VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend", "critical_batch",
+                       "tuned_source", "allow_code_change")
+
+
+@dataclass
+class StudyPlan:
+    """Everything a study needs, resolved and validated before Ray starts."""
+
+    name: str                              # study.name: MLflow experiment, report directory
+    module: str                            # the study module (ayt.studies.<module>) and conf/study/<module>.yaml
+    study: dict[str, Any]                  # the study block, resolved
+    space: StudySpace
+    base_overrides: list[str]              # every trial starts from these
+    base: DictConfig                       # the validated base trial config
+    study_id: str                          # name + hash of what defines the study
+    argv: list[str] = field(default_factory=list)                   # the command line it came from
+    base_dir: str = ""                     # the driver's working directory: relative paths resolve here
+    trial_configs: list[DictConfig] = field(default_factory=list)   # grid: every trial; else the corners
+    skipped: list[str] = field(default_factory=list)                # axis values a study hook dropped, and why
+    tune_plans: list["StudyPlan"] = field(default_factory=list)     # tune_then_repeat: stage 1, one per group
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.base.out_dir) / self.name
+
+    @property
+    def storage_path(self) -> str:
+        return str(self.base.ray.storage_path)
+
+    @property
+    def experiment_path(self) -> str:
+        return _join(self.storage_path, self.study_id)
+
+    @property
+    def optuna_db(self) -> Path:
+        """The sqlite file of the Optuna study that OptunaSearch proposes trials from."""
+        return self.out_dir / "optuna.db"
+
+    @property
+    def metric(self) -> str:
+        """The metric Optuna and ASHA minimise, as trials report it (`eval/fid_1step`)."""
+        return eval_key(str(self.study["metric"]))
+
+    @property
+    def trial_backend(self) -> str:
+        """in_process (the trial trains in its Tune actor) or ray_train (a TorchTrainer)."""
+        chosen = str(self.study.get("trial_backend") or "auto")
+        if chosen == "auto":
+            return "in_process" if int(self.base.scaling.num_workers) == 1 else "ray_train"
+        return chosen
+
+    def trial_resources(self):
+        """What a Tune trial reserves: its one worker's bundle when it trains in process, a
+        token otherwise (Ray Train reserves the workers)."""
+        from ray import tune
+        if self.trial_backend == "in_process":
+            from ayt.preflight import worker_bundle
+            return tune.PlacementGroupFactory([worker_bundle(self.base)])
+        return TRIAL_DRIVER_RESOURCES
+
+    def trial_overrides(self, params: dict[str, Any], trial_id: str | None) -> list[str]:
+        batch = int(params.get("batch_size", self.base.batch_size))
+        extra = [f"name={self.study_id}-{trial_id}"] if trial_id else []
+        return [*self.base_overrides, *self.space.overrides(params, batch),
+                *tuned_overrides(self.study, self.space, params), *extra,
+                f"ray.storage_path={_join(self.storage_path, self.study_id, 'trials')}",
+                "scaling.backend=ray", "progress=false"]
+
+    def trial_config(self, params: dict[str, Any], trial_id: str | None = None) -> DictConfig:
+        """A trial's config, its paths resolved against the driver's directory (a Tune trial
+        runs in a directory of its own)."""
+        return load_config(self.trial_overrides(params, trial_id), base_dir=self.base_dir or None)
+
+    def label(self, trial) -> str:
+        """The trial's readable name (`b16-mfd-s0-57f9`): console, report and MLflow run name."""
+        return self.space.label(trial.config, trial.trial_id)
+
+    def describe(self, trial) -> "TrialRecord":
+        """How the tracker records a Tune trial in MLflow."""
+        cfg = self.trial_config(trial.config, trial.trial_id)
+        name = run_name(cfg)
+        from ayt.training.prepare import artifact_record
+        params = {**_run_params(cfg), **{f"axis.{k}": v for k, v in trial.config.items()},
+                  **{f"artifact.{k}": v for k, v in artifact_record(cfg).items()}}
+        return TrialRecord(name, self.label(trial), params, int(cfg.training.iterations),
+                           Path(cfg.out_dir) / "runs" / name, {"ayt.study_id": self.study_id})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A Tune trial as the study's MLflow writer records it."""
+
+    key: str                    # stable and unique (study id + Tune trial id): finds the run again on resume
+    label: str                  # what a person reads: the MLflow run name
+    params: dict[str, Any]
+    planned_iterations: int
+    run_dir: Path               # where the trial writes its artifacts
+    tags: dict[str, str]
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _run_params(cfg: DictConfig) -> dict[str, Any]:
+    from ayt.train import run_params
+    return run_params(cfg)
+
+
+# ---- per-study hooks ------------------------------------------------------------------------
+
+STUDY_HOOKS: dict[str, Callable[[StudyPlan], None]] = {}
+
+
+def study_hook(name: str):
+    """Register a per-study adjustment of the plan (e.g. drop an axis value that cannot run)."""
+    def register(fn: Callable[[StudyPlan], None]):
+        STUDY_HOOKS[name] = fn
+        return fn
+    return register
+
+
+# ---- planning: everything that can fail does so here, before Ray ---------------------------
+
+def split_argv(argv: Sequence[str]) -> list[str]:
+    """`resume=true` is shorthand for `study.resume=true`."""
+    return [("study." + a) if a.split("=", 1)[0] == "resume" else a for a in argv]
+
+
+def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig], None] | None = None) -> StudyPlan:
+    """Compose and validate study `name` with CLI overrides; `edit` adjusts the composed study
+    block first (how a protocol derives its stages from the study as written)."""
+    argv = split_argv(argv)
+    study_args = [a for a in argv if a.lstrip("+~").startswith("study.")]
+    train_args = [a for a in argv if a not in study_args]
+    composed = compose_config([f"+study={name}", *study_args, *train_args])
+    study = composed.study
+    if edit is None and protocol_name(study) == "tune_then_repeat" and study.get("tuned"):
+        raise ConfigError("study.tuned", "tune_then_repeat chooses it in stage 1 and would skip that stage; "
+                          "remove it, or run hand-set values with study.protocol.name=single")
+    if edit is not None:
+        with open_dict(study):
+            edit(study)
+    for key in ("metric", "scheduler", "max_failures", "preset"):
+        if key not in study:
+            raise ConfigError(f"study.{key}", "missing from the study config")
+    if str(study.scheduler) not in SCHEDULERS:
+        raise ConfigError("study.scheduler", f"unknown value {study.scheduler!r}; allowed: " + ", ".join(SCHEDULERS))
+    if str(study.metric) not in ("fid_1step", "fid_2step"):
+        raise ConfigError("study.metric", f"unknown value {study.metric!r}; allowed: fid_1step, fid_2step")
+    if str(study.get("trial_backend", "auto")) not in TRIAL_BACKENDS:
+        raise ConfigError("study.trial_backend", f"unknown value {study.trial_backend!r}; allowed: "
+                          + ", ".join(TRIAL_BACKENDS))
+    space = parse_space(study)
+    check_tuned(study, space)
+    check_critical_batch(study)
+    base_overrides = []
+    if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
+        base_overrides.append(f"experiment={study.preset}")
+    base_overrides += [str(o) for o in (study.fixed or [])]
+    if not any(a.startswith("tracking.experiment=") for a in train_args):
+        base_overrides.append(f"tracking.experiment={space.name}")
+    base_overrides += train_args
+    base_dir = os.getcwd()
+    base = load_config(base_overrides, base_dir=base_dir)
+    check_axis_keys(space, base)
+    if str(study.get("trial_backend")) == "in_process" and int(base.scaling.num_workers) != 1:
+        raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
+                          f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
+    # The identity of a study: what its trials compute, not where or how fast they run.
+    spec = {"study": OmegaConf.to_container(study, resolve=True), "base": OmegaConf.to_container(base, resolve=True)}
+    for volatile in VOLATILE_STUDY_KEYS:
+        spec["study"].pop(volatile, None)
+    for volatile in VOLATILE_KEYS:
+        spec["base"].pop(volatile, None)
+    plan = StudyPlan(name=space.name, module=name, study=OmegaConf.to_container(study, resolve=True), space=space,
+                     base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
+                     argv=list(argv), base_dir=base_dir)
+    _validate_scheduler(plan)
+    _load_study_module(name)
+    hook = STUDY_HOOKS.get(name)
+    if hook is not None:
+        hook(plan)
+    plan.trial_configs = [plan.trial_config(p) for p in _validation_points(plan)]
+    if protocol_name(plan.study) == "tune_then_repeat" and not plan.study.get("tuned"):
+        stage = parse_tune_stage(plan.study, space)
+        if not any(a.split("=", 1)[0] == "tracking.experiment" for a in train_args):
+            argv = [*argv, f"tracking.experiment={space.name}-tune"]
+        plan.tune_plans = [plan_study(name, argv, tune_edit(space, stage, g)) for g in groups(space)]
+    return plan
+
+
+def _load_study_module(name: str) -> None:
+    """Import ayt.studies.<name> so its hooks register (a study may be only a yaml)."""
+    try:
+        importlib.import_module(f"ayt.studies.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"ayt.studies.{name}":
+            raise
+
+
+def _validation_points(plan: StudyPlan) -> list[dict[str, Any]]:
+    """Grid: every point. Sampled: each axis at its corners, the others at their first value."""
+    space = plan.space
+    if space.search == "grid":
+        return space.grid()
+    first = {a.param: a.corners()[0] for a in space.all_axes}
+    points = [first]
+    for axis in space.all_axes:
+        points += [{**first, axis.param: v} for v in axis.corners()[1:]]
+    return points
+
+
+def _validate_scheduler(plan: StudyPlan) -> None:
+    study = plan.study
+    if study["scheduler"] != "asha":
+        return
+    asha = study.get("asha") or {}
+    grace, rf = asha.get("grace_evals", 1), asha.get("reduction_factor", 2)
+    if not isinstance(grace, int) or not 1 <= grace <= plan.space.evals:
+        raise ConfigError("study.asha.grace_evals", f"must be an integer in [1, study.budget.evals="
+                          f"{plan.space.evals}], got {grace!r}")
+    if not isinstance(rf, (int, float)) or rf <= 1:
+        raise ConfigError("study.asha.reduction_factor", f"must be a number > 1, got {rf!r}")
+

@@ -1,0 +1,138 @@
+"""Resuming a study: what Ray Tune and Optuna saved of it, read and repaired before
+`Tuner.restore` (ayt.studies.tune_backend) picks it up.
+
+Tune and Optuna keep the state a resume needs private, so every access to it lives in one
+class, `TuneOptunaState`: a Ray or Optuna version that changes that state breaks there, and
+its error says so, instead of a resume quietly running a trial twice or never.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ayt.errors import ConfigError
+from ayt.studies.plan import StudyPlan
+
+log = logging.getLogger(__name__)
+
+
+class TuneOptunaState:
+    """One study's saved Tune experiment and Optuna study, as a resume reads and repairs them.
+
+    Checked against ray 2.60.0 and optuna 5.0.0. The private state it touches:
+    - Tune's experiment directory: `tuner.pkl` (ray.tune.impl.tuner_internal._TUNER_PKL) once
+      a Tuner has saved, and `searcher-state-<time>.pkl` (Searcher.CKPT_FILE_TMPL), which
+      `OptunaSearch.save` writes as its pickled `__dict__`;
+    - in that dict, OptunaSearch's `_ot_trials`: Tune trial id -> the Optuna trial it asked for;
+    - Optuna's `Trial._trial_id` / `FrozenTrial._trial_id` (the storage's id) and
+      `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does.
+    """
+
+    def __init__(self, plan: StudyPlan):
+        self.study_id = plan.study_id
+        self.experiment_path = plan.experiment_path
+        self.optuna_db = plan.optuna_db
+
+    def experiment_exists(self) -> bool:
+        """Whether Tune saved this study's experiment (so `Tuner.restore` can pick it up)."""
+        path = self.experiment_path
+        if "://" in path:
+            import pyarrow.fs
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            return fs.get_file_info(inner + "/tuner.pkl").type != pyarrow.fs.FileType.NotFound
+        return (Path(path) / "tuner.pkl").exists()
+
+    def tune_owned_trials(self) -> dict[str, int] | None:
+        """Tune trial id -> Optuna storage trial id, for every trial Tune's newest saved
+        searcher owns; None when Tune saved no searcher or Optuna no study yet."""
+        saved = self._latest_searcher_state()
+        if saved is None or not self.optuna_db.exists():
+            return None
+        owned = saved.get("_ot_trials") if isinstance(saved, dict) else None
+        if not isinstance(owned, dict) or not all(hasattr(t, "_trial_id") for t in owned.values()):
+            # If the shape changed, re-queueing "every running trial" would duplicate work.
+            # Stop and say so instead.
+            import ray
+            raise ConfigError("study.resume", "cannot read Ray Tune's saved OptunaSearch state (its format changed "
+                              f"in ray {ray.__version__}); resume is not safe with this Ray version")
+        return {tune_id: t._trial_id for tune_id, t in owned.items()}
+
+    def running_trials_not_in(self, owned: dict[str, int]) -> list[Any]:
+        """The Optuna study's RUNNING trials (FrozenTrial) that no Tune trial in `owned` owns."""
+        from optuna.trial import TrialState
+        owned_ids = set(owned.values())
+        return [t for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t._trial_id not in owned_ids]
+
+    def requeue(self, trial) -> None:
+        """Fail an Optuna trial and queue it again with its parameters (grid point included):
+        Optuna's own retry callback, called as its heartbeat check does."""
+        import optuna
+        from optuna.trial import TrialState
+        with warnings.catch_warnings():          # renamed in Optuna 4.9 (and marked experimental)
+            warnings.simplefilter("ignore")
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
+                            optuna.storages.RetryFailedTrialCallback)(max_retry=None)
+        study = self._study
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study._storage.get_trial(trial._trial_id))
+
+    @functools.cached_property
+    def _study(self):
+        import optuna
+        return optuna.load_study(study_name=self.study_id, storage=f"sqlite:///{self.optuna_db}")
+
+    def _latest_searcher_state(self) -> dict | None:
+        """The newest `searcher-state-*.pkl` Tune saved, read through the filesystem layer Ray
+        uses for its storage (local paths, s3://, gs://)."""
+        import pyarrow.fs
+        path = self.experiment_path
+        fs, root = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
+            (pyarrow.fs.LocalFileSystem(), str(Path(path).absolute()))
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        except OSError:
+            return None
+        states = sorted(i.path for i in infos if i.base_name.startswith("searcher-state-") and i.path.endswith(".pkl"))
+        if not states:
+            return None
+        with fs.open_input_stream(states[-1]) as f:
+            return pickle.loads(f.read())
+
+
+def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -> int:
+    """Before a resume: Optuna trials the killed driver had asked for but Tune never saved.
+
+    Tune saves its searcher after each step; a driver killed between the searcher's `ask`
+    and that save leaves an Optuna trial RUNNING that no Tune trial owns. The resumed study
+    would never finish it, and Optuna's GridSampler would hand out a duplicate instead. Each
+    such trial is failed and queued again with its grid point (Optuna's own
+    retry callback), so the resumed study runs every point exactly once; an MLflow
+    child run that such a trial had opened is deleted (soft: `mlflow runs restore` undoes it),
+    since its retry opens its own. Returns the number of trials re-queued."""
+    state = TuneOptunaState(plan)
+    owned = state.tune_owned_trials()
+    if owned is None:
+        return 0
+    orphans = state.running_trials_not_in(owned)
+    for trial in orphans:
+        state.requeue(trial)
+        point = trial.params or (f"grid point {trial.system_attrs['grid_id']}" if "grid_id" in trial.system_attrs
+                                 else "before it had parameters")
+        log.warning("study %s: Optuna trial %d was asked for but never saved by Tune; queued again (%s)",
+                    plan.study_id, trial.number, point)
+    if parent_run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(str(plan.base.tracking.uri))
+        for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+            if run.data.tags.get("ayt.trial_id") not in owned:
+                client.delete_run(run.info.run_id)
+                log.warning("study %s: deleted MLflow run %s of a trial Tune never saved", plan.study_id,
+                            run.info.run_id)
+    return len(orphans)

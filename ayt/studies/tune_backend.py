@@ -1,0 +1,290 @@
+"""A planned study on Ray Tune: the function trainable and its two trial runners, shared
+artifacts built once before the trials, Optuna's searcher and ASHA, and the Tuner that runs
+(or restores) the study, with one MLflow parent run, a child per trial and the report.
+`run_tune_then_repeat` runs a two-stage protocol as a sequence of such studies."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ayt.artifacts import config_hash
+from ayt.config import flatten, run_name
+from ayt.errors import ConfigError
+from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version
+from ayt.studies.plan import StudyPlan, plan_study
+from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
+from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
+
+log = logging.getLogger(__name__)
+
+
+class StudyError(RuntimeError):
+    """A study cannot go on (not a config problem): the reason, in one line."""
+
+
+def run_trial(config: dict[str, Any], plan: StudyPlan) -> None:
+    """The Tune function trainable. Its config is resolved against the driver's directory, so
+    it finds the artifacts the driver built and writes where the tracker looks."""
+    from ray import tune
+
+    from ayt.training.prepare import ensure_artifacts
+    cfg = plan.trial_config(config, tune.get_context().get_trial_id())
+    artifacts = ensure_artifacts(cfg, progress=False)       # cached: built before the study, or once here
+    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts)
+
+
+def _train_in_process(cfg: DictConfig, artifacts) -> None:
+    from ayt.training.tune_trial import train_in_trial
+    train_in_trial(cfg, artifacts)
+
+
+def _train_with_ray_train(cfg: DictConfig, artifacts) -> None:
+    """One TorchTrainer per trial. Worker reports reach Tune through TuneReportCallback; the
+    trial's stable name lets a retried or restored trial resume from its last Ray Train
+    checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ayt.training.ray_train import build_trainer, raise_if_failed
+    trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()])
+    trainer.fit()
+    raise_if_failed(cfg, run_name(cfg))
+
+
+TRIAL_RUNNERS = {"in_process": _train_in_process, "ray_train": _train_with_ray_train}
+
+
+def prebuild_artifacts(plan: StudyPlan, progress: bool = True) -> int:
+    """Build each distinct shared artifact once, on the driver, before any trial starts."""
+    from ayt.training.prepare import classifier_spec, ensure_artifacts, feature_map_spec, needs_feature_map, \
+        pretrained_spec
+    seen: set[str] = set()
+    for cfg in plan.trial_configs:
+        key = config_hash([pretrained_spec(cfg), feature_map_spec(cfg) if needs_feature_map(cfg) else None,
+                           classifier_spec(cfg)])
+        if key not in seen:
+            seen.add(key)
+            # No trial runs yet: build with torch's default threads (every core), not the
+            # trials' cpu_threads.
+            ensure_artifacts(OmegaConf.merge(cfg, {"cpu_threads": None}), progress=progress)
+    return len(seen)
+
+
+def max_concurrent_trials(plan: StudyPlan) -> int:
+    """Configured, or as many trials as the cluster's resources can hold at once."""
+    configured = plan.study.get("max_concurrent_trials")
+    if configured:
+        return int(configured)
+    import ray
+
+    from ayt.preflight import worker_bundle
+    available = ray.cluster_resources()
+    per_trial = {k: v * int(plan.base.scaling.num_workers) for k, v in worker_bundle(plan.base).items()}
+    fits = [available.get(k, 0.0) / v for k, v in per_trial.items() if v > 0]
+    return max(1, int(min(fits))) if fits else 1
+
+
+def optuna_searcher(plan: StudyPlan):
+    """Tune's OptunaSearch over the plan's space; its Optuna study lives in `plan.optuna_db`,
+    where a resume reads it again (ayt.studies.resume)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    space, seed = plan.space, int(plan.study.get("sampler_seed", 0))
+    if space.search == "grid":
+        sampler = optuna.samplers.GridSampler(space.grid_space(), seed=seed)
+    elif space.search == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{plan.optuna_db}")
+    return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode="min", sampler=sampler,
+                        study_name=plan.study_id, storage=storage)
+
+
+def _scheduler(plan: StudyPlan):
+    if plan.study["scheduler"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    asha = plan.study.get("asha") or {}
+    batches = [int(c.batch_size) for c in plan.trial_configs] or [int(plan.base.batch_size)]
+    max_t = plan.space.max_images(batches)
+    grace = max_t // plan.space.evals * int(asha.get("grace_evals", 1))
+    return ASHAScheduler(time_attr="images_seen", metric=plan.metric, mode="min", max_t=max_t,
+                         grace_period=grace, reduction_factor=float(asha.get("reduction_factor", 2)))
+
+
+def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a planned study; returns the report summary."""
+    from ray import tune
+
+    from ayt.studies.console import StudyConsole
+    from ayt.studies.report import write_report
+    from ayt.studies.tracker import StudyTracker
+    from ayt.tracking import RunLogger, start_or_resume_run
+    from ayt.training.ray_train import connect
+
+    resume = bool(plan.study.get("resume"))
+    exists = TuneOptunaState(plan).experiment_exists()
+    if exists and not resume:
+        raise ConfigError("study.resume", f"study {plan.study_id} already exists under {plan.experiment_path}; "
+                          "pass resume=true to finish it, or change study.name")
+    if resume and not exists:
+        log.info("resume=true but no earlier study %s: starting it", plan.study_id)
+    uri = str(plan.base.tracking.uri)
+    if exists:
+        check_code_version(plan, uri)
+    connect(plan.base)                            # Ray + preflight, before any artifact or trial
+    _set_tune_environment(plan)
+    built = prebuild_artifacts(plan, progress=progress)
+    log.info("shared artifacts ready (%d distinct settings)", built)
+
+    parent_id, resumed = start_or_resume_run(
+        uri, str(plan.base.tracking.experiment), plan.study_id,
+        {**{f"study.{k}": v for k, v in flatten(_study_params(plan)).items()}},
+        tags={"ayt.study": plan.name, "ayt.config_hash": plan.study_id.rsplit("-", 1)[1],
+              "ayt.entry": f"ayt.studies.{plan.module}"})
+    parent = RunLogger(uri, parent_id)
+    parent.record_code()                          # appends this checkout's version on a resume
+    tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
+    console = StudyConsole(plan.space.trial_count(), plan.metric, enabled=progress, label=plan.label)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
+    if exists:
+        requeue_orphaned_trials(plan, parent_id)
+    try:
+        if exists:
+            tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+            console.done = _finished_trials(tuner)
+        else:
+            tuner = _new_tuner(plan, trainable, callbacks=[tracker, console])
+        grid = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    errors = sum(1 for r in grid if r.error is not None)
+    summary = write_report(plan, uri, parent_id)
+    parent.log_artifacts(summary["files"], artifact_path="report")
+    parent.set_tags({"ayt.trials": len(grid), "ayt.trials_failed": errors})
+    parent.finish("FINISHED" if errors == 0 else "FAILED")
+    summary.update(parent_run_id=parent_id, resumed=resumed, trials=len(grid), errors=errors)
+    return summary
+
+
+def _set_tune_environment(plan: StudyPlan) -> None:
+    """Tune's settings that only its environment variables reach (read when the Tuner starts)."""
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # a failed trial's last report has no FID
+    # MLflow is the record (StudyTracker); Tune's JSON/CSV/TensorBoard files would only repeat it.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not plan.base.get("verbose"):
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # Tune's new reporter prints even at verbose=0
+    # Save Tune's experiment state at every step (cheap at study sizes) so a killed driver
+    # loses as little as possible: a trial finished but not yet saved restarts from its final
+    # checkpoint and trains nothing.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+
+
+def _new_tuner(plan: StudyPlan, trainable, callbacks: list):
+    """A fresh study's Tuner: Optuna proposes, ASHA (if chosen) stops, the callbacks record."""
+    from ray import tune
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=optuna_searcher(plan), scheduler=_scheduler(plan),
+                                    num_samples=plan.space.trial_count(),
+                                    max_concurrent_trials=max_concurrent_trials(plan),
+                                    # In-process trials keep torch, the data and the FID
+                                    # extractor loaded from one trial to the next.
+                                    reuse_actors=plan.trial_backend == "in_process"),
+        run_config=tune.RunConfig(name=plan.study_id, storage_path=plan.storage_path, callbacks=callbacks,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=int(plan.study["max_failures"])),
+                                  verbose=2 if plan.base.get("verbose") else 0))
+
+
+def check_code_version(plan: StudyPlan, uri: str) -> None:
+    """Before resuming: refuse to go on with other code than the study ran on, unless asked.
+
+    A study resumed on other code would mix trials trained by different code without saying
+    so; that is refused, in one line naming both versions and the override. With
+    `study.allow_code_change=true` it goes on, the parent run lists every version
+    (`ayt.code_versions`) and each trial's child run the ones that trained it."""
+    from mlflow.tracking import MlflowClient
+
+    from ayt.tracking import find_run
+    now = code_version()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(str(plan.base.tracking.experiment))
+    parent = find_run(client, experiment.experiment_id, plan.study_id) if experiment else None
+    if parent is None:
+        return
+    tags = parent.data.tags
+    seen = [v for v in (tags.get(CODE_VERSIONS_TAG) or tags.get("ayt.code_version") or
+                        tags.get("ayt.git_commit") or "").split(",") if v]
+    if not seen or seen[-1] == now:
+        return
+    if not plan.study.get("allow_code_change"):
+        raise ConfigError("study.resume", f"study {plan.study_id} ran on code {short_version(seen[-1])}, this "
+                          f"checkout is {short_version(now)}: its trials would be trained by different code; "
+                          "pass study.allow_code_change=true to resume anyway (each trial records its code)")
+    log.warning("study %s: resuming on code %s (it ran on %s)", plan.study_id, now, ", ".join(seen))
+
+
+def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
+    """Stage 1: each group's tuning study; stage 2: the study at each group's best value
+    (ayt/studies/protocol.py says why). Every stage resumes like any study."""
+    from ayt.studies.report import load_trials
+    stage = parse_tune_stage(plan.study, plan.space)
+    uri = str(plan.base.tracking.uri)
+    tuned: dict[str, dict[str, float]] = {}
+    record: dict[str, Any] = {"key": stage.key, "low": stage.low, "high": stage.high, "log": stage.log,
+                              "search": stage.search, "seeds": list(stage.seeds), "metric": str(plan.study["metric"]),
+                              "groups": {}}
+    failed = 0
+    for index, sub in enumerate(plan.tune_plans, 1):
+        group = sub.study["protocol"]["group"]
+        if progress:
+            print(f"ayt: stage 1 ({index}/{len(plan.tune_plans)}): tuning {stage.key} for {group} "
+                  f"(study {sub.study_id}, {sub.space.trial_count()} trials)", flush=True)
+        summary = run_study(sub, progress=progress)
+        failed += summary["errors"]
+        by_value: dict[float, list[float]] = {}
+        for trial in load_trials(uri, summary["parent_run_id"]):
+            if stage.key in trial.axes:
+                by_value.setdefault(float(trial.axes[stage.key]), []).append(trial.final(sub.metric))
+        best, means = choose(by_value)
+        if best is None:
+            raise StudyError(f"stage 1 of {plan.name}: every trial tuning {stage.key} for {group} failed "
+                             f"(report {sub.out_dir / 'report.md'})")
+        tuned[group] = {stage.key: best}
+        record["groups"][group] = {"chosen": best, "means": {str(v): m for v, m in means.items()},
+                                   "report": os.path.relpath(sub.out_dir / "report.md", plan.out_dir),
+                                   "study_id": sub.study_id}
+    final = plan_study(plan.module, plan.argv, repeat_edit(tuned))
+    write_tuning(final.out_dir / TUNING_FILE, record)
+    if progress:
+        print(f"ayt: stage 2: {final.study_id} repeats every group at its tuned {stage.key} "
+              + ", ".join(f"{g}: {v[stage.key]:g}" for g, v in tuned.items()), flush=True)
+    summary = run_study(final, progress=progress)
+    summary["errors"] += failed
+    summary["trials"] += sum(sub.space.trial_count() for sub in plan.tune_plans)
+    return summary
+
+
+def _finished_trials(tuner) -> int:
+    """Trials a restored study has already finished (they count as done on the progress bar)."""
+    try:
+        return sum(1 for r in tuner.get_results() if r.error is None and r.metrics and r.metrics.get("done"))
+    except Exception:  # noqa: BLE001 - only the progress bar's start depends on it
+        return 0
+
+
+def _study_params(plan: StudyPlan) -> dict[str, Any]:
+    study = dict(plan.study)
+    study.pop("resume", None)
+    # MLflow param names allow no "=" or ",": a tuned group `loss=mfd` becomes `loss:mfd`.
+    study["tuned"] = {k.replace("=", ":").replace(",", " "): v for k, v in (study.get("tuned") or {}).items()}
+    study["base_overrides"] = " ".join(plan.base_overrides)
+    return study
