@@ -26,6 +26,8 @@ from ayt.errors import ConfigError
 TRACKING_TIMEOUT_S = 5.0  # per HTTP request to the tracking server
 # Written by `ray up` on the head node: the autoscaler's view of the node types.
 RAY_BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+# Where else a head keeps it (the local rehearsal's head, ayt/cluster/rehearsal.py, sets it).
+AUTOSCALER_CONFIG_ENV = "AYT_AUTOSCALER_CONFIG"
 # Endpoints that answer on an MLflow server without side effects, tried in order.
 _MLFLOW_PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
 
@@ -355,10 +357,31 @@ def _check_capacity(
             f"at most {parallel} trial(s) at once")
 
 
+def max_workers_at_once(cfg: DictConfig, cluster_resources: Mapping[str, float] | None = None,
+                        autoscaler_config: Mapping[str, Any] | None = None) -> float | None:
+    """The most Ray Train workers of `cfg`'s bundle placeable at once: the running nodes, or the
+    nodes the autoscaler may add (worker types from 0 to max_workers), whichever holds more;
+    None when neither is visible. On an autoscaling cluster whose workers start at 0 the
+    running nodes alone hold none: sized by them, a study would run one trial at a time and
+    the autoscaler would never add a second node."""
+    if cluster_resources is None and autoscaler_config is None:
+        cluster_resources, autoscaler_config = _discover_cluster()
+    bundle = worker_bundle(cfg)
+    best = None
+    if cluster_resources is not None:
+        running = {k: float(v) for k, v in cluster_resources.items()}
+        best = _max_placeable([_NodeGroup("running cluster", running, 1.0, False)], math.inf, bundle)
+    if autoscaler_config is not None:
+        groups, global_max = _node_groups(autoscaler_config)
+        if all(g.resources is not None for g in groups):      # auto-detected resources: unknown
+            best = max(best or 0.0, _max_placeable(groups, global_max, bundle))
+    return best
+
+
 def _discover_cluster() -> tuple[dict[str, float] | None, dict[str, Any] | None]:
     """The running Ray's totals and the autoscaler's node types, where this process can see them."""
     cluster_resources = autoscaler_config = None
-    bootstrap = Path(RAY_BOOTSTRAP_CONFIG).expanduser()
+    bootstrap = Path(os.environ.get(AUTOSCALER_CONFIG_ENV) or RAY_BOOTSTRAP_CONFIG).expanduser()
     if bootstrap.is_file():  # `ray up` head: the launcher config with defaults filled in
         import yaml
 

@@ -80,11 +80,14 @@ def max_concurrent_trials(plan: StudyPlan) -> int:
         return int(configured)
     import ray
 
-    from ayt.preflight import worker_bundle
+    from ayt.preflight import max_workers_at_once, worker_bundle
     available = ray.cluster_resources()
     per_trial = {k: v * int(plan.base.scaling.num_workers) for k, v in worker_bundle(plan.base).items()}
     fits = [available.get(k, 0.0) / v for k, v in per_trial.items() if v > 0]
-    return max(1, int(min(fits))) if fits else 1
+    now = max(1, int(min(fits))) if fits else 1
+    # An autoscaler adds nodes the cluster lacks now (GPU workers start at 0): count those too.
+    ever = max_workers_at_once(plan.base) or 0.0
+    return max(now, min(int(min(ever, 1e9)) // int(plan.base.scaling.num_workers), plan.space.trial_count()))
 
 
 def optuna_searcher(plan: StudyPlan):
