@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE_PATHS = ("ayt", "conf", "pyproject.toml", "constraints.txt")
 CODE_VERSION = "code_version"       # the key a trial's results carry it under (ayt.training contexts)
 CODE_VERSIONS_TAG = "ayt.code_versions"     # MLflow tag: every code version a run (or study) ran on, in order
+# Where a study trial ran, as its results say (ayt.training.tune_trial) and its MLflow run keeps:
+NODE_ID = "node_id"                 # the Ray node of the trial's process
+NODE_IDS_TAG = "ayt.node_ids"       # every node it ran on, in order (a preempted trial: two or more)
+RESUMED_FROM = "resumed_from_iteration"     # the first result after a restore: the checkpoint's iteration
+RESUMED_FROM_TAG = "ayt.resumed_from_iteration"
 
 
 def _git(*args: str) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from ayt.metrics import EVAL, HISTORY, VS_IMAGES, numeric_metrics
-from ayt.provenance import CODE_VERSION
+from ayt.provenance import CODE_VERSION, NODE_ID, NODE_IDS_TAG, RESUMED_FROM, RESUMED_FROM_TAG
 from ayt.tracking import RunLogger, start_or_resume_run
 
 STOPPED_TAG = "ayt.stopped_early"
@@ -34,10 +34,11 @@ class StudyTracker(Callback):
         self.planned: dict[str, int] = {}
         self.run_dirs: dict[str, Path] = {}
         self.finished: set[str] = set()
+        self.nodes: dict[str, list[str]] = {}
 
     def __getstate__(self):
         # Tune pickles its callbacks into the experiment state; MLflow clients stay behind.
-        return {**self.__dict__, "loggers": {}, "finished": set()}
+        return {**self.__dict__, "loggers": {}, "finished": set(), "nodes": {}}
 
     def child(self, trial) -> RunLogger:
         logger = self.loggers.get(trial.trial_id)
@@ -67,6 +68,7 @@ class StudyTracker(Callback):
         logger = self.child(trial)
         if result.get(CODE_VERSION):
             logger.record_code(result[CODE_VERSION])       # the code its trial process runs
+        self._record_node(trial, logger, result)
         for point_step, point in result.get(HISTORY) or []:
             logger.log_metrics(numeric_metrics(point), step=int(point_step))
         metrics = numeric_metrics(result)
@@ -76,6 +78,26 @@ class StudyTracker(Callback):
             # The evaluations again against images seen, the x-axis that compares batch sizes fairly.
             logger.log_metrics({k + VS_IMAGES: v for k, v in metrics.items() if k.startswith(EVAL)},
                                step=int(images))
+
+    def _record_node(self, trial, logger: RunLogger, result: dict[str, Any]) -> None:
+        """The nodes a trial ran on, in order (`ayt.node_ids`), and the checkpoint iteration it
+        resumed from after a failure (`ayt.resumed_from_iteration`): a preempted trial's record."""
+        tags = {}
+        node = result.get(NODE_ID)
+        if node:
+            nodes = self.nodes.setdefault(trial.trial_id, self._tagged_nodes(logger))
+            if not nodes or nodes[-1] != node:
+                nodes.append(node)
+                tags[NODE_IDS_TAG] = ",".join(nodes)
+        if result.get(RESUMED_FROM) is not None:
+            tags[RESUMED_FROM_TAG] = int(result[RESUMED_FROM])
+        if tags:
+            logger.set_tags(tags)
+
+    @staticmethod
+    def _tagged_nodes(logger: RunLogger) -> list[str]:
+        tag = logger.client.get_run(logger.run_id).data.tags.get(NODE_IDS_TAG, "")   # a resumed driver
+        return [n for n in tag.split(",") if n]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         logger = self.child(trial)

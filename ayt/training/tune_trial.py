@@ -17,13 +17,17 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from ayt.provenance import CODE_VERSION, code_version
+from ayt.provenance import CODE_VERSION, NODE_ID, RESUMED_FROM, code_version
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
 
 class TuneTrialContext(WorkerContext):
-    """Rank 0 of 1, in the Tune trial's process: checkpoints through `ray.tune.report`."""
+    """Rank 0 of 1, in the Tune trial's process: checkpoints through `ray.tune.report`. Its
+    results say which Ray node it runs on, and the first one after a restore from which
+    checkpoint iteration (a preempted trial's MLflow run records both)."""
+
+    resumed_from: int | None = None
 
     def restore(self, load: Callable[[Path], RunState]) -> RunState | None:
         from ray import tune
@@ -31,11 +35,17 @@ class TuneTrialContext(WorkerContext):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            return load(Path(directory))
+            state = load(Path(directory))
+        self.resumed_from = state.iteration
+        return state
 
     def report(self, metrics: dict[str, Any], write_checkpoint=None) -> None:
+        import ray
         from ray import tune
-        metrics = {**metrics, CODE_VERSION: code_version()}     # which code trained it (the study tags it)
+        metrics = {**metrics, CODE_VERSION: code_version(),      # which code trained it (the study tags it)
+                   NODE_ID: ray.get_runtime_context().get_node_id()}
+        if self.resumed_from is not None:
+            metrics[RESUMED_FROM], self.resumed_from = self.resumed_from, None
         if write_checkpoint is None:
             tune.report(metrics)
             return
