@@ -31,7 +31,9 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -
     except MissingConfigException as err:
         raise _missing_option_error(err) from None
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", _first_line(err)) from None
+        # The typed study schema (ayt/studies/schema.py) names the key it rejected: say that key.
+        key = str(getattr(err.__cause__, "full_key", None) or getattr(err, "full_key", None) or "")
+        raise ConfigError(key if key.startswith("study.") else "overrides", _first_line(err)) from None
     finally:
         GlobalHydra.instance().clear()
     return cfg

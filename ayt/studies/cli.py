@@ -17,10 +17,14 @@ from ayt.errors import ConfigError
 USAGE = """usage: python -m ayt.studies.{name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
    or: python -m ayt.studies {name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
 
-Study keys (conf/study/{name}.yaml): study.axes.*, study.seeds, study.budget.amount,
-study.budget.unit (images|iterations), study.budget.evals, study.scheduler (none|asha),
-study.search (grid|tpe|random), study.num_samples, study.max_concurrent_trials.
-Any other key=value applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2)."""
+Any key=value that is not study.* applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2).
+Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/schema.py declares them):"""
+
+
+def usage(name: str) -> str:
+    """The usage header and one line per study key, from the schema."""
+    from ayt.studies.schema import usage as study_keys
+    return USAGE.format(name=name) + "\n" + study_keys()
 
 
 def study_names() -> list[str]:
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     names = study_names()
     if not args or args[0] in ("-h", "--help"):
-        text = USAGE.format(name="STUDY") + "\n\nSTUDY (conf/study/STUDY.yaml): " + ", ".join(names)
+        text = usage("STUDY") + "\n\nSTUDY (conf/study/STUDY.yaml): " + ", ".join(names)
         print(text, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     name, rest = args[0], args[1:]
@@ -47,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE.format(name=name))
+        print(usage(name))
         return 0
     # Imported here, not above: help and a wrong study name answer without loading torch.
     from ayt.studies.plan import plan_study

@@ -29,18 +29,17 @@ from typing import Sequence
 
 import numpy as np
 
-from ayt.errors import ConfigError
 from ayt.metrics import short
 from ayt.studies.group import Group
 from ayt.studies.report_plots import pyplot, seeds_and_mean
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.schema import TARGET_SCOPES, CriticalBatch  # noqa: F401  (declared once, in the schema)
 from ayt.studies.stats import mean_ci, paired
 from ayt.training.noise_scale import NOISE_SCALE
 
 BATCH = "batch_size"
 LR_RULE = "lr_scaling"
 MIN_SEEDS, MIN_BATCHES = 2, 3
-TARGET_SCOPES = ("shared", "per_series")
 BOOTSTRAP = 2000
 BOOTSTRAP_SEED = 0
 
@@ -121,15 +120,8 @@ def fit(points: Sequence[Point], bootstrap: int = BOOTSTRAP, rng_seed: int = BOO
 
 
 def target_scope(study) -> str:
-    """`study.critical_batch.target` (shared when unset)."""
-    return str((study.get("critical_batch") or {}).get("target", "shared"))
-
-
-def check_critical_batch(study) -> None:
-    """`study.critical_batch`, checked with the rest of the study config."""
-    scope = target_scope(study)
-    if scope not in TARGET_SCOPES:
-        raise ConfigError("study.critical_batch.target", f"unknown value {scope!r}; allowed: " + ", ".join(TARGET_SCOPES))
+    """`study.critical_batch.target` (the schema's default when a bare study yaml leaves it unset)."""
+    return str((study.get("critical_batch") or {}).get("target", CriticalBatch.target))
 
 
 @dataclass

@@ -16,9 +16,9 @@ from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, load_config, run_name
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key
-from ayt.studies.critical_batch import check_critical_batch
 from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
-from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_space
+from ayt.studies import schema
+from ayt.studies.space import StudySpace, check_axis_keys, parse_space
 
 
 # A Ray Train trial's Tune actor only waits on its TorchTrainer, whose workers Ray Train
@@ -26,10 +26,6 @@ from ayt.studies.space import SCHEDULERS, StudySpace, check_axis_keys, parse_spa
 # refuses an empty bundle, and even 0.01 CPU per trial driver would leave N trials of one
 # 1-CPU worker each 0.01 CPU short of N CPUs, so one of them would wait with a core idle.
 TRIAL_DRIVER_RESOURCES = {"memory": 16 * 1024 * 1024}
-TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
-# Study keys that change how a study runs or is reported, not what its trials compute.
-VOLATILE_STUDY_KEYS = ("resume", "max_concurrent_trials", "max_failures", "trial_backend", "critical_batch",
-                       "tuned_source", "allow_code_change")
 
 
 @dataclass
@@ -74,7 +70,7 @@ class StudyPlan:
     @property
     def trial_backend(self) -> str:
         """in_process (the trial trains in its Tune actor) or ray_train (a TorchTrainer)."""
-        chosen = str(self.study.get("trial_backend") or "auto")
+        chosen = str(self.study["trial_backend"])
         if chosen == "auto":
             return "in_process" if int(self.base.scaling.num_workers) == 1 else "ray_train"
         return chosen
@@ -171,19 +167,9 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     if edit is not None:
         with open_dict(study):
             edit(study)
-    for key in ("metric", "scheduler", "max_failures", "preset"):
-        if key not in study:
-            raise ConfigError(f"study.{key}", "missing from the study config")
-    if str(study.scheduler) not in SCHEDULERS:
-        raise ConfigError("study.scheduler", f"unknown value {study.scheduler!r}; allowed: " + ", ".join(SCHEDULERS))
-    if str(study.metric) not in ("fid_1step", "fid_2step"):
-        raise ConfigError("study.metric", f"unknown value {study.metric!r}; allowed: fid_1step, fid_2step")
-    if str(study.get("trial_backend", "auto")) not in TRIAL_BACKENDS:
-        raise ConfigError("study.trial_backend", f"unknown value {study.trial_backend!r}; allowed: "
-                          + ", ".join(TRIAL_BACKENDS))
+    schema.validate(OmegaConf.to_container(study, resolve=True))   # every field's own check, once
     space = parse_space(study)
     check_tuned(study, space)
-    check_critical_batch(study)
     base_overrides = []
     if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
         base_overrides.append(f"experiment={study.preset}")
@@ -194,13 +180,12 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     base_dir = os.getcwd()
     base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
-    if str(study.get("trial_backend")) == "in_process" and int(base.scaling.num_workers) != 1:
+    if str(study.trial_backend) == "in_process" and int(base.scaling.num_workers) != 1:
         raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
                           f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
     # The identity of a study: what its trials compute, not where or how fast they run.
-    spec = {"study": OmegaConf.to_container(study, resolve=True), "base": OmegaConf.to_container(base, resolve=True)}
-    for volatile in VOLATILE_STUDY_KEYS:
-        spec["study"].pop(volatile, None)
+    spec = {"study": schema.identity(OmegaConf.to_container(study, resolve=True)),
+            "base": OmegaConf.to_container(base, resolve=True)}
     for volatile in VOLATILE_KEYS:
         spec["base"].pop(volatile, None)
     plan = StudyPlan(name=space.name, module=name, study=OmegaConf.to_container(study, resolve=True), space=space,
@@ -245,11 +230,8 @@ def _validate_scheduler(plan: StudyPlan) -> None:
     study = plan.study
     if study["scheduler"] != "asha":
         return
-    asha = study.get("asha") or {}
-    grace, rf = asha.get("grace_evals", 1), asha.get("reduction_factor", 2)
-    if not isinstance(grace, int) or not 1 <= grace <= plan.space.evals:
+    grace = study["asha"]["grace_evals"]          # its type and lower bound: the schema
+    if grace > plan.space.evals:
         raise ConfigError("study.asha.grace_evals", f"must be an integer in [1, study.budget.evals="
                           f"{plan.space.evals}], got {grace!r}")
-    if not isinstance(rf, (int, float)) or rf <= 1:
-        raise ConfigError("study.asha.reduction_factor", f"must be a number > 1, got {rf!r}")
 

@@ -30,10 +30,9 @@ from omegaconf import DictConfig
 
 from ayt.errors import ConfigError
 from ayt.studies.group import Group
+from ayt.studies.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
 from ayt.studies.space import StudySpace
 
-PROTOCOLS = ("single", "tune_then_repeat")
-TUNE_SEARCHES = ("grid", "tpe", "random")
 TUNING_FILE = "tuning.json"          # stage-1 outcome, next to the stage-2 report
 
 
@@ -71,38 +70,23 @@ def _round(value: float) -> float:
 
 
 def protocol_name(study: Mapping[str, Any]) -> str:
-    name = str((study.get("protocol") or {}).get("name", "single"))
-    if name not in PROTOCOLS:
-        raise ConfigError("study.protocol.name", f"unknown value {name!r}; allowed: " + ", ".join(PROTOCOLS))
-    return name
+    """`study.protocol.name` (its allowed values: the schema)."""
+    return str(study["protocol"]["name"])
 
 
 def parse_tune_stage(study: Mapping[str, Any], space: StudySpace) -> TuneStage:
-    """`study.protocol.tune`, checked: one line naming the field on any problem."""
-    tune = dict((study.get("protocol") or {}).get("tune") or {})
+    """`study.protocol.tune` with what relates it to the rest of the study checked (each field's
+    type and own check is the schema's): one line naming the field on any problem."""
+    tune = study["protocol"]["tune"]
     where = "study.protocol.tune"
-    key = tune.get("key")
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"{where}.key", f"must name a config key (e.g. lr), got {key!r}")
+    key, low, high, log = tune["key"], tune["low"], tune["high"], bool(tune["log"])
     if any(a.key == key for a in space.axes):
         raise ConfigError(f"{where}.key", f"{key} is also a study axis; a tuned key cannot be swept as well")
-    low, high = tune.get("low"), tune.get("high")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+    if not low < high:
         raise ConfigError(f"{where}.low", f"a range needs numbers low < high, got low={low!r}, high={high!r}")
-    log = bool(tune.get("log", True))
     if log and low <= 0:
         raise ConfigError(f"{where}.low", f"a log range needs low > 0, got {low}")
-    search = str(tune.get("search", "grid"))
-    if search not in TUNE_SEARCHES:
-        raise ConfigError(f"{where}.search", f"unknown value {search!r}; allowed: " + ", ".join(TUNE_SEARCHES))
-    points, trials = tune.get("points", 4), tune.get("trials", 6)
-    for name, value in (("points", points), ("trials", trials)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{name}", f"must be an integer >= 1, got {value!r}")
-    seeds = tune.get("seeds", [1000])
-    if not isinstance(seeds, (list, tuple)) or not seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ConfigError(f"{where}.seeds", f"must be a non-empty list of integers >= 0, got {seeds!r}")
+    search, points, trials, seeds = str(tune["search"]), tune["points"], tune["trials"], list(tune["seeds"])
     if set(seeds) & set(space.seeds):
         raise ConfigError(f"{where}.seeds", f"{sorted(set(seeds) & set(space.seeds))} are also repeat seeds "
                           f"(study.seeds={space.seeds}); tune on other seeds so the repeat measures the choice fairly")
@@ -153,8 +137,9 @@ def tune_edit(space: StudySpace, stage: TuneStage, group: Mapping[str, Any]) -> 
         study.seeds = list(stage.seeds)
         study.search = stage.search
         study.num_samples = stage.trials if stage.search != "grid" else None
-        study.target = {"fid": None, "reference": None}
-        study.protocol = {"name": "single", "stage": "tune", "group": label}
+        study.target.fid, study.target.reference = None, None
+        # Field by field: the study block is typed (ayt/studies/schema.py); its tune settings stay.
+        study.protocol.name, study.protocol.stage, study.protocol.group = "single", "tune", label
     return edit
 
 

@@ -16,12 +16,15 @@ read and repaired first (ayt.studies.resume). The command line is ayt.studies.cl
 """
 
 from ayt.studies.cli import USAGE, main, study_main, study_names
-from ayt.studies.plan import (STUDY_HOOKS, TRIAL_BACKENDS, TRIAL_DRIVER_RESOURCES, VOLATILE_STUDY_KEYS, StudyPlan,
-                              TrialRecord, plan_study, split_argv, study_hook)
+from ayt.studies.plan import (STUDY_HOOKS, TRIAL_DRIVER_RESOURCES, StudyPlan, TrialRecord, plan_study, split_argv,
+                              study_hook)
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
+from ayt.studies.schema import TRIAL_BACKENDS, volatile_keys
 from ayt.studies.tune_backend import (TRIAL_RUNNERS, StudyError, check_code_version, max_concurrent_trials,
                                       optuna_searcher, prebuild_artifacts, run_study, run_trial,
                                       run_tune_then_repeat)
+
+VOLATILE_STUDY_KEYS = volatile_keys()      # derived from the schema (ayt/studies/schema.py)
 
 __all__ = ["STUDY_HOOKS", "TRIAL_BACKENDS", "TRIAL_DRIVER_RESOURCES", "TRIAL_RUNNERS", "USAGE", "VOLATILE_STUDY_KEYS",
            "StudyError", "StudyPlan", "TrialRecord", "TuneOptunaState", "check_code_version", "main",

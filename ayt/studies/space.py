@@ -18,9 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ayt.errors import ConfigError
 
 CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling", "feature_map")
-SEARCHES = ("grid", "tpe", "random")
-SCHEDULERS = ("none", "asha")
-BUDGET_UNITS = ("images", "iterations")
+from ayt.studies.schema import BUDGET_UNITS, SCHEDULERS, SEARCHES  # noqa: F401  (declared once, in the schema)
 LABEL_PREFIXES = {"batch_size": "b", "seed": "s"}      # the axes a trial label abbreviates most
 
 
@@ -176,30 +174,17 @@ def parse_space(study: DictConfig) -> StudySpace:
     name = str(study.get("name") or "")
     if not name or any(c in name for c in "/\\ "):
         raise ConfigError("study.name", f"must be a non-empty name without spaces or slashes, got {name!r}")
-    search = str(study.search)
-    if search not in SEARCHES:
-        raise ConfigError("study.search", f"unknown value {search!r}; allowed: " + ", ".join(SEARCHES))
+    search = str(study.search)            # each field's type and own check: the schema (already applied)
     if not isinstance(study.axes, DictConfig) or len(study.axes) == 0:
         raise ConfigError("study.axes", "a study needs at least one axis (config key or group -> values)")
     axes = [_parse_axis(k, v, search) for k, v in _axis_nodes(study.axes)]
-    seeds = list(study.seeds) if study.seeds is not None else []
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ConfigError("study.seeds", f"must be a non-empty list of integers >= 0, got {seeds}")
+    seeds = list(study.seeds)
     if len(set(seeds)) != len(seeds):
         raise ConfigError("study.seeds", f"repeats a seed: {seeds}")
     num_samples = study.get("num_samples")
     if search != "grid" and (not isinstance(num_samples, int) or num_samples < 1):
         raise ConfigError("study.num_samples", f"search={search} needs a number of trials >= 1, got {num_samples!r}")
-    budget = study.budget
-    unit = str(budget.unit)
-    if unit not in BUDGET_UNITS:
-        raise ConfigError("study.budget.unit", f"unknown value {unit!r}; allowed: " + ", ".join(BUDGET_UNITS))
-    amount = budget.amount
-    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
-        raise ConfigError("study.budget.amount", f"must be an integer >= 1 ({unit}), got {amount!r}")
-    evals = budget.evals
-    if not isinstance(evals, int) or evals < 1:
-        raise ConfigError("study.budget.evals", f"must be an integer >= 1, got {evals!r}")
+    unit, amount, evals = str(study.budget.unit), study.budget.amount, study.budget.evals
     return StudySpace(name=name, search=search, axes=axes, seeds=seeds, num_samples=num_samples,
                       budget_unit=unit, budget_amount=int(amount), evals=int(evals))
 
