@@ -33,6 +33,8 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
+# torch, Ray and MLflow (ayt.training.*, ayt.tracking, ayt.preflight's clients) are imported
+# where a run starts, not here: usage, a config error and `--cfg` answer without them.
 def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the training run `cfg` describes; returns its summary."""
     from ayt.tracking import RunLogger, start_or_resume_run

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], Options, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ayt.bench.harness import run_benchmark, write_records
+    from ayt.bench.harness import run_benchmark, write_records   # torch: not needed to parse the flags
     which, opts, out = parse_args(sys.argv[1:] if argv is None else argv)
     records = []
     for name in which:

@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ayt.networks.precond import build_denoiser
+
 DROPPED_KEYS = ("map_augment.weight",)   # EDM's augmentation conditioning (augment_dim=9 on CIFAR-10)
 DEFAULT_TOLERANCE = 1e-4                  # max |ayt - EDM| relative to max(1, max |EDM|)
 
@@ -192,7 +194,6 @@ def edm_key_for(ayt_key: str, prefixes: Mapping[str, str]) -> str:
 
 def template_state(arch: Architecture, device: str | torch.device = "meta") -> dict[str, Tensor]:
     """ayt's denoiser state dict for `arch` (on the meta device: shapes only, no memory)."""
-    from ayt.networks.precond import build_denoiser
     with torch.device(device):
         net = build_denoiser(arch.network(), {}, arch.img_resolution, arch.img_channels)
     return net.state_dict()
@@ -408,7 +409,6 @@ def import_edm(pkl: str | os.PathLike, out: str | os.PathLike, edm_src: str | No
         log("import_edm: check skipped: a plain state dict carries no EDM code to compare against "
             "(import the .pkl with --edm-src to check)")
     else:
-        from ayt.networks.precond import build_denoiser
         denoiser = build_denoiser(arch.network(), {}, arch.img_resolution, arch.img_channels)
         denoiser.load_state_dict(state)
         check = compare(network, denoiser, arch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -17,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ayt.config import run_name
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_KEYS, TRAIN_SECONDS
+from ayt.preflight import preflight
 from ayt.provenance import CODE_VERSION, code_version
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
@@ -91,7 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = RayWorkerContext()
     sink = None
     if ctx.is_chief and config.get("run_id"):
-        from ayt.tracking import RunLogger
+        from ayt.tracking import RunLogger     # mlflow: only the chief worker of a tracked run logs
         sink = RunLogger(cfg.tracking.uri, config["run_id"])
     try:
         train_consistency(cfg, config["artifacts"], ctx, sink=sink, progress=config.get("progress", True))
@@ -113,7 +116,7 @@ FAILURE_FILE = "ayt_failure.json"
 
 def raise_if_failed(cfg: DictConfig, name: str) -> None:
     """Raise the NonFiniteLossError a worker of run `name` left behind, if any."""
-    import pyarrow.fs
+    import pyarrow.fs     # only when a run is checked for a failure its worker left
     root = str(cfg.ray.storage_path)
     fs, base = pyarrow.fs.FileSystem.from_uri(root) if "://" in root else (pyarrow.fs.LocalFileSystem(), root)
     path = f"{base.rstrip('/')}/{name}/{FAILURE_FILE}"
@@ -127,7 +130,6 @@ def raise_if_failed(cfg: DictConfig, name: str) -> None:
 def connect(cfg: DictConfig) -> list[str]:
     """Join `ray.address` (or start a local Ray with its dashboard on 127.0.0.1), then run
     the preflight: storage, tracking server and GPUs fail here, before any actor starts."""
-    from ayt.preflight import preflight
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         quiet = {} if cfg.get("verbose") else {"log_to_driver": False, "logging_level": "ERROR"}
@@ -145,7 +147,6 @@ def start_local_ray(**kwargs) -> str:
     looks for "the" local Ray when it is given no address; with two studies on one machine
     it finds two and fails. The GCS port is chosen up front (`RAY_GCS_SERVER_PORT`) so that
     `RAY_ADDRESS` can name it before the raylet starts: every worker inherits it."""
-    import socket
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
@@ -192,7 +193,6 @@ def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, nam
 def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, progress: bool = True) -> dict:
     """`scaling.backend=ray`: fit the TorchTrainer (after `connect`); the rank-0 worker
     writes the MLflow run."""
-    from ayt.config import run_name
     result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
     raise_if_failed(cfg, run_name(cfg))
     metrics = result.metrics or {}
