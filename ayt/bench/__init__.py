@@ -17,6 +17,8 @@ timed quantity the median and spread (IQR, min, max) over the repeats. `which` i
   roofline    the step's achieved FLOP/s against a matmul peak measured in the same process
   front_door  the README's `python -m ayt.studies.batch_size_sweep` from an empty out_dir, in a
               subprocess: wall time and the share of core time spent in training + FID
+  report_scale  the study report (every section) of a 1,000-trial search study from a sqlite
+              MLflow store and its Optuna storage (synthetic trials; target <= 30 s on 2 cores)
   all         every one of the above
 
 Timing: warm-up calls first, then `--repeats` timed calls; when several variants are

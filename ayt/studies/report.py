@@ -7,6 +7,8 @@ report.md shows them; each says when it applies and writes its markdown, files a
   Header                the command, the code that wrote and trained it, machine, budget, trials
   GroupTable            FID per group with 95% CIs across seeds, iterations and images to the
                         target, each group against its reference (`report_table`); groups.csv
+  SearchSection         a sampled study (tpe, random): sampler, top trials, best so far, parameter
+                        importance, responses (`report_search`); its per-trial group table left to groups.csv
   Protocol              what each group ran at (`study.tuned`) and the tuning it came from
   Findings              the comparison records in sentences
   Diverged              every diverged trial by name
@@ -38,6 +40,7 @@ from ayt.studies.protocol import TUNING_FILE
 from ayt.studies.protocol import report_lines as protocol_lines
 from ayt.studies.report_plots import curve_figure, pyplot
 from ayt.studies.report_rows import group_label, write_rows
+from ayt.studies.report_search import SearchSection, group_table_note, is_search, per_trial_table
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import CURVES, TABLE, findings, group_rows, table_lines, targets
 from ayt.studies.report_tangent import Tangent
@@ -121,6 +124,8 @@ class GroupTable(Section):
                  "(Welch t on the seeds of each group; paired t on the seeds both share, with the exact "
                  "Wilcoxon signed-rank p beside it); significant when the interval excludes 0.", ""]
         lines += table_lines(ctx.rows, ctx.key)
+        if per_trial_table(ctx):              # a search: its groups are its trials (report_search)
+            lines = group_table_note(ctx)
         if ctx.plan.skipped:
             lines += ["", "Skipped: " + "; ".join(ctx.plan.skipped)]
         return SectionOutput(lines, [write_rows(ctx.rows, ctx.out / "groups.csv")], {"groups": ctx.rows})
@@ -167,7 +172,8 @@ class Figures(Section):
     def write(self, ctx: ReportContext) -> SectionOutput:
         files = [curve_figure(ctx.trials, key, ctx.out / f"{short(key)}.png", ylabel=_fid_label(key),
                               title=f"{ctx.plan.name}: {short(key)} (thin: seeds, bold: mean)") for key in CURVES]
-        files += _final_vs_first_axis(ctx.trials, ctx.out, ctx.plan)
+        if not is_search(ctx.plan):           # a search draws search_response.png instead
+            files += _final_vs_first_axis(ctx.trials, ctx.out, ctx.plan)
         shown = files + [f for _, output in ctx.outputs for f in output.files
                          if f.endswith(".png") and f"]({Path(f).name})" not in "\n".join(output.lines)]
         return SectionOutput(["", "## Figures", ""] + [f"![{Path(f).name}]({Path(f).name})" for f in shown], files)
@@ -251,8 +257,8 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
     return write_rows(rows or [{"run": None}], path)
 
 
-SECTIONS: list[Section] = [Header(), GroupTable(), Protocol(), Findings(), Diverged(), CriticalBatchSection(),
-                           Tangent(), Figures(), Data()]
+SECTIONS: list[Section] = [Header(), GroupTable(), SearchSection(), Protocol(), Findings(), Diverged(),
+                           CriticalBatchSection(), Tangent(), Figures(), Data()]
 
 
 def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section] | None = None) -> dict[str, Any]:

@@ -65,13 +65,41 @@ def seeds_and_mean(ax, trials: Sequence, key: str, style: dict[str, Any] | None 
                 markersize=markersize, label=label, color=style.get("color"), linestyle=style.get("linestyle"))
 
 
+LEGEND_MAX = 12     # groups a curve figure tells apart by a legend; past that, one line per trial by colour
+
+
+def trial_curves(ax, trials: Sequence, key: str) -> None:
+    """Every trial's history `key` against images seen as one thin line, coloured by its last
+    value (a colour bar, no legend; the lowest drawn last, on top): how a search's thousand
+    trials stay readable (and quick to draw)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+    curves = [np.array([(s * t.batch_size, v) for s, v in t.curves[key]], dtype=float)
+              for t in trials if t.curves.get(key)]
+    if not curves:
+        return
+    curves.sort(key=lambda c: -c[-1, 1])
+    last = np.array([c[-1, 1] for c in curves])
+    lo, hi = np.percentile(last, [2, 98])
+    lines = LineCollection(curves, array=last, cmap="viridis_r", norm=Normalize(lo, hi if hi > lo else lo + 1),
+                           linewidths=0.7, alpha=float(np.clip(6 / np.sqrt(len(curves)), 0.15, 0.8)))
+    ax.add_collection(lines)
+    ax.autoscale_view()
+    ax.figure.colorbar(lines, ax=ax, label="last value (lower is better)")
+
+
 def curve_figure(trials: Sequence, key: str, path: Path, title: str, ylabel: str, log_y: bool = True) -> str:
-    """`key` against images seen, one seeds-and-mean family per group (`group_styles`)."""
+    """`key` against images seen, one seeds-and-mean family per group (`group_styles`); past
+    LEGEND_MAX groups (a search), one line per trial coloured by its last value, no legend."""
     plt = pyplot()
     groups = list(dict.fromkeys(t.group for t in trials))
     styles = group_styles(groups, plt)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in groups:
+    many = len(groups) > LEGEND_MAX
+    if many:            # a search: its groups are its trials; the title's "(thin: seeds, ...)" no longer holds
+        trial_curves(ax, trials, key)
+        title = f"{title.split(' (')[0]} ({len(trials)} trials, one line each)"
+    for group in [] if many else groups:
         seeds_and_mean(ax, [t for t in trials if t.group == group], key, styles[group], group.label)
     ax.set_xlabel("images seen")
     ax.set_ylabel(ylabel)
@@ -79,7 +107,8 @@ def curve_figure(trials: Sequence, key: str, path: Path, title: str, ylabel: str
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if not many:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

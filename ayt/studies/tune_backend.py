@@ -90,18 +90,23 @@ def max_concurrent_trials(plan: StudyPlan) -> int:
     return max(now, min(int(min(ever, 1e9)) // int(plan.base.scaling.num_workers), plan.space.trial_count()))
 
 
+def optuna_sampler(plan: StudyPlan):
+    """The Optuna sampler of the plan's search (the report reads its start-up trials from it)."""
+    import optuna
+    space, seed = plan.space, int(plan.study.get("sampler_seed", 0))
+    if space.search == "grid":
+        return optuna.samplers.GridSampler(space.grid_space(), seed=seed)
+    if space.search == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def optuna_searcher(plan: StudyPlan):
     """Tune's OptunaSearch over the plan's space; its Optuna study lives in `plan.optuna_db`,
     where a resume reads it again (ayt.studies.resume)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
-    space, seed = plan.space, int(plan.study.get("sampler_seed", 0))
-    if space.search == "grid":
-        sampler = optuna.samplers.GridSampler(space.grid_space(), seed=seed)
-    elif space.search == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
+    space, sampler = plan.space, optuna_sampler(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{plan.optuna_db}")
     return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode="min", sampler=sampler,
