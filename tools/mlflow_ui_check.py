@@ -40,7 +40,7 @@ def _start_server(store: Path, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{store.resolve()}", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300         # a loaded 2-core machine takes minutes to import mlflow
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
@@ -91,6 +91,12 @@ def check(store: Path, experiment: str, out: Path, chromium: str) -> list[str]:
             for run in parents + children[:3]:
                 if run.info.run_name not in text:
                     problems.append(f"run {run.info.run_name} is not listed on the experiment page")
+            study_ids = {r.info.run_id: r.info.run_name for r in parents}
+            for run in children:
+                # Children are named by their axis values (b16-mfd-s0-57f9), not by the study id,
+                # which the runs table would cut to `batch_size_swe...` for every child alike.
+                if run.info.run_name.startswith(study_ids.get(run.data.tags["mlflow.parentRunId"], "\0")):
+                    problems.append(f"child {run.info.run_name} is named by its study id, not its axis values")
             if children:
                 child = children[0]
                 page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
