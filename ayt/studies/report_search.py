@@ -2,7 +2,7 @@
 random, any sampler but the grid) found, read as a search rather than as a table of groups.
 
   - the sampler, and in one line when the study never left its random start-up
-    (`num_samples` <= the start-up trials of the sampler `tune_backend.optuna_sampler` builds);
+    (`num_samples` <= the start-up trials of the sampler `sampler.optuna_sampler` builds);
   - the top `TOP_K` trials with their parameters, rounded to what their range resolves
     (`rounded`: 3 significant digits on a log range, 3 digits of the span on a linear one,
     integers as integers);
@@ -34,6 +34,7 @@ import numpy as np
 from ayt.metrics import short
 from ayt.studies.report_plots import pyplot
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.sampler import optuna_sampler
 from ayt.studies.space import Axis
 from ayt.studies.trials import Trial
 
@@ -373,9 +374,8 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
 # ---- the section -------------------------------------------------------------------------
 
 def startup_trials(plan) -> int | None:
-    """The random start-up trials of the sampler the study ran (`tune_backend.optuna_sampler`):
+    """The random start-up trials of the sampler the study ran (`sampler.optuna_sampler`):
     TPE's `n_startup_trials`; None for a sampler without them."""
-    from ayt.studies.tune_backend import optuna_sampler
     return getattr(optuna_sampler(plan), "_n_startup_trials", None)
 
 
@@ -427,7 +427,6 @@ class SearchSection(Section):
     @staticmethod
     def _sampler_lines(plan, records: dict[str, Any]) -> list[str]:
         search, samples = plan.space.search, plan.space.num_samples
-        from ayt.studies.tune_backend import optuna_sampler
         sampler = optuna_sampler(plan)
         startup = getattr(sampler, "_n_startup_trials", None)
         records["sampler"], records["startup"] = type(sampler).__name__, startup

@@ -18,6 +18,7 @@ from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version
 from ayt.studies.plan import StudyPlan, plan_study
 from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
+from ayt.studies.sampler import optuna_sampler  # noqa: F401  (re-exported: ayt.studies.runner)
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,6 @@ def max_concurrent_trials(plan: StudyPlan) -> int:
     # An autoscaler adds nodes the cluster lacks now (GPU workers start at 0): count those too.
     ever = max_workers_at_once(plan.base) or 0.0
     return max(now, min(int(min(ever, 1e9)) // int(plan.base.scaling.num_workers), plan.space.trial_count()))
-
-
-def optuna_sampler(plan: StudyPlan):
-    """The Optuna sampler of the plan's search (the report reads its start-up trials from it)."""
-    import optuna
-    space, seed = plan.space, int(plan.study.get("sampler_seed", 0))
-    if space.search == "grid":
-        return optuna.samplers.GridSampler(space.grid_space(), seed=seed)
-    if space.search == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def optuna_searcher(plan: StudyPlan):
