@@ -92,8 +92,6 @@ def rehearse(cluster: RehearsalCluster, study: str, argv: list[str], env: dict[s
             record.status, record.finished_at = status, time.time()
             break
         # Reclaim once the cluster has scaled up to its limit, under a trial with a checkpoint.
-        if record.reclaim is not None and "resumed_seen" not in record.reclaim:
-            _follow_reclaimed(tracking_uri, record.reclaim)
         if preempt and record.reclaim is None and record.max_alive_workers >= most:
             target = _trial_to_reclaim(tracking_uri, experiment)
             if target is not None:
@@ -139,26 +137,9 @@ def _observe(cluster: RehearsalCluster, record: Rehearsal) -> None:
     record.max_alive_workers = max(record.max_alive_workers, len(alive))
 
 
-def _follow_reclaimed(uri: str, reclaim: dict[str, Any]) -> None:
-    """Until the reclaimed trial's next attempt reports (its run gets the resumed tag): the
-    last iteration the driver heard of from the attempt that died (results in flight when its
-    node went are lost with it, so this is a lower bound of how far it got)."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    try:
-        if RESUMED_FROM_TAG in client.get_run(reclaim["run_id"]).data.tags:
-            reclaim["resumed_seen"] = True
-            return
-        steps = [m.step for m in client.get_metric_history(reclaim["run_id"], "train/loss")]
-    except Exception:  # noqa: BLE001 - the tracking server busy for a moment: look again next time
-        return
-    reclaim["last_seen_iteration"] = max([reclaim["iteration"], *steps])
-
-
 def _trial_to_reclaim(uri: str, experiment: str) -> dict[str, Any] | None:
-    """A running trial between two checkpoints (checkpoints come with evaluations in a study):
-    it has saved one and logged its loss past it, so the reclaim costs it the iterations since,
-    as a reclaim at a random moment does. Its node, run, last checkpoint and logged iteration."""
+    """A running trial that has saved a checkpoint (its first evaluation: checkpoints come with
+    evaluations in a study) and has at least two evaluations to go: its node, run, iterations."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -171,12 +152,10 @@ def _trial_to_reclaim(uri: str, experiment: str) -> dict[str, Any] | None:
         evals = [m.step for m in client.get_metric_history(run.info.run_id, "eval/fid_1step")]
         planned = int(float(run.data.params.get("training.iterations", 0) or 0))
         every = int(float(run.data.params.get("training.eval_every", 0) or 0))
-        if not evals or not every or planned < evals[-1] + every:
-            continue                              # no checkpoint yet, or finished
-        losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        if max(losses, default=0) > evals[-1]:
+        if len(evals) == 1 and every and planned >= evals[0] + 2 * every:
+            losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
             return {"node_id": tags[NODE_IDS_TAG].split(",")[-1], "run_id": run.info.run_id,
-                    "checkpoint_iteration": evals[-1], "iteration": max(losses)}
+                    "checkpoint_iteration": evals[-1], "iteration": max(losses + evals)}
     return None
 
 
@@ -238,15 +217,12 @@ def max_instances(events: list[dict[str, Any]]) -> int:
 
 def node_idle_since(record: Rehearsal) -> dict[str, float]:
     """When each worker node's last trial ended (its MLflow run's end; a trial's last node is
-    the one it ended on), or, for a node that ran none (launched for a trial that found
-    another node free first), when it joined."""
-    idle = {e["node_id"]: e["time"] for e in record.events if e["event"] == "launched"}
-    ran = set()
+    the one it ended on)."""
+    idle: dict[str, float] = {}
     for trial in record.trials:
         if trial["end"] and trial["nodes"]:
             node = trial["nodes"][-1]
-            idle[node] = max(idle[node], trial["end"]) if node in ran else trial["end"]
-            ran.add(node)
+            idle[node] = max(idle.get(node, 0.0), trial["end"])
     return idle
 
 
@@ -275,10 +251,7 @@ def _preemption(record: Rehearsal, end: dict[str, float]) -> dict[str, Any]:
     if trial is not None:
         out.update(resumed_from_iteration=trial["resumed_from"], nodes=trial["nodes"])
         if trial["resumed_from"] is not None:
-            # Trained again after the restore: at least from the checkpoint to the last
-            # iteration the driver heard of from the attempt that died.
-            seen = reclaim.get("last_seen_iteration", reclaim["iteration"])
-            out.update(last_seen_iteration=seen, iterations_redone_at_least=max(0, seen - trial["resumed_from"]))
+            out["iterations_redone"] = reclaim["iteration"] - trial["resumed_from"]
         others = [t["end"] - t["start"] for r, t in trials.items() if r != reclaim["run_id"] and t["end"]]
         if trial["end"] and others:
             out["trial_s"] = round(trial["end"] - trial["start"], 1)
