@@ -9,7 +9,6 @@ its error says so, instead of a resume quietly running a trial twice or never.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import pickle
 import warnings
@@ -31,11 +30,7 @@ class TuneOptunaState:
       `OptunaSearch.save` writes as its pickled `__dict__`;
     - in that dict, OptunaSearch's `_ot_trials`: Tune trial id -> the Optuna trial it asked for;
     - Optuna's `Trial._trial_id` / `FrozenTrial._trial_id` (the storage's id) and
-      `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does;
-    - Tune's trial list, `experiment_state-<time>.json` (`trial_data`: each trial's JSON with
-      its `trial_id`), and its search generator's `search_gen_state-<time>.json` (a cloudpickled
-      dict: `counter`, the trials it created; `finished`; `name:ConcurrencyLimiter` with its
-      `live_trials`), which `SearchGenerator.restore_from_dir` reads back.
+      `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does.
     """
 
     def __init__(self, plan: StudyPlan):
@@ -92,68 +87,9 @@ class TuneOptunaState:
         import optuna
         return optuna.load_study(study_name=self.study_id, storage=f"sqlite:///{self.optuna_db}")
 
-    def saved_trial_ids(self) -> set[str] | None:
-        """The Tune trials in Tune's newest saved trial list (what `Tuner.restore` resumes);
-        None when Tune saved none."""
-        newest = self._newest("experiment_state-", ".json")
-        if newest is None:
-            return None
-        fs, path = newest
-        with fs.open_input_stream(path) as f:
-            data = json.loads(f.read())
-        ids = set()
-        for trial_json, *_ in data.get("trial_data", []):
-            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-            ids.add(str(trial["trial_id"]))
-        return ids
-
-    def reconcile_search_counter(self, saved: set[str]) -> int:
-        """Lower the search generator's count of created trials to the trials Tune's saved
-        list holds; returns how many it had counted but the list lost.
-
-        Tune's state is several files, uploaded to its storage one after another in the
-        background after each step. A driver killed during an upload (a wide window on s3://)
-        can leave a generator that counts a trial the trial list lacks: the resumed study then
-        never creates it and finishes one trial short, exit code 0. With the count lowered the
-        study asks for it again (its Optuna trial is re-queued by `requeue_orphaned_trials`);
-        the concurrency limiter forgets it too, or it would hold a slot for it forever."""
-        newest = self._newest("search_gen_state-", ".json")
-        if newest is None:
-            return 0
-        import ray.cloudpickle as cloudpickle
-        fs, path = newest
-        with fs.open_input_stream(path) as f:
-            state = cloudpickle.loads(f.read())
-        if not isinstance(state, dict) or not isinstance(state.get("counter"), int):
-            import ray
-            raise ConfigError("study.resume", "cannot read Ray Tune's saved search generator state (its format "
-                              f"changed in ray {ray.__version__}); resume is not safe with this Ray version")
-        lost = state["counter"] - len(saved)
-        if lost <= 0:
-            return 0
-        state["counter"], state["finished"] = len(saved), False
-        limiter = state.get("name:ConcurrencyLimiter")
-        if isinstance(limiter, dict) and isinstance(limiter.get("live_trials"), set):
-            limiter["live_trials"] = {t for t in limiter["live_trials"] if t in saved}
-            limiter["num_unfinished_live_trials"] = min(int(limiter.get("num_unfinished_live_trials", 0)),
-                                                        len(limiter["live_trials"]))
-        with fs.open_output_stream(path) as f:       # one object, replaced whole
-            f.write(cloudpickle.dumps(state))
-        return lost
-
     def _latest_searcher_state(self) -> dict | None:
-        """The newest `searcher-state-*.pkl` Tune saved."""
-        newest = self._newest("searcher-state-", ".pkl")
-        if newest is None:
-            return None
-        fs, path = newest
-        with fs.open_input_stream(path) as f:
-            return pickle.loads(f.read())
-
-    def _newest(self, prefix: str, suffix: str):
-        """(filesystem, path) of the newest file `<prefix><time><suffix>` in the experiment
-        directory (the name Tune picks the newest by), read through the filesystem layer Ray
-        uses for its storage (local paths, s3://, gs://); None if there is none."""
+        """The newest `searcher-state-*.pkl` Tune saved, read through the filesystem layer Ray
+        uses for its storage (local paths, s3://, gs://)."""
         import pyarrow.fs
         path = self.experiment_path
         fs, root = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
@@ -162,8 +98,11 @@ class TuneOptunaState:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
         except OSError:
             return None
-        found = sorted(i.path for i in infos if i.base_name.startswith(prefix) and i.path.endswith(suffix))
-        return (fs, found[-1]) if found else None
+        states = sorted(i.path for i in infos if i.base_name.startswith("searcher-state-") and i.path.endswith(".pkl"))
+        if not states:
+            return None
+        with fs.open_input_stream(states[-1]) as f:
+            return pickle.loads(f.read())
 
 
 def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -> int:
@@ -180,15 +119,6 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
     owned = state.tune_owned_trials()
     if owned is None:
         return 0
-    saved = state.saved_trial_ids()
-    if saved is not None:
-        # A trial the searcher asked for but Tune's saved trial list lost (the two were
-        # uploaded apart) is as orphaned as one the searcher never saved.
-        owned = {tune_id: optuna_id for tune_id, optuna_id in owned.items() if tune_id in saved}
-        lost = state.reconcile_search_counter(saved)
-        if lost:
-            log.warning("study %s: Tune's saved state counted %d trial(s) its trial list lacks (a driver killed "
-                        "while saving); they are asked for again", plan.study_id, lost)
     orphans = state.running_trials_not_in(owned)
     for trial in orphans:
         state.requeue(trial)
