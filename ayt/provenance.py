@@ -13,6 +13,7 @@ import functools
 import hashlib
 import subprocess
 from pathlib import Path
+from typing import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 # What trains a model: a change elsewhere (README, studies/ reports, tests) leaves the code clean.
@@ -24,6 +25,11 @@ NODE_ID = "node_id"                 # the Ray node of the trial's process
 NODE_IDS_TAG = "ayt.node_ids"       # every node it ran on, in order (a preempted trial: two or more)
 RESUMED_FROM = "resumed_from_iteration"     # the first result after a restore: the checkpoint's iteration
 RESUMED_FROM_TAG = "ayt.resumed_from_iteration"
+
+
+def tag_list(tags: Mapping[str, str], key: str) -> list[str]:
+    """An ordered list kept in one MLflow tag, comma-separated (`ayt.code_versions`, `ayt.node_ids`)."""
+    return [v for v in tags.get(key, "").split(",") if v]
 
 
 def _git(*args: str) -> str | None:

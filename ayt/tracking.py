@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from ayt.provenance import CODE_VERSIONS_TAG, code_version, provenance_tags
+from ayt.provenance import CODE_VERSIONS_TAG, code_version, provenance_tags, tag_list
 
 RUN_NAME_TAG = "ayt.run_name"
 
@@ -86,7 +86,7 @@ class RunLogger:
         self.run_id = run_id
         self.last_step: dict[str, int] = {}
         run = self.client.get_run(run_id)
-        self.code_versions = [v for v in run.data.tags.get(CODE_VERSIONS_TAG, "").split(",") if v]
+        self.tags = dict(run.data.tags)
         for key in run.data.metrics:
             history = self.client.get_metric_history(run_id, key)
             self.last_step[key] = max((m.step for m in history), default=-1)
@@ -101,17 +101,24 @@ class RunLogger:
             for m in fresh:
                 self.last_step[m.key] = m.step
 
+    def append_to_tag(self, key: str, value: str, with_tags: dict[str, str] | None = None) -> None:
+        """Add `value` to the ordered list tag `key` unless it is already the last (`tag_list`),
+        setting `with_tags` beside it when it is added: what a run records each time it moves
+        on to other code or another node, kept across a resumed driver (the run's tags)."""
+        seen = tag_list(self.tags, key)
+        if seen and seen[-1] == value:
+            return
+        self.set_tags({**(with_tags or {}), key: ",".join([*seen, value])})
+
     def record_code(self, version: str | None = None) -> None:
         """Tag the run with the code version that trains it (default: this process's); a run
         resumed on other code keeps every version it ran on, in order (`ayt.code_versions`)."""
         version = version or code_version()
-        if self.code_versions and self.code_versions[-1] == version:
-            return
-        self.code_versions.append(version)
-        self.set_tags({**provenance_tags(version), CODE_VERSIONS_TAG: ",".join(self.code_versions)})
+        self.append_to_tag(CODE_VERSIONS_TAG, version, provenance_tags(version))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.tags.update({k: str(v) for k, v in tags.items()})
 
     def log_artifacts(self, paths: Iterable[str], artifact_path: str | None = None) -> None:
         for path in paths:

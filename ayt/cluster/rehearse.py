@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ayt.cluster.rehearsal import RehearsalCluster, worker_type
-from ayt.provenance import NODE_IDS_TAG, RESUMED_FROM_TAG
+from ayt.environ import environ
+from ayt.provenance import NODE_IDS_TAG, RESUMED_FROM_TAG, tag_list
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -56,19 +57,9 @@ def prebuild(study: str, argv: list[str], driver_env: dict[str, str]) -> int:
     """Build the study's shared artifacts into the cache before submitting it (the README's
     recipe builds them once, as a job of their own, before the study): the rehearsal then
     measures the cluster, not the first build. Returns the number of distinct settings."""
-    import os
-
     from ayt.studies.runner import plan_study, prebuild_artifacts
-    saved = {k: os.environ.get(k) for k in driver_env}
-    os.environ.update(driver_env)                     # what scaling=rehearsal reads (AYT_*)
-    try:
+    with environ(driver_env):                         # what scaling=rehearsal reads (AYT_*)
         return prebuild_artifacts(plan_study(study, [*argv, "scaling=rehearsal"]), progress=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def rehearse(cluster: RehearsalCluster, study: str, argv: list[str], env: dict[str, str], tracking_uri: str,
@@ -269,7 +260,7 @@ def trial_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     runs = client.search_runs([found.experiment_id], max_results=200) if found else []
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
              "start": r.info.start_time / 1000, "end": r.info.end_time / 1000 if r.info.end_time else None,
-             "nodes": [n for n in r.data.tags.get(NODE_IDS_TAG, "").split(",") if n],
+             "nodes": tag_list(r.data.tags, NODE_IDS_TAG),
              "resumed_from": int(r.data.tags[RESUMED_FROM_TAG]) if RESUMED_FROM_TAG in r.data.tags else None}
             for r in runs if "mlflow.parentRunId" in r.data.tags]
 

@@ -167,7 +167,8 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     if edit is not None:
         with open_dict(study):
             edit(study)
-    schema.validate(OmegaConf.to_container(study, resolve=True))   # every field's own check, once
+    resolved = OmegaConf.to_container(study, resolve=True)
+    schema.validate(resolved)                      # every field's own check, once
     space = parse_space(study)
     check_tuned(study, space)
     base_overrides = []
@@ -184,11 +185,11 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
         raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
                           f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
     # The identity of a study: what its trials compute, not where or how fast they run.
-    spec = {"study": schema.identity(OmegaConf.to_container(study, resolve=True)),
+    spec = {"study": schema.identity(resolved),
             "base": OmegaConf.to_container(base, resolve=True)}
     for volatile in VOLATILE_KEYS:
         spec["base"].pop(volatile, None)
-    plan = StudyPlan(name=space.name, module=name, study=OmegaConf.to_container(study, resolve=True), space=space,
+    plan = StudyPlan(name=space.name, module=name, study=resolved, space=space,
                      base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
                      argv=list(argv), base_dir=base_dir)
     _validate_scheduler(plan)

@@ -15,6 +15,7 @@ A new study option is one field here (and, when it needs one, the line of code t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional
@@ -171,8 +172,9 @@ def volatile_keys() -> tuple[str, ...]:
 
 
 def identity(study: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved study block that defines the study (its id hashes this)."""
-    out = {k: v for k, v in study.items() if k not in volatile_keys()}
+    """The part of a resolved study block that defines the study (its id hashes this); a copy,
+    `study` is left as it is."""
+    out = copy.deepcopy({k: v for k, v in study.items() if k not in volatile_keys()})
     for info in fields():
         if info.meta.get("internal"):
             parent, _, leaf = info.path.rpartition(".")

@@ -34,11 +34,10 @@ class StudyTracker(Callback):
         self.planned: dict[str, int] = {}
         self.run_dirs: dict[str, Path] = {}
         self.finished: set[str] = set()
-        self.nodes: dict[str, list[str]] = {}
 
     def __getstate__(self):
         # Tune pickles its callbacks into the experiment state; MLflow clients stay behind.
-        return {**self.__dict__, "loggers": {}, "finished": set(), "nodes": {}}
+        return {**self.__dict__, "loggers": {}, "finished": set()}
 
     def child(self, trial) -> RunLogger:
         logger = self.loggers.get(trial.trial_id)
@@ -82,22 +81,10 @@ class StudyTracker(Callback):
     def _record_node(self, trial, logger: RunLogger, result: dict[str, Any]) -> None:
         """The nodes a trial ran on, in order (`ayt.node_ids`), and the checkpoint iteration it
         resumed from after a failure (`ayt.resumed_from_iteration`): a preempted trial's record."""
-        tags = {}
-        node = result.get(NODE_ID)
-        if node:
-            nodes = self.nodes.setdefault(trial.trial_id, self._tagged_nodes(logger))
-            if not nodes or nodes[-1] != node:
-                nodes.append(node)
-                tags[NODE_IDS_TAG] = ",".join(nodes)
+        if result.get(NODE_ID):
+            logger.append_to_tag(NODE_IDS_TAG, str(result[NODE_ID]))
         if result.get(RESUMED_FROM) is not None:
-            tags[RESUMED_FROM_TAG] = int(result[RESUMED_FROM])
-        if tags:
-            logger.set_tags(tags)
-
-    @staticmethod
-    def _tagged_nodes(logger: RunLogger) -> list[str]:
-        tag = logger.client.get_run(logger.run_id).data.tags.get(NODE_IDS_TAG, "")   # a resumed driver
-        return [n for n in tag.split(",") if n]
+            logger.set_tags({RESUMED_FROM_TAG: int(result[RESUMED_FROM])})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         logger = self.child(trial)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from ayt.metrics import EVAL, TRAIN, TRAIN_SECONDS, VS_IMAGES, short
-from ayt.provenance import CODE_VERSIONS_TAG
+from ayt.provenance import CODE_VERSIONS_TAG, tag_list
 from ayt.studies.group import Group
 
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
@@ -99,7 +99,7 @@ def load_trials(uri: str, parent_run_id: str) -> list[Trial]:
                             run.data.metrics.get(TRAIN_SECONDS),
                             {k[len("artifact."):]: v for k, v in params.items() if k.startswith("artifact.")},
                             failure=tags.get("ayt.failure"),
-                            code_versions=tuple(v for v in tags.get(CODE_VERSIONS_TAG, "").split(",") if v),
+                            code_versions=tuple(tag_list(tags, CODE_VERSIONS_TAG)),
                             started_ms=run.info.start_time))
     return sorted(trials, key=lambda t: (t.group.sort_key(), t.seed))
 

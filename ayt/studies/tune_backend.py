@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ayt.artifacts import config_hash
 from ayt.config import flatten, run_name
 from ayt.errors import ConfigError
-from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version
+from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version, tag_list
 from ayt.studies.plan import StudyPlan, plan_study
 from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
@@ -219,8 +219,9 @@ def check_code_version(plan: StudyPlan, uri: str) -> None:
     if parent is None:
         return
     tags = parent.data.tags
-    seen = [v for v in (tags.get(CODE_VERSIONS_TAG) or tags.get("ayt.code_version") or
-                        tags.get("ayt.git_commit") or "").split(",") if v]
+    # Runs from before ayt.code_versions name their code in ayt.code_version or ayt.git_commit.
+    seen = next((tag_list(tags, k) for k in (CODE_VERSIONS_TAG, "ayt.code_version", "ayt.git_commit")
+                 if tags.get(k)), [])
     if not seen or seen[-1] == now:
         return
     if not plan.study.get("allow_code_change"):

@@ -19,6 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ayt.config import run_name
+from ayt.environ import environ
 from ayt.errors import NonFiniteLossError
 from ayt.metrics import EVAL_SECONDS, FID_KEYS, TRAIN_SECONDS
 from ayt.preflight import preflight
@@ -151,17 +152,8 @@ def start_local_ray(**kwargs) -> str:
         s.bind(("", 0))
         port = s.getsockname()[1]
     node_ip = ray.util.get_node_ip_address()
-    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{node_ip}:{port}"
-    try:
+    with environ({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{node_ip}:{port}"}):
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return ray.get_runtime_context().gcs_address
 
 
