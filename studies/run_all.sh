@@ -6,20 +6,23 @@
 # only re-reported. Then the small report files are copied into studies/<name>/.
 #   usage: studies/run_all.sh [OUT_DIR] [study ...]
 #   default: runs/studies, every committed study (a studies/<name>/ with a conf/study/<name>.yaml),
-#   in the order they were run; a tuning stage (studies/<name>-tune-*) comes with its study.
+#   in the order they were run; a tuning stage (studies/<name>-tune-*) or a confirmation stage
+#   (studies/<name>-confirm) comes with its study.
 #   e.g.   studies/run_all.sh runs/studies speed_tuned finetune feature_map_fidelity
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/studies}"; shift || true
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget
-                                               speed_tuned feature_map_fidelity finetune critical_batch_sweep)
+                                               speed_tuned feature_map_fidelity finetune critical_batch_sweep
+                                               huber_sweep aug_sweep)
 py="${PYTHON:-python}"
 for name in "${names[@]}"; do
   resume=()
   [ -d "$out/$name" ] && resume=(resume=true)
   "$py" -m ayt.studies."$name" out_dir="$out" progress=false "${resume[@]}"
-  # The study's report, and those of its tuning stages (tune_then_repeat: <name>-tune-<group>/).
-  for dir in "$out/$name" "$out/$name"-tune-*; do
+  # The study's report, and those of its other stages (tune_then_repeat: <name>-tune-<group>/;
+  # search_then_confirm: <name>-confirm/).
+  for dir in "$out/$name" "$out/$name"-tune-* "$out/$name"-confirm; do
     [ -f "$dir/report.md" ] || continue
     dest="studies/$(basename "$dir")"
     mkdir -p "$dest"

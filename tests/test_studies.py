@@ -68,7 +68,7 @@ def test_trial_labels_name_a_trial_by_its_axis_values(tmp_path):
     4 characters of the Tune trial id. Mutation caught: the old `<study id>-<trial id>` name."""
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}"])
     assert plan.space.label({"batch_size": 16, "loss": "mfd", "seed": 0}, "57f90407") == "b16-mfd-s0-57f9"
-    huber = plan_study("huber_sweep", [f"out_dir={tmp_path}", "study.num_samples=2"])
+    huber = plan_study("huber_sweep", [f"out_dir={tmp_path}", "study.num_samples=2", "study.protocol.name=single"])
     assert huber.space.label({"loss__huber_c": 0.00010329669551879738}, "0a1b2c3d") == "huber_c=0.000103-s0-0a1b"
 
 
@@ -234,7 +234,7 @@ def test_sampled_studies_plan_their_ranges_and_lpips_is_skipped_with_the_reason(
     corners, and loss_sweep without VGG weights drops LPIPS and says why. Mutations caught:
     a range axis planned as a categorical, a corner left unvalidated, the skip reason lost."""
     aug = plan_study("aug_sweep", [f"out_dir={tmp_path}", "study.preset=smoke"])
-    assert aug.space.search == "tpe" and aug.space.trial_count() == 8
+    assert aug.space.search == "tpe" and aug.space.trial_count() == 48
     ranges = {a.key: (a.low, a.high) for a in aug.space.all_axes if a.values is None}
     assert ranges["augment.p"] == (0.05, 0.5) and ranges["augment.noise_std"] == (0.05, 1.0)
     # Corners: the first point, then each axis at its other end(s).
@@ -259,9 +259,10 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     sampled value not reaching the trial config; a NaN on the Ray Train path reported as
     success; the tracker's error path not tagging the run."""
     out = shared_out_dir
+    plain = ["study.protocol.name=single", "study.scheduler=none"]       # the search alone, every trial to the end
     assert study_main("huber_sweep", [f"out_dir={out}", "study.name=random-huber", "study.search=random",
                                       "study.num_samples=2", "study.budget.amount=640", "study.max_concurrent_trials=2",
-                                      "batch_size=32", *TINY]) == 0
+                                      "batch_size=32", *plain, *TINY]) == 0
     # progress=false (TINY) drops the bar, not the one line per trial start and end.
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert sum(" started: " in line for line in printed) == 2, printed
@@ -290,7 +291,7 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     other = "0" * 40
     client.set_tag(parents[0].info.run_id, "ayt.code_versions", other)
     args = [f"out_dir={out}", "study.name=random-huber", "study.search=random", "study.num_samples=2",
-            "study.budget.amount=640", "study.max_concurrent_trials=2", "batch_size=32", *TINY, "resume=true"]
+            "study.budget.amount=640", "study.max_concurrent_trials=2", "batch_size=32", *plain, *TINY, "resume=true"]
     capsys.readouterr()
     assert study_main("huber_sweep", args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -55,7 +55,9 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
         return 0
     # Imported here, not above: help and a wrong study name answer without loading torch.
     from ayt.studies.plan import plan_study
-    from ayt.studies.tune_backend import StudyError, run_study, run_tune_then_repeat
+    from ayt.studies.protocol import protocol_name
+    from ayt.studies.sampler import search_notes
+    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError
     dry_run = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
     try:
@@ -78,9 +80,10 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     logging.getLogger("ayt").setLevel(logging.INFO)
     log_file = route_logs(plan.out_dir / "logs" / "study.log", verbose=bool(plan.base.get("verbose")))
     print(f"ayt: study {plan.study_id}: {plan.space.trial_count()} trials; Ray/Tune logs in {log_file}", flush=True)
+    for note in search_notes(plan):
+        print(f"ayt: note: {note}", flush=True)
     try:
-        runner = run_tune_then_repeat if plan.tune_plans else run_study
-        summary = runner(plan, progress=bool(plan.base.progress))
+        summary = PROTOCOL_RUNNERS[protocol_name(plan.study)](plan, progress=bool(plan.base.progress))
     except ConfigError as err:
         print(f"ayt: config error: {err}", file=sys.stderr)
         return 2

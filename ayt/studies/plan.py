@@ -18,6 +18,7 @@ from ayt.errors import ConfigError
 from ayt.metrics import eval_key
 from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
 from ayt.studies import schema
+from ayt.studies.confirm import baseline_overrides, is_confirm_protocol, parse_confirm
 from ayt.studies.space import StudySpace, check_axis_keys, parse_space
 
 
@@ -198,6 +199,8 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     if hook is not None:
         hook(plan)
     plan.trial_configs = [plan.trial_config(p) for p in _validation_points(plan)]
+    if edit is None and is_confirm_protocol(plan.study):
+        _check_baseline(plan, parse_confirm(plan.study, space))
     if protocol_name(plan.study) == "tune_then_repeat" and not plan.study.get("tuned"):
         stage = parse_tune_stage(plan.study, space)
         if not any(a.split("=", 1)[0] == "tracking.experiment" for a in train_args):
@@ -227,12 +230,29 @@ def _validation_points(plan: StudyPlan) -> list[dict[str, Any]]:
     return points
 
 
+def _check_baseline(plan: StudyPlan, stage) -> None:
+    """search_then_confirm's baseline composes into a valid trial config (a bad value fails now,
+    not after the search)."""
+    overrides = baseline_overrides(stage)
+    if not overrides:
+        return
+    try:
+        load_config([*plan.base_overrides, *overrides], base_dir=plan.base_dir or None)
+    except ConfigError as err:
+        raise ConfigError("study.protocol.confirm.baseline", f"{' '.join(overrides)}: {err}") from None
+
+
 def _validate_scheduler(plan: StudyPlan) -> None:
+    """ASHA's rungs in evaluations: grace_evals, grace_evals x reduction_factor, ... below the
+    budget; with none below it, ASHA would stop no trial."""
     study = plan.study
     if study["scheduler"] != "asha":
         return
-    grace = study["asha"]["grace_evals"]          # its type and lower bound: the schema
-    if grace > plan.space.evals:
-        raise ConfigError("study.asha.grace_evals", f"must be an integer in [1, study.budget.evals="
-                          f"{plan.space.evals}], got {grace!r}")
+    grace, factor, evals = study["asha"]["grace_evals"], float(study["asha"]["reduction_factor"]), plan.space.evals
+    if grace >= evals:        # its type and lower bound: the schema
+        raise ConfigError("study.asha.grace_evals", f"must be an integer in [1, study.budget.evals - 1 = "
+                          f"{evals - 1}] (ASHA decides at evaluations before the last), got {grace!r}")
+    if plan.space.trial_count() < factor:
+        raise ConfigError("study.asha.reduction_factor", f"keeps 1/{factor:g} of the trials at each rung, but the "
+                          f"study has {plan.space.trial_count()} trials: ASHA would stop none; lower it or add trials")
 

@@ -9,6 +9,8 @@ report.md shows them; each says when it applies and writes its markdown, files a
                         target, each group against its reference (`report_table`); groups.csv
   SearchSection         a sampled study (tpe, random): sampler, top trials, best so far, parameter
                         importance, responses (`report_search`); its per-trial group table left to groups.csv
+  ConfirmSection        search_then_confirm: the best found against the baseline on fresh seeds,
+                        paired, Holm-adjusted (`confirm`); in the search's report, a link to it
   Protocol              what each group ran at (`study.tuned`) and the tuning it came from
   Findings              the comparison records in sentences
   Diverged              every diverged trial by name
@@ -34,6 +36,7 @@ from typing import Any, Sequence
 
 from ayt.metrics import short
 from ayt.provenance import git_commit, short_version
+from ayt.studies.confirm import ConfirmSection
 from ayt.studies.critical_batch import CriticalBatchSection
 from ayt.studies.group import Group, is_number
 from ayt.studies.protocol import TUNING_FILE
@@ -257,8 +260,8 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
     return write_rows(rows or [{"run": None}], path)
 
 
-SECTIONS: list[Section] = [Header(), GroupTable(), SearchSection(), Protocol(), Findings(), Diverged(),
-                           CriticalBatchSection(), Tangent(), Figures(), Data()]
+SECTIONS: list[Section] = [Header(), GroupTable(), SearchSection(), ConfirmSection(), Protocol(), Findings(),
+                           Diverged(), CriticalBatchSection(), Tangent(), Figures(), Data()]
 
 
 def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section] | None = None) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import numpy as np
 from ayt.metrics import short
 from ayt.studies.report_plots import pyplot
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.sampler import optuna_sampler
+from ayt.studies.sampler import optuna_sampler, startup_trials
 from ayt.studies.space import Axis
 from ayt.studies.trials import Trial
 
@@ -373,12 +373,6 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
 
 # ---- the section -------------------------------------------------------------------------
 
-def startup_trials(plan) -> int | None:
-    """The random start-up trials of the sampler the study ran (`sampler.optuna_sampler`):
-    TPE's `n_startup_trials`; None for a sampler without them."""
-    return getattr(optuna_sampler(plan), "_n_startup_trials", None)
-
-
 def proposal_order(trials: Sequence[Trial]) -> list[Trial]:
     """The trials in the order the search proposed them: their runs' start (then their name)."""
     return sorted(trials, key=lambda t: (t.started_ms is None, t.started_ms or 0, t.name))
@@ -428,7 +422,7 @@ class SearchSection(Section):
     def _sampler_lines(plan, records: dict[str, Any]) -> list[str]:
         search, samples = plan.space.search, plan.space.num_samples
         sampler = optuna_sampler(plan)
-        startup = getattr(sampler, "_n_startup_trials", None)
+        startup = startup_trials(plan)
         records["sampler"], records["startup"] = type(sampler).__name__, startup
         records["random_search"] = search == "random" or (startup is not None and samples is not None
                                                           and samples <= startup)

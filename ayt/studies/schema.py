@@ -24,23 +24,24 @@ from hydra.core.config_store import ConfigStore
 
 from ayt.errors import ConfigError
 
-SEARCHES = ("grid", "tpe", "random")
+SEARCHES = ("grid", "tpe", "random", "gp")
 SCHEDULERS = ("none", "asha")
 BUDGET_UNITS = ("images", "iterations")
 METRICS = ("fid_1step", "fid_2step")
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
-PROTOCOLS = ("single", "tune_then_repeat")
+PROTOCOLS = ("single", "tune_then_repeat", "search_then_confirm")
 TARGET_SCOPES = ("shared", "per_series")
 
 
 def spec(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None, minimum: float | None = None,
          above: float | None = None, nonempty: bool = False, defines: bool = True, factory: Any = None,
-         internal: bool = False) -> Any:
+         internal: bool = False, new: bool = False) -> Any:
     """A schema field: its default and what the type cannot say (see the module docstring).
     `minimum` is inclusive, `above` exclusive; `internal` fields are set by a protocol, not a
-    user, and stay out of the study id while unset."""
+    user, and stay out of the study id while unset; `new` fields (added after studies were
+    run) stay out of it while at their default, so every earlier study keeps its id."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "above": above, "nonempty": nonempty,
-            "defines": defines, "internal": internal}
+            "defines": defines, "internal": internal, "new": new}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -83,10 +84,23 @@ class TuneStage:
 
 
 @dataclass
+class ConfirmStage:
+    k: int = spec(3, doc="configurations of the search re-run (its best k that ran the whole budget)", minimum=1,
+                  new=True)
+    seeds: List[int] = spec(doc="confirmation seeds, apart from study.seeds (the winner was chosen on those)",
+                            factory=lambda: [100, 101, 102, 103, 104], minimum=0, nonempty=True, new=True)
+    baseline: Dict[str, Any] = spec(doc="what the best are compared with: searched key -> value ({}: the "
+                                        "config's defaults for every searched key)", factory=dict, new=True)
+
+
+@dataclass
 class Protocol:
     name: str = spec("single", doc="single: every group at the same settings; tune_then_repeat: stage 1 tunes "
-                                   "`tune.key` per group, stage 2 repeats each at its best", choices=PROTOCOLS)
+                                   "`tune.key` per group, stage 2 repeats each at its best; search_then_confirm: "
+                                   "the search, then its best `confirm.k` and the baseline on fresh seeds",
+                     choices=PROTOCOLS)
     tune: TuneStage = spec(doc="stage 1 of tune_then_repeat", factory=TuneStage)
+    confirm: ConfirmStage = spec(doc="stage 2 of search_then_confirm (ayt/studies/confirm.py)", factory=ConfirmStage)
     stage: Optional[str] = spec(None, doc="set by the protocol on the studies it derives", internal=True)
     group: Optional[str] = spec(None, doc="the group a derived stage-1 study tunes", internal=True)
 
@@ -112,6 +126,9 @@ class StudySchema:
                             nonempty=True)
     num_samples: Optional[int] = spec(None, doc="trials of a tpe/random search", minimum=1)
     sampler_seed: int = spec(0, doc="the Optuna sampler's seed")
+    startup_trials: Optional[int] = spec(None, doc="random start-up trials of a tpe/gp search before its model "
+                                                   "proposes (null: Optuna's 10; grid and random ignore it)",
+                                         minimum=1, new=True)
     budget: Budget = spec(doc="training per trial", factory=Budget)
     metric: str = spec("fid_1step", doc="what Optuna and ASHA minimise (the curve's final value)", choices=METRICS)
     target: Target = spec(doc="'iterations to reach a target FID' in the report", factory=Target)
@@ -132,6 +149,9 @@ class StudySchema:
                                  factory=dict)
     tuned_source: Optional[str] = spec(None, doc="where hand-set `tuned` values came from (the report says it)",
                                        defines=False)
+    candidates: Optional[Dict[str, Any]] = spec(None, doc="name -> {key: value}: the configurations a "
+                                                          "`candidate` axis runs (set by search_then_confirm)",
+                                                internal=True)
     critical_batch: CriticalBatch = spec(doc="the report's critical-batch-size section", factory=CriticalBatch,
                                          defines=False)
 
@@ -176,11 +196,16 @@ def identity(study: Mapping[str, Any]) -> dict[str, Any]:
     `study` is left as it is."""
     out = copy.deepcopy({k: v for k, v in study.items() if k not in volatile_keys()})
     for info in fields():
-        if info.meta.get("internal"):
-            parent, _, leaf = info.path.rpartition(".")
-            node = _get(out, parent) if parent else out
-            if isinstance(node, dict) and node.get(leaf) is None:
-                node.pop(leaf, None)
+        unset = None if info.meta.get("internal") else info.default if info.meta.get("new") else ...
+        if unset is ...:
+            continue
+        parent, _, leaf = info.path.rpartition(".")
+        node = _get(out, parent) if parent else out
+        if isinstance(node, dict) and leaf in node and node[leaf] == unset:
+            node.pop(leaf)
+            if parent and not node:                 # a block of only new fields at their defaults
+                grand, _, name = parent.rpartition(".")
+                (_get(out, grand) if grand else out).pop(name, None)
     return out
 
 

@@ -20,6 +20,9 @@ from ayt.errors import ConfigError
 CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling", "feature_map")
 from ayt.studies.schema import BUDGET_UNITS, SCHEDULERS, SEARCHES  # noqa: F401  (declared once, in the schema)
 LABEL_PREFIXES = {"batch_size": "b", "seed": "s"}      # the axes a trial label abbreviates most
+# The axis whose values are named configurations (`study.candidates`: name -> {key: value}):
+# how search_then_confirm runs its best found and a baseline side by side (ayt/studies/confirm.py).
+CANDIDATE_AXIS = "candidate"
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Axis:
     high: float | None = None
     log: bool = False
     integer: bool = False
+    settings: tuple = ()                       # a candidate axis: (value, ((key, setting), ...)) per value
 
     @property
     def param(self) -> str:
@@ -56,13 +60,20 @@ class Axis:
     def override(self, value: Any) -> str:
         return f"{self.key}={_hydra_value(value)}"
 
+    def overrides(self, value: Any) -> list[str]:
+        """The Hydra overrides of one value: `key=value`, or a candidate's settings."""
+        if self.key != CANDIDATE_AXIS:
+            return [self.override(value)]
+        settings = dict(self.settings)[value]
+        return [f"{key}={_hydra_value(setting)}" for key, setting in settings]
+
     def label(self, value: Any) -> str:
         """This axis' part of a trial label: `b16`, `s0`, a group's option (`mfd`), else
         `<last key part>=<value>` with floats at 3 significant digits (`huber_c=0.0473`)."""
         text = f"{value:.3g}" if isinstance(value, float) else _hydra_value(value)
         if self.key in LABEL_PREFIXES:
             return LABEL_PREFIXES[self.key] + text
-        if self.is_group:
+        if self.is_group or self.key == CANDIDATE_AXIS:
             return text
         return f"{self.key.rsplit('.', 1)[-1]}={text}"
 
@@ -137,7 +148,7 @@ class StudySpace:
     def overrides(self, params: dict[str, Any], batch_size: int) -> list[str]:
         """Hydra overrides of one trial: its axis values, its seed and the budget schedule."""
         by_param = {a.param: a for a in self.all_axes}
-        out = [by_param[p].override(v) for p, v in params.items() if p in by_param]
+        out = [o for p, v in params.items() if p in by_param for o in by_param[p].overrides(v)]
         if self.seed_axis is None:
             out.append(f"seed={self.seeds[0]}")
         out += self.schedule_overrides(batch_size)
@@ -178,6 +189,7 @@ def parse_space(study: DictConfig) -> StudySpace:
     if not isinstance(study.axes, DictConfig) or len(study.axes) == 0:
         raise ConfigError("study.axes", "a study needs at least one axis (config key or group -> values)")
     axes = [_parse_axis(k, v, search) for k, v in _axis_nodes(study.axes)]
+    axes = [_candidate_axis(a, study.get("candidates")) if a.key == CANDIDATE_AXIS else a for a in axes]
     seeds = list(study.seeds)
     if len(set(seeds)) != len(seeds):
         raise ConfigError("study.seeds", f"repeats a seed: {seeds}")
@@ -229,14 +241,41 @@ def _parse_axis(key: str, spec: Any, search: str) -> Axis:
     raise ConfigError(where, f"must be a list of values or a range {{low, high, log}}, got {spec!r}")
 
 
+def _candidate_axis(axis: Axis, candidates: Any) -> Axis:
+    """`candidate: [baseline, best1]` with `study.candidates` naming each one's settings."""
+    where = f"study.axes.{CANDIDATE_AXIS}"
+    if axis.values is None:
+        raise ConfigError(where, "a candidate axis lists names of study.candidates, not a range")
+    candidates = OmegaConf.to_container(candidates, resolve=True) if isinstance(candidates, DictConfig) else candidates
+    if not isinstance(candidates, dict):
+        raise ConfigError("study.candidates", f"a candidate axis needs study.candidates (name -> {{key: value}}), "
+                          f"got {candidates!r}")
+    settings = []
+    for name in axis.values:
+        if name not in candidates or not isinstance(candidates[name], dict):
+            raise ConfigError(where, f"{name!r} is not a candidate; study.candidates has: " + ", ".join(candidates))
+        settings.append((name, tuple(candidates[name].items())))
+    return Axis(axis.key, values=axis.values, settings=tuple(settings))
+
+
 def check_axis_keys(space: StudySpace, base: DictConfig) -> None:
-    """Every axis names a config group or a key that exists in the trial config."""
+    """Every axis names a config group or a key that exists in the trial config (a candidate
+    axis: every key its candidates set)."""
     for axis in space.axes:
-        if axis.is_group:
+        if axis.key == CANDIDATE_AXIS:
+            for name, settings in axis.settings:
+                for key, _ in settings:
+                    _check_key(Axis(key), base, f"study.candidates.{name}.{key}")
             continue
-        parent, _, leaf = axis.key.rpartition(".")
-        node = OmegaConf.select(base, parent) if parent else base
-        if not isinstance(node, DictConfig) or leaf not in node:
-            raise ConfigError(f"study.axes.{axis.key}", "unknown axis: not a config key; allowed: a config group ("
-                              + ", ".join(CONFIG_GROUPS) + ") or an existing dotted key such as batch_size, "
-                              "loss.huber_c, augment.geo.p")
+        _check_key(axis, base, f"study.axes.{axis.key}")
+
+
+def _check_key(axis: Axis, base: DictConfig, where: str) -> None:
+    if axis.is_group:
+        return
+    parent, _, leaf = axis.key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig) or leaf not in node:
+        raise ConfigError(where, "unknown axis: not a config key; allowed: a config group ("
+                          + ", ".join(CONFIG_GROUPS) + ") or an existing dotted key such as batch_size, "
+                          "loss.huber_c, augment.geo.p")

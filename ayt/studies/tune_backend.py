@@ -1,7 +1,8 @@
 """A planned study on Ray Tune: the function trainable and its two trial runners, shared
 artifacts built once before the trials, Optuna's searcher and ASHA, and the Tuner that runs
 (or restores) the study, with one MLflow parent run, a child per trial and the report.
-`run_tune_then_repeat` runs a two-stage protocol as a sequence of such studies."""
+`run_tune_then_repeat` and `run_search_then_confirm` run a two-stage protocol as a sequence of
+such studies (`PROTOCOL_RUNNERS`: protocol name -> runner)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ayt.artifacts import config_hash
 from ayt.config import flatten, run_name
 from ayt.errors import ConfigError
 from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version, tag_list
+from ayt.studies.confirm import (CONFIRM_FILE, choose_candidates, confirm_edit, confirmation_record, parse_confirm,
+                                 write_confirmation)
 from ayt.studies.plan import StudyPlan, plan_study
 from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
@@ -270,6 +273,36 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
     summary["errors"] += failed
     summary["trials"] += sum(sub.space.trial_count() for sub in plan.tune_plans)
     return summary
+
+
+def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
+    """Stage 1: the search as written; stage 2: its best `confirm.k` and the baseline on the
+    confirmation seeds (ayt/studies/confirm.py says why). Every stage resumes like any study."""
+    from ayt.studies.report import load_trials
+    stage = parse_confirm(plan.study, plan.space)
+    uri = str(plan.base.tracking.uri)
+    # A stage starting is an event: its line shows with or without the progress bar.
+    print(f"ayt: stage 1: search {plan.study_id} ({plan.space.trial_count()} trials)", flush=True)
+    searched = run_study(plan, progress=progress)
+    trials = load_trials(uri, searched["parent_run_id"])
+    candidates = choose_candidates(trials, plan.space, plan.metric, stage.k)
+    if not candidates:
+        raise StudyError(f"stage 1 of {plan.name}: no trial ran the whole budget with a finite "
+                         f"{plan.study['metric']} (report {plan.out_dir / 'report.md'}); nothing to confirm")
+    final = plan_study(plan.module, plan.argv, confirm_edit(plan.space, stage, candidates))
+    write_confirmation(final.out_dir / CONFIRM_FILE,
+                       confirmation_record(plan, stage, candidates, final.out_dir, len(trials)))
+    print(f"ayt: stage 2: {final.study_id} runs the best {len(candidates)} and the baseline on seeds "
+          f"{list(stage.seeds)}: " + "; ".join(f"{c.name} = {c.trial}" for c in candidates), flush=True)
+    summary = run_study(final, progress=progress)
+    summary["errors"] += searched["errors"]
+    summary["trials"] += searched["trials"]
+    summary["search_report"] = searched["report"]
+    return summary
+
+
+PROTOCOL_RUNNERS = {"single": run_study, "tune_then_repeat": run_tune_then_repeat,
+                    "search_then_confirm": run_search_then_confirm}
 
 
 def _finished_trials(tuner) -> int:

@@ -1,0 +1,324 @@
+"""`search_then_confirm`: a search, then its best found re-tested against a baseline on seeds
+the search did not use.
+
+The best of many single-seed trials is biased low (the winner's curse: it won partly by its
+seed's luck), and a search alone never says whether it beats the defaults. So:
+
+  stage 1 (search)   the study as written (tpe, gp, random, or a grid), on `study.seeds`;
+  stage 2 (confirm)  its best `confirm.k` configurations that ran the whole budget (a trial
+                     ASHA stopped early was scored at a lower fidelity) and the baseline
+                     (`confirm.baseline`: searched key -> value, or the config's defaults) each
+                     on `confirm.seeds`, paired by seed: trials that share a seed share the data
+                     order, the noise, the t draws and the FID noise set.
+
+Stage 2 is an ordinary grid study on the shared runner, named `<name>-confirm`, with one axis,
+`candidate`, whose values are named configurations (`study.candidates`, ayt.studies.space);
+its reference is the baseline, so the group table already compares each candidate with it.
+`ConfirmSection` states the verdicts (paired t, Holm-adjusted over the k comparisons) and the
+winner's curse in the confirm report, and links to it from the search report. Both stages
+resume like any study; the candidates follow from the finished search, so a resumed stage 2
+is the same study. The runner is `tune_backend.run_search_then_confirm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ayt.errors import ConfigError
+from ayt.metrics import short
+from ayt.studies.report_plots import pyplot
+from ayt.studies.report_search import value_of
+from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.report_table import fmt
+from ayt.studies.space import CANDIDATE_AXIS, Axis, StudySpace
+from ayt.studies.stats import LEVEL, holm, mean_ci, paired
+from ayt.studies.trials import Trial
+
+CONFIRM_FILE = "confirmation.json"     # what stage 2 was built from, next to its report
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class ConfirmStage:
+    k: int
+    seeds: tuple[int, ...]
+    baseline: dict[str, Any]             # searched key -> value; {}: the config's defaults
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str                            # best1.. or baseline: the candidate axis' value
+    settings: dict[str, Any]             # config key -> value (full precision)
+    trial: str | None = None             # the search trial it came from
+    search_final: float | None = None    # its final metric there (one seed)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_confirm_protocol(study: Mapping[str, Any]) -> bool:
+    return str(study["protocol"]["name"]) == "search_then_confirm"
+
+
+def confirm_name(name: str) -> str:
+    return f"{name}-confirm"
+
+
+def parse_confirm(study: Mapping[str, Any], space: StudySpace) -> ConfirmStage:
+    """`study.protocol.confirm`, with what relates it to the search checked (each field's own
+    check is the schema's): one line naming the field on any problem."""
+    where = "study.protocol.confirm"
+    confirm = study["protocol"]["confirm"]
+    if any(a.key == CANDIDATE_AXIS for a in space.axes):
+        raise ConfigError("study.axes", f"search_then_confirm builds its own `{CANDIDATE_AXIS}` axis; remove it")
+    k, seeds = int(confirm["k"]), [int(s) for s in confirm["seeds"]]
+    trials = space.trial_count()
+    if k > trials:
+        raise ConfigError(f"{where}.k", f"must be <= the search's {trials} trials (study.num_samples), got {k}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}.seeds", f"repeats a seed: {seeds}")
+    if len(seeds) < 2:
+        raise ConfigError(f"{where}.seeds", f"a paired comparison needs >= 2 seeds, got {seeds}")
+    if set(seeds) & set(space.seeds):
+        raise ConfigError(f"{where}.seeds", f"{sorted(set(seeds) & set(space.seeds))} are also search seeds "
+                          f"(study.seeds={space.seeds}); confirm on seeds the winner was not chosen on")
+    baseline = dict(confirm.get("baseline") or {})
+    keys = [a.key for a in space.axes]
+    for key in baseline:
+        if key not in keys:
+            raise ConfigError(f"{where}.baseline", f"{key!r} is not a searched key; allowed: " + ", ".join(keys))
+    by_key = {a.key: a for a in space.axes}
+    for key, value in baseline.items():
+        values = by_key[key].values
+        if by_key[key].is_group and values is not None and str(value) not in map(str, values):
+            raise ConfigError(f"{where}.baseline", f"{key}={value} is not an option of that axis; allowed: "
+                              + ", ".join(map(str, values)))
+    return ConfirmStage(k=k, seeds=tuple(seeds), baseline=baseline)
+
+
+def baseline_overrides(stage: ConfirmStage) -> list[str]:
+    """The baseline's overrides on top of the study's base (checked at planning)."""
+    return Axis(CANDIDATE_AXIS, values=(BASELINE,),
+                settings=((BASELINE, tuple(stage.baseline.items())),)).overrides(BASELINE)
+
+
+def choose_candidates(trials: Sequence[Trial], space: StudySpace, key: str, k: int) -> list[Candidate]:
+    """The search's best `k` distinct configurations among the trials that ran the whole budget
+    with a finite final metric, best first (`best1`, ...)."""
+    ranked = sorted((t for t in trials if t.status != "FAILED" and not t.stopped_early
+                     and math.isfinite(t.final(key))), key=lambda t: (t.final(key), t.name))
+    out: list[Candidate] = []
+    seen: set[tuple] = set()
+    for t in ranked:
+        settings = {a.key: value_of(a, t.axes.get(a.key)) for a in space.axes}
+        if any(v is None for v in settings.values()):
+            continue
+        marker = tuple(sorted((k2, repr(v)) for k2, v in settings.items()))
+        if marker in seen:
+            continue
+        seen.add(marker)
+        out.append(Candidate(f"best{len(out) + 1}", settings, t.name, t.final(key)))
+        if len(out) == k:
+            break
+    return out
+
+
+def confirm_edit(space: StudySpace, stage: ConfirmStage, candidates: Sequence[Candidate]) -> Callable[[DictConfig], None]:
+    """How stage 2 differs from the search: one `candidate` axis (the baseline first: the
+    reference), the confirmation seeds, a grid, no early stopping, no sampler."""
+    everyone = [Candidate(BASELINE, dict(stage.baseline)), *candidates]
+
+    def edit(study: DictConfig) -> None:
+        study.name = confirm_name(space.name)
+        study.search = "grid"
+        study.axes = {CANDIDATE_AXIS: [c.name for c in everyone]}
+        study.candidates = {c.name: dict(c.settings) for c in everyone}
+        study.seeds = list(stage.seeds)
+        study.num_samples, study.startup_trials = None, None
+        study.scheduler = "none"
+        study.target.fid, study.target.reference = None, {CANDIDATE_AXIS: BASELINE}
+        study.protocol.name, study.protocol.stage = "single", "confirm"
+    return edit
+
+
+def write_confirmation(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def confirmation_record(search_plan: Any, stage: ConfirmStage, candidates: Sequence[Candidate],
+                        confirm_dir: Path, searched: int) -> dict[str, Any]:
+    import os
+
+    from omegaconf import OmegaConf
+    defaults = {a.key: OmegaConf.select(search_plan.base, a.key) for a in search_plan.space.axes if not a.is_group}
+    return {"defaults": {k: v for k, v in defaults.items() if v is not None}, "search_study": search_plan.study_id, "search_seeds": list(search_plan.space.seeds),
+            "search_trials": searched, "search_report": os.path.relpath(search_plan.out_dir / "report.md", confirm_dir),
+            "metric": str(search_plan.study["metric"]), "k": stage.k, "seeds": list(stage.seeds),
+            "baseline": dict(stage.baseline),
+            "candidates": [{"name": c.name, "settings": c.settings, "trial": c.trial, "search_final": c.search_final}
+                           for c in candidates]}
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    candidate: str
+    comparison: Any                      # stats.Comparison: candidate − baseline, paired by seed
+    p_holm: float
+    words: str
+
+
+def verdicts(by_candidate: Mapping[str, Mapping[int, float]], level: float = LEVEL) -> list[Verdict]:
+    """Each candidate against the baseline, paired by seed; Holm's step-down over the k
+    comparisons keeps the chance of any false "better" at 1 − level."""
+    base = by_candidate.get(BASELINE, {})
+    names = [n for n in by_candidate if n != BASELINE]
+    comps = [paired(by_candidate[n], base, level) for n in names]
+    adjusted = holm([c.p for c in comps])
+    out = []
+    for name, c, p in zip(names, comps, adjusted):
+        if not c.available:
+            words = f"no verdict ({c.method})"
+        elif p < 1 - level:
+            words = ("better than the baseline" if c.estimate < 0 else "worse than the baseline")
+        else:
+            words = "no detectable difference from the baseline"
+        out.append(Verdict(name, c, p, words))
+    return out
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    if not settings:
+        return "the config's defaults"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
+class ConfirmSection(Section):
+    """Stage 2's verdicts (and, in the search's report, where to find them)."""
+
+    def applies(self, ctx: ReportContext) -> bool:
+        study = ctx.plan.study
+        return bool(study.get("candidates")) or is_confirm_protocol(study)
+
+    def write(self, ctx: ReportContext) -> SectionOutput:
+        study = ctx.plan.study
+        if not study.get("candidates"):               # the search's own report
+            confirm = study["protocol"]["confirm"]
+            link = f"../{confirm_name(ctx.plan.name)}/report.md"
+            return SectionOutput(["", "## Confirmation", "",
+                                  f"Protocol search_then_confirm: the best {confirm['k']} configurations that ran the "
+                                  f"whole budget and the baseline ({_settings_text(confirm.get('baseline') or {})}) "
+                                  f"run again on seeds {list(confirm['seeds'])}, which this search did not use: "
+                                  f"[{link}]({link})."])
+        return self._verdicts(ctx)
+
+    def _verdicts(self, ctx: ReportContext) -> SectionOutput:
+        key, study = ctx.key, ctx.plan.study
+        record_path = ctx.out / CONFIRM_FILE
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        source = {c["name"]: c for c in record.get("candidates", [])}
+        by_candidate: dict[str, dict[int, float]] = {}
+        for t in ctx.trials:
+            name = t.group.get(CANDIDATE_AXIS)
+            if name is not None and t.status != "FAILED":
+                by_candidate.setdefault(name, {})[t.seed] = t.final(key)
+        order = [n for n in study["candidates"] if n in by_candidate]
+        by_candidate = {n: by_candidate[n] for n in order}
+        found = verdicts(by_candidate)
+        searched = record.get("search_trials", "?")
+        report = record.get("search_report")
+        lines = ["", "## Confirmation: the best found against the baseline, on fresh seeds", "",
+                 f"The search ({f'[{report}]({report}), ' if report else ''}{searched} trials on seeds "
+                 f"{record.get('search_seeds', '?')}) chose the configurations below by their final {short(key)}; "
+                 f"each runs here beside the baseline on seeds {list(ctx.plan.space.seeds)}, which the search did "
+                 "not use, paired by seed. Verdicts: paired t-interval of candidate − baseline; p adjusted by Holm "
+                 f"over the {len(found)} comparisons; better or worse only when the adjusted p < {1 - LEVEL:.2f}.",
+                 "", f"| candidate | settings | in the search (one seed) | here: final {short(key)} | "
+                 "− baseline, paired [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
+        m, h, n = mean_ci(list(by_candidate.get(BASELINE, {}).values()))
+        settings = study["candidates"].get(BASELINE) or {}
+        shown = _settings_text(settings) if settings else "defaults" + (
+            ": " + _settings_text(record["defaults"]) if record.get("defaults") else "")
+        lines.append(f"| {BASELINE} | {shown} | – | "
+                     f"{fmt(m, h)} (n={n}) | reference | – | – |")
+        records = []
+        for v in found:
+            c, info = v.comparison, source.get(v.candidate, {})
+            m, h, n = mean_ci(list(by_candidate[v.candidate].values()))
+            searched_at = info.get("search_final")
+            diff = (f"{c.estimate:+.2f} [{c.low:+.2f}, {c.high:+.2f}]" if c.available else "–")
+            lines.append(f"| {v.candidate} | {_settings_text(study['candidates'].get(v.candidate, {}))} | "
+                         + (f"{searched_at:.2f} (`{info.get('trial')}`)" if searched_at is not None else "–")
+                         + f" | {fmt(m, h)} (n={n}) | {diff} | "
+                         + (f"{v.p_holm:.2g}" if math.isfinite(v.p_holm) else "–") + f" | {v.words} |")
+            records.append({"candidate": v.candidate, "settings": study["candidates"].get(v.candidate, {}),
+                            "search_final": searched_at, "confirm_mean": m, "confirm_ci95": h, "n": n,
+                            "diff": c.estimate, "diff_low": c.low, "diff_high": c.high, "p": c.p,
+                            "p_holm": v.p_holm, "verdict": v.words})
+        lines += [""] + self._plain_words(records, key)
+        files = []
+        if found:
+            files.append(paired_figure(by_candidate, found, key, ctx.out / "confirm.png",
+                                       f"{ctx.plan.name}: each candidate − baseline, per seed (paired)"))
+            lines += ["", "![confirm.png](confirm.png)"]
+        return SectionOutput(lines, files + ([str(record_path)] if record_path.is_file() else []),
+                             {"confirmation": records})
+
+    @staticmethod
+    def _plain_words(records: list[dict[str, Any]], key: str) -> list[str]:
+        if not records:
+            return ["No candidate has a finished trial to compare."]
+        best = records[0]
+        out = []
+        better = [r["candidate"] for r in records if r["verdict"].startswith("better")]
+        out.append("- " + (f"Better than the baseline on fresh seeds: {', '.join(better)}." if better else
+                           "No candidate is better than the baseline on fresh seeds at this number of seeds."))
+        if best["search_final"] is not None and math.isfinite(best["confirm_mean"]):
+            out.append(f"- The search's best (best1) scored {best['search_final']:.2f} on its one search seed; on "
+                       f"the confirmation seeds it averages {best['confirm_mean']:.2f}"
+                       + (f" ({best['confirm_mean'] - best['search_final']:+.2f}, as the winner's curse predicts: "
+                          "its search score was chosen for being low)"
+                          if best["confirm_mean"] > best["search_final"] else "") + ".")
+        widths = [r["diff_high"] - r["diff_low"] for r in records if math.isfinite(r["diff_high"])]
+        if widths:
+            out.append(f"- The paired intervals are {min(widths):.1f}–{max(widths):.1f} {short(key)} wide: a "
+                       "difference much smaller than that cannot be told from zero with these seeds.")
+        return out
+
+
+def paired_figure(by_candidate: Mapping[str, Mapping[int, float]], found: Sequence[Verdict], key: str, path: Path,
+                  title: str) -> str:
+    """Per candidate: each seed's difference from the baseline (dots) and the mean with its 95%
+    interval (a bar); the zero line is "no difference"."""
+    plt = pyplot()
+    base = by_candidate.get(BASELINE, {})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(found), 4))
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(found):
+        mine = by_candidate[v.candidate]
+        diffs = [mine[s] - base[s] for s in sorted(mine) if s in base
+                 and math.isfinite(mine[s]) and math.isfinite(base[s])]
+        ax.scatter(i + rng.uniform(-0.08, 0.08, len(diffs)), diffs, color="tab:blue", s=22, alpha=0.8, zorder=3)
+        c = v.comparison
+        if c.available:
+            colour = "tab:green" if v.words.startswith("better") else "tab:red" if v.words.startswith("worse") \
+                else "tab:grey"
+            ax.errorbar([i + 0.25], [c.estimate], yerr=[[c.estimate - c.low], [c.high - c.estimate]], fmt="o",
+                        color=colour, capsize=4, linewidth=1.8)
+    ax.axhline(0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(found)), [v.candidate for v in found])
+    ax.set_xlim(-0.5, len(found) - 0.3)
+    ax.set_ylabel(f"final {short(key)}: candidate − baseline (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
