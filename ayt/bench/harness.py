@@ -63,7 +63,7 @@ def usable_cpus() -> int:
 
 
 def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """The commit the benchmarked code is at, and whether the work tree differs from it."""
+    """The commit the benchmarked code is at, and whether its code (ayt/, conf/, the pins) differs from it."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
@@ -73,7 +73,9 @@ def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # The code only: `--out studies/benchmarks/results.json` rewrites a tracked file while it runs.
+    from ayt.provenance import CODE_PATHS
+    status = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
