@@ -159,3 +159,9 @@ def test_search_then_confirm_reruns_the_best_and_the_baseline_on_fresh_seeds(ray
     assert study_main("huber_sweep", [*args, "resume=true"]) == 0
     assert len(children("confirm-huber")[0]) == 3 and len(children("confirm-huber-confirm")[0]) == 6
     assert len(children("confirm-huber-confirm")[1]) == 1
+    # --report writes both stages' reports again from MLflow, training nothing.
+    (out / "confirm-huber-confirm" / "report.md").unlink()
+    assert study_main("huber_sweep", [*args, "--report"]) == 0
+    assert "| best1 |" in (out / "confirm-huber-confirm" / "report.md").read_text()
+    assert len(children("confirm-huber")[0]) == 3 and len(children("confirm-huber-confirm")[0]) == 6
+    assert study_main("huber_sweep", [*args, "study.name=never-ran", "--report"]) == 2

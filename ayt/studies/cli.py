@@ -14,8 +14,11 @@ from omegaconf import OmegaConf
 from ayt.config import CONFIG_MODULE
 from ayt.errors import ConfigError
 
-USAGE = """usage: python -m ayt.studies.{name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
-   or: python -m ayt.studies {name} [--cfg] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+USAGE = """usage: python -m ayt.studies.{name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+   or: python -m ayt.studies {name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+
+--cfg prints the plan and runs nothing; --report writes the reports of a study that has run
+again from its MLflow runs (nothing trains).
 
 Any key=value that is not study.* applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2).
 Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/schema.py declares them):"""
@@ -57,9 +60,9 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     from ayt.studies.plan import plan_study
     from ayt.studies.protocol import protocol_name
     from ayt.studies.sampler import search_notes
-    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError
-    dry_run = "--cfg" in args
-    args = [a for a in args if a != "--cfg"]
+    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError, rewrite_reports
+    dry_run, report_only = "--cfg" in args, "--report" in args
+    args = [a for a in args if a not in ("--cfg", "--report")]
     try:
         plan = plan_study(name, args)
     except ConfigError as err:
@@ -68,6 +71,14 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     if dry_run:
         print(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id, "trials": plan.space.trial_count(),
                                  "base_overrides": plan.base_overrides}))
+        return 0
+    if report_only:
+        try:
+            for path in rewrite_reports(plan):
+                print(f"ayt: report {path}")
+        except ConfigError as err:
+            print(f"ayt: config error: {err}", file=sys.stderr)
+            return 2
         return 0
     from ayt.preflight import check_locations
     from ayt.logs import route_logs

@@ -146,6 +146,11 @@ class Protocol(Section):
 
 
 class Findings(Section):
+    """The comparison records in sentences (a search's best trial is the search section's)."""
+
+    def applies(self, ctx: ReportContext) -> bool:
+        return not per_trial_table(ctx)
+
     def write(self, ctx: ReportContext) -> SectionOutput:
         return SectionOutput(["", "## Findings (computed)", ""] + findings(ctx.rows, ctx.key))
 

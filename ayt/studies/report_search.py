@@ -277,35 +277,44 @@ def _categorical_positions(axis: Axis, values: Sequence[Any], rng) -> tuple[np.n
 
 
 def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.ndarray, key: str, path: Path,
-                    title: str) -> str:
+                    title: str, stopped: np.ndarray | None = None) -> str:
     """One panel per parameter: final metric against its value (log x on a log range) with a
-    binned-median trend; a categorical parameter as a box per value with its trials jittered."""
+    binned-median trend; a categorical parameter as a box per value with its trials jittered.
+    Trials ASHA stopped early (`stopped`) were scored at a lower fidelity: drawn as grey rings,
+    left out of the trend, the boxes and the best."""
     plt = pyplot()
     rng = np.random.default_rng(0)
+    stopped = np.zeros(len(finals), dtype=bool) if stopped is None else np.asarray(stopped, dtype=bool)
+    full = ~stopped
     cols = min(3, len(axes))
     rows = math.ceil(len(axes) / cols)
-    fig, panels = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.5 * rows), squeeze=False, sharey=True)
+    fig, panels = plt.subplots(rows, cols, figsize=(max(4.3 * cols, 7.0), 3.5 * rows + 0.4), squeeze=False,
+                               sharey=True)
     marks = _marks(len(finals))
-    best = int(np.nanargmin(finals)) if np.isfinite(finals).any() else None
+    scored = np.where(full, finals, np.nan)
+    best = int(np.nanargmin(scored)) if np.isfinite(scored).any() else None
     log_y = _log_y(finals)
     for i, axis in enumerate(axes):
         ax = panels[i // cols][i % cols]
         values = [p[axis.param] for p in points]
         if axis.values is not None:
             xs, labels = _categorical_positions(axis, values, rng)
-            groups = [finals[[str(v) == label for v in values]] for label in labels]
+            groups = [finals[[str(v) == label and f for v, f in zip(values, full)]] for label in labels]
             ax.boxplot([g if len(g) else [np.nan] for g in groups], positions=range(len(labels)), widths=0.5,
                        showfliers=False, medianprops={"color": "tab:red", "linewidth": 1.8})
-            ax.scatter(xs, finals, color="tab:blue", linewidths=0, **marks)
+            ax.scatter(xs[full], finals[full], color="tab:blue", linewidths=0, **marks)
             ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0, fontsize=8)
         else:
             xs = np.array(values, dtype=float)
-            ax.scatter(xs, finals, color="tab:blue", linewidths=0, label="trial", **marks)
+            ax.scatter(xs[full], finals[full], color="tab:blue", linewidths=0, label="trial (whole budget)", **marks)
             if axis.log:
                 ax.set_xscale("log")
-            tx, ty = binned_median(xs, finals, axis.log)
+            tx, ty = binned_median(xs[full], finals[full], axis.log)
             if len(tx):
                 ax.plot(tx, ty, color="tab:red", linewidth=1.8, label="binned median")
+        if stopped.any():
+            ax.scatter(xs[stopped], finals[stopped], facecolors="none", edgecolors="grey", linewidths=0.8,
+                       s=marks["s"], alpha=max(marks["alpha"], 0.5), label="stopped early (lower fidelity)")
         if best is not None:
             ax.scatter([xs[best]], [finals[best]], marker="*", s=140,
                        color="gold", edgecolors="black", linewidths=0.6, zorder=5, label="best")
@@ -319,7 +328,7 @@ def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.n
             _legend(ax, fontsize=7, loc="best")
     for j in range(len(axes), rows * cols):
         panels[j // cols][j % cols].set_visible(False)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -403,10 +412,13 @@ class SearchSection(Section):
         points = [{a.param: value_of(a, t.axes.get(a.key)) for a in axes} for t in order]
         keep = [i for i, p in enumerate(points) if all(v is not None for v in p.values()) and math.isfinite(scored[i])]
         points, finals = [points[i] for i in keep], np.array([scored[i] for i in keep], dtype=float)
+        stopped = np.array([order[i].stopped_early for i in keep], dtype=bool)
         if len(keep):
+            early = f", {int(stopped.sum())} stopped early: grey rings" if stopped.any() else ""
             files.append(response_figure(axes, points, finals, key, out / "search_response.png",
-                                         f"{plan.name}: final {short(key)} against each parameter "
-                                         f"({len(keep)} trials; red: binned median / box median)"))
+                                         f"{plan.name}: final {short(key)} against each parameter\n"
+                                         f"({len(keep)} trials{early}; red: binned median / box median of "
+                                         "whole-budget trials)", stopped))
             lines += ["", "![search_response.png](search_response.png)"]
             if len(axes) >= 2:
                 by_param = {a.param: a for a in axes}

@@ -301,6 +301,37 @@ def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str,
     return summary
 
 
+def rewrite_reports(plan: StudyPlan) -> list[str]:
+    """The reports of a study that has run, written again from its MLflow runs (nothing trains,
+    no run changes but its `report/` artifacts): after a change to what a report shows. A
+    search_then_confirm study rewrites its confirmation stage too (its candidates follow from
+    the search), a tune_then_repeat study its tuning stages."""
+    from mlflow.tracking import MlflowClient
+
+    from ayt.studies.report import load_trials, write_report
+    from ayt.tracking import RunLogger, find_run
+    uri = str(plan.base.tracking.uri)
+    client = MlflowClient(uri)
+
+    def rewrite(stage: StudyPlan) -> str:
+        experiment = client.get_experiment_by_name(str(stage.base.tracking.experiment))
+        parent = find_run(client, experiment.experiment_id, stage.study_id) if experiment else None
+        if parent is None:
+            raise ConfigError("study", f"study {stage.study_id} has no MLflow parent run under {uri}: run it first")
+        summary = write_report(stage, uri, parent.info.run_id)
+        RunLogger(uri, parent.info.run_id).log_artifacts(summary["files"], artifact_path="report")
+        return summary["report"]
+
+    written = [rewrite(sub) for sub in plan.tune_plans] + [rewrite(plan)]
+    if str(plan.study["protocol"]["name"]) == "search_then_confirm":
+        stage = parse_confirm(plan.study, plan.space)
+        experiment = client.get_experiment_by_name(str(plan.base.tracking.experiment))
+        parent = find_run(client, experiment.experiment_id, plan.study_id)
+        candidates = choose_candidates(load_trials(uri, parent.info.run_id), plan.space, plan.metric, stage.k)
+        written.append(rewrite(plan_study(plan.module, plan.argv, confirm_edit(plan.space, stage, candidates))))
+    return written
+
+
 PROTOCOL_RUNNERS = {"single": run_study, "tune_then_repeat": run_tune_then_repeat,
                     "search_then_confirm": run_search_then_confirm}
 
