@@ -481,6 +481,10 @@ class SearchSection(Section):
         records["importance_source"] = source
         n = found["complete_trials"]
         lines.append(f"From {source}: {n} complete trials.")
+        early = sum(t.stopped_early for t in order)
+        if early:
+            lines.append(f"- {early} of them were stopped early by ASHA: Optuna holds their last value, at a lower "
+                         "fidelity, so this ranking mixes what does well early with what does well at the end.")
         if n < 2:
             lines.append(f"- Too few complete trials ({n}) for any importance.")
             return []
