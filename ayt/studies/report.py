@@ -61,7 +61,8 @@ class Header(Section):
 
     def write(self, ctx: ReportContext) -> SectionOutput:
         plan, trials = ctx.plan, ctx.trials
-        wall = time.time() - ctx.started_ms / 1000 if ctx.started_ms else None
+        end = ctx.ended_ms / 1000 if ctx.ended_ms else time.time()
+        wall = end - ctx.started_ms / 1000 if ctx.started_ms else None
         extractors = sorted({t.artifacts.get("fid_classifier_hash") or t.artifacts.get("fid_extractor", "?")
                              for t in trials})
         accuracy = sorted({t.artifacts["fid_classifier_test_accuracy"] for t in trials
@@ -80,7 +81,8 @@ class Header(Section):
             f"- trials: {len(trials)} ({sum(t.status == 'FINISHED' for t in trials)} finished, "
             f"{sum(t.stopped_early for t in trials)} stopped early, {sum(t.status == 'FAILED' for t in trials)} failed); "
             f"consistency training {worker_minutes:.1f} worker-minutes"
-            + (f"; study wall-clock {wall / 60:.1f} min (first start to this report, pauses included)" if wall else ""),
+            + (f"; study wall-clock {wall / 60:.1f} min (first start to {'its end' if ctx.ended_ms else 'this report'}, "
+               "pauses included)" if wall else ""),
             f"- FID extractor (cache key): {', '.join(f'`{e}`' for e in extractors)}"
             + (f"; its test accuracy {', '.join(f'{float(a):.3f}' for a in accuracy)}" if accuracy else "")])
 
@@ -276,8 +278,9 @@ def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section]
     from mlflow.tracking import MlflowClient
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = ReportContext(plan, load_trials(uri, parent_run_id), out,
-                        started_ms=MlflowClient(uri).get_run(parent_run_id).info.start_time)
+    info = MlflowClient(uri).get_run(parent_run_id).info
+    ctx = ReportContext(plan, load_trials(uri, parent_run_id), out, started_ms=info.start_time,
+                        ended_ms=info.end_time if info.status != "RUNNING" else None)
     lines, files, records = [], [], {}
     for section in SECTIONS if sections is None else sections:
         if not section.applies(ctx):

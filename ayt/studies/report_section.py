@@ -46,6 +46,7 @@ class ReportContext:
     trials: list[Trial]
     out: Path                                   # out_dir/<study>/
     started_ms: int | None = None               # the study's parent run start (its wall-clock)
+    ended_ms: int | None = None                 # its end, when it has ended (a report rewritten later)
     outputs: list[tuple["Section", SectionOutput]] = field(default_factory=list)   # the sections written so far
 
     @property
