@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from ayt.errors import ConfigError
 from ayt.metrics import short
-from ayt.studies.report_plots import pyplot
+from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_search import value_of
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import fmt
@@ -318,7 +318,4 @@ def paired_figure(by_candidate: Mapping[str, Mapping[int, float]], found: Sequen
     ax.set_ylabel(f"final {short(key)}: candidate − baseline (lower is better)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

@@ -22,6 +22,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> str:
+    """Lay out, write and close a report figure; its path as text (what sections list)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
 def group_styles(groups: list[Group], plt) -> dict[Group, dict[str, Any]]:
     """Colour by the first categorical axis (e.g. the loss), line style and marker by the
     first numeric one (e.g. the batch size), so related curves read as families."""

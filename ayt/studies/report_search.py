@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ayt.metrics import short
-from ayt.studies.report_plots import pyplot
+from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.sampler import optuna_sampler, startup_trials
 from ayt.studies.space import Axis
@@ -264,10 +264,7 @@ def history_figure(finals: list[float], key: str, path: Path, title: str, startu
     ax.set_title(title + (f" ({failed} failed, not shown)" if failed else ""), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     _legend(ax, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)   # off the points
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def _categorical_positions(axis: Axis, values: Sequence[Any], rng) -> tuple[np.ndarray, list[str]]:
@@ -329,10 +326,7 @@ def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.n
     for j in range(len(axes), rows * cols):
         panels[j // cols][j % cols].set_visible(False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], finals: np.ndarray, key: str,
@@ -374,10 +368,7 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
     ax.set_ylabel(pair[1].key + (" (log)" if pair[1].log else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 # ---- the section -------------------------------------------------------------------------
