@@ -171,3 +171,19 @@ def test_bad_critical_batch_target_fails_before_any_work(tmp_path, capsys):
     code = study_main("critical_batch_sweep", [f"out_dir={tmp_path}", "study.critical_batch.target=each", "--cfg"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "study.critical_batch.target" in err and "allowed: shared, per_series" in err, err
+
+
+def test_divergence_catches_a_run_that_ends_far_above_its_best():
+    """critical_batch_sweep's trial 7127350e went 1223, 335, 1537, 1381, 1331, 915: never 10%
+    above its (untrained) first evaluation at the end, so the first-evaluation rule missed it;
+    it ends at 2.7× its best. One that ends at 1.9× its best is not diverged, and the
+    first-evaluation rule still answers first. Mutations caught: the new rule missing, the
+    factor applied to the first evaluation instead of the best, or `>=` 1× (any rise)."""
+    def trial(values: list[float]) -> Trial:
+        return Trial("r", "n", {"loss": "mfd", "seed": "0"}, 8, "FINISHED", False,
+                     {FID_1STEP: [(50 * (i + 1), v) for i, v in enumerate(values)]})
+    why = trial([1223.3, 335.2, 1536.6, 1381.0, 1331.2, 914.6]).divergence(FID_1STEP)
+    assert why and "best 335.2" in why and "1536.6" in why and "914.6" in why, why
+    assert trial([1223.3, 335.2, 600.0, 636.0]).divergence(FID_1STEP) is None
+    assert trial([1223.3, 335.2, 300.0, 320.0]).divergence(FID_1STEP) is None
+    assert "first evaluation" in trial([100.0, 40.0, 130.0, 125.0]).divergence(FID_1STEP)

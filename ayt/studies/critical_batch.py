@@ -18,6 +18,28 @@ group's mean curve reaches it, taken over
               points, and B_noise of two series describe different stages of training.
 Steps to the target are interpolated linearly between evaluations; a series whose every
 trial was already there at its first evaluation is flagged as not resolved.
+
+Censored trials (issue 22). Neither target rule guarantees that every seed reaches it: the
+target is a seed mean, so a slow seed of the worst batch size can end above it (in
+critical_batch_sweep, 2 of 3 MFD b8 seeds). Dropping such a trial keeps only the fast seeds
+of that batch size and biases its steps low (B_noise low when it is the smallest batch size,
+high when the largest). Instead it enters the fit right-censored: its steps to the target
+are only known to exceed its last evaluated iteration L (so is a trial that failed or was
+stopped early: a weak bound, but a true one). The fit is censored least squares with a one-sided loss: a censored point costs
+max(0, L − fit)², nothing while the fitted line is at or above its bound and the squared
+shortfall below it. That is the same as giving each censored point a free value z ≥ L
+(min over z ≥ L of (z − fit)² is that cost), so the fit is one bounded least-squares
+problem, solved exactly by scipy's `lsq_linear` (BVLS); it is the fixed point of the
+imputation "fit, set each censored y to max(L, fitted), refit". Unlike a Tobit model it
+needs no noise distribution, and it never imputes beyond what the line asks for, so it is
+conservative: the censored points only push the fit up to their bounds. A trial with no
+evaluation at all has no bound and stays out of the fit (listed as never evaluated). The
+bootstrap refits the same way.
+
+The bootstrap resamples seeds: n seeds have C(2n−1, n) distinct resamples (3 seeds: 10,
+4: 35, 5: 126), so below BOOTSTRAP_DISTINCT of them its bracket is the spread of a few refits
+(at 3 seeds about their range), not a 95% interval, and the section says so. A B_noise or CI
+end outside the batch sizes the fit saw is marked as an extrapolation.
 """
 
 from __future__ import annotations
@@ -28,6 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.optimize import lsq_linear
 
 from ayt.metrics import short
 from ayt.studies.group import Group
@@ -42,16 +65,19 @@ LR_RULE = "lr_scaling"
 MIN_SEEDS, MIN_BATCHES = 2, 3
 BOOTSTRAP = 2000
 BOOTSTRAP_SEED = 0
+BOOTSTRAP_DISTINCT = 100   # fewer distinct resamples (n <= 4 seeds) and the percentiles are a few refits' spread
 
 
 @dataclass(frozen=True)
 class Point:
-    """One trial's distance to the target: steps (interpolated iteration) and images."""
+    """One trial's distance to the target: steps (interpolated iteration) and images; for a
+    censored trial (never reached it) a lower bound, its last evaluated iteration."""
 
     series: Group        # the trial's group without the batch size, e.g. loss=mfd
     batch: int
     seed: str
     steps: float
+    censored: bool = False
 
     @property
     def images(self) -> float:
@@ -64,10 +90,32 @@ class NoiseFit:
     b_noise: float       # nan where the fit has S_min <= 0 (no minimum number of steps)
     ci: tuple[float, float] = (math.nan, math.nan)
     valid_fraction: float = math.nan     # bootstrap refits with S_min > 0
+    seeds: int = 0                       # the bootstrap's unit
+    censored: int = 0                    # points in the fit known only as a lower bound
+    tested: tuple[int, int] = (0, 0)     # smallest and largest batch size in the fit
 
     @property
     def e_min(self) -> float:
         return self.s_min * self.b_noise
+
+    @property
+    def distinct_resamples(self) -> int:
+        """Distinct multisets of n seeds drawn with replacement: C(2n−1, n)."""
+        return math.comb(2 * self.seeds - 1, self.seeds) if self.seeds else 0
+
+    def extrapolation(self) -> str | None:
+        """Where B_noise or its CI ends lie outside the batch sizes the fit saw (None: inside)."""
+        low, high = self.tested
+
+        def side(value: float) -> str | None:
+            if not math.isfinite(value) or low <= value <= high:
+                return None
+            return f"below the smallest batch tested, {low}" if value < low else f"above the largest batch tested, {high}"
+        estimate = side(self.b_noise)
+        said = [f"B_noise {estimate}"] if estimate else []
+        said += [f"CI {end} end {where}" for end, value in zip(("low", "high"), self.ci)
+                 if (where := side(value)) and where != estimate]
+        return "; ".join(said) + ": an extrapolation" if said else None
 
     def steps(self, batch: np.ndarray) -> np.ndarray:
         return self.s_min * (1 + self.b_noise / batch)
@@ -87,36 +135,43 @@ def crossing(curve: Sequence[tuple[int, float]], target: float) -> float | None:
     return None
 
 
-def _sums(points: Sequence[Point]) -> np.ndarray:
-    """[n, Σx, Σx², Σy, Σxy] with x = 1/B, y = S: the sufficient statistics of the fit."""
-    x = np.array([1.0 / p.batch for p in points])
-    y = np.array([p.steps for p in points])
-    return np.array([len(points), x.sum(), (x * x).sum(), y.sum(), (x * y).sum()])
-
-
-def _solve(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares y = a + c x from stacked sufficient statistics (..., 5) -> (a, c)."""
-    n, sx, sxx, sy, sxy = np.moveaxis(sums, -1, 0)
-    det = n * sxx - sx * sx
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = (n * sxy - sx * sy) / det
-        a = (sy - c * sx) / n
-    return a, c
+def _censored_lstsq(x: np.ndarray, y: np.ndarray, censored: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """Weighted least squares y = a + c x where a censored y is a lower bound (module
+    docstring): each censored row gets a free value z >= y, one bounded problem for BVLS.
+    (nan, nan) when the uncensored rows do not span two batch sizes."""
+    keep = weight > 0
+    x, y, censored, root = x[keep], y[keep], censored[keep], np.sqrt(weight[keep])
+    if len(np.unique(x[~censored])) < 2:
+        return math.nan, math.nan
+    k = int(censored.sum())
+    design = np.zeros((len(x), 2 + k))
+    design[:, 0], design[:, 1] = root, root * x
+    design[np.flatnonzero(censored), 2 + np.arange(k)] = -root[censored]
+    lower = np.concatenate([[-np.inf, -np.inf], y[censored]])
+    solution = lsq_linear(design, np.where(censored, 0.0, root * y), bounds=(lower, np.inf), method="bvls")
+    return float(solution.x[0]), float(solution.x[1])
 
 
 def fit(points: Sequence[Point], bootstrap: int = BOOTSTRAP, rng_seed: int = BOOTSTRAP_SEED) -> NoiseFit:
-    """S_min and B_noise of S(B) = S_min (1 + B_noise/B); the 95% percentile CI of B_noise
-    from resampling seeds with replacement (all of a drawn seed's points, with multiplicity)."""
-    a, c = _solve(_sums(points))
-    b_noise = float(c / a) if a > 0 else math.nan
+    """S_min and B_noise of S(B) = S_min (1 + B_noise/B), censored points as lower bounds; the
+    percentile CI of B_noise from resampling seeds with replacement (all of a drawn seed's
+    points, with multiplicity), each distinct resample refitted once."""
+    x = np.array([1.0 / p.batch for p in points])
+    y = np.array([p.steps for p in points])
+    censored = np.array([p.censored for p in points])
+    a, c = _censored_lstsq(x, y, censored, np.ones(len(points)))
+    b_noise = c / a if a > 0 else math.nan
     seeds = sorted({p.seed for p in points})
-    per_seed = np.stack([_sums([p for p in points if p.seed == s]) for s in seeds])
+    member = np.array([[p.seed == s for s in seeds] for p in points], dtype=float)    # point x seed
     rng = np.random.default_rng(rng_seed)
     counts = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=bootstrap)
-    a_b, c_b = _solve(counts @ per_seed)
+    distinct, drawn = np.unique(counts, axis=0, return_inverse=True)
+    refits = np.array([_censored_lstsq(x, y, censored, member @ row) for row in distinct]).reshape(-1, 2)
+    a_b, c_b = refits[drawn.ravel()].T
     ok = np.isfinite(a_b) & np.isfinite(c_b) & (a_b > 0)
     ci = tuple(float(q) for q in np.percentile(c_b[ok] / a_b[ok], [2.5, 97.5])) if ok.any() else (math.nan, math.nan)
-    return NoiseFit(float(a), b_noise, ci, float(ok.mean()))
+    batches = [p.batch for p in points]
+    return NoiseFit(a, b_noise, ci, float(ok.mean()), len(seeds), int(censored.sum()), (min(batches), max(batches)))
 
 
 def target_scope(study) -> str:
@@ -134,6 +189,7 @@ class Measurement:
     unresolved: list[Group] = field(default_factory=list)              # series reached at the first evaluation only
     points: dict[Group, list[Point]] = field(default_factory=dict)      # series -> reached points
     missed: dict[Group, list[tuple[int, str]]] = field(default_factory=dict)   # series -> (batch, seed) never reached
+    censored: dict[Group, list[Point]] = field(default_factory=dict)    # series -> missed with an evaluation: in the fit
     fits: dict[Group, NoiseFit] = field(default_factory=dict)
 
 
@@ -180,6 +236,9 @@ def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared")
             steps = crossing(curve, target)
             if steps is None:
                 out.missed.setdefault(series, []).append((t.batch_size, t.seed))
+                if curve:
+                    out.censored.setdefault(series, []).append(
+                        Point(series, t.batch_size, t.seed, float(curve[-1][0]), censored=True))
                 first_only = False
             else:
                 out.points.setdefault(series, []).append(Point(series, t.batch_size, t.seed, steps))
@@ -188,7 +247,7 @@ def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared")
             out.unresolved.append(series)
     for series, points in out.points.items():
         if len({p.batch for p in points}) >= 2:
-            out.fits[series] = fit(points, bootstrap)
+            out.fits[series] = fit(points + out.censored.get(series, []), bootstrap)
     return out
 
 
@@ -261,10 +320,13 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                  "series so B_noise compares at the same image quality")
     lines = head + [which + "; steps to it interpolated between "
                     "evaluations. Fit S(B) = S_min (1 + B_noise/B), E(B) = E_min (1 + B/B_noise) by least squares "
-                    f"of S on 1/B; 95% CI of B_noise: percentile bootstrap over seeds ({bootstrap} resamples; with few "
-                    "seeds it is too narrow: 76% coverage at 3 seeds, 88% at 5 on synthetic sweeps with 5% noise).", "",
-                    "| series | target FID | B_noise [95% CI] | S_min (steps) | E_min (images) | B_simple (last eval, mean) "
-                    "| B_simple over the run (± 95% CI over trials) | trials reaching target |",
+                    "of S on 1/B, a trial that never reached the target in it as censored (its steps known only to "
+                    "exceed its last evaluated iteration: the fit pays for falling below that bound, not for lying "
+                    f"above it); 95% CI of B_noise: percentile bootstrap over seeds ({bootstrap} resamples; with few "
+                    "seeds it is too narrow: 76% coverage at 3 seeds, 88% at 5 on synthetic sweeps with 5% noise)."
+                    + _resamples_sentence(m.fits.values()), "",
+                    "| series | target FID | B_noise [bootstrap CI] | S_min (steps) | E_min (images) "
+                    "| B_simple (last eval, mean) | B_simple over the run (± 95% CI over trials) | trials reaching target |",
                     "|---|---|---|---|---|---|---|---|"]
     simple, over_run = _last_noise_scale(trials), run_noise_scale(trials)
     for series in sorted(set(m.points) | set(m.missed)):
@@ -274,13 +336,15 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                 else ("S_min <= 0: no finite B_noise" if f else "–"))
         if f and f.valid_fraction < 1:
             cell += f" ({f.valid_fraction:.0%} of resamples finite)"
+        if f and f.extrapolation():
+            cell += f" ({f.extrapolation()})"
         s_min, e_min = (f"{f.s_min:.0f}", f"{f.e_min:.0f}") if f else ("–", "–")
         if series in m.unresolved:
             cell += " (not resolved)"
         lines.append(f"| {series} | {m.targets.get(series, math.nan):.1f} | {cell} | {s_min} | {e_min} "
-                     f"| {simple.get(series, math.nan):.1f} | {_pm(over_run.get(series))} | {reached}/{total} |")
-    for series, missed in sorted(m.missed.items()):
-        lines.append(f"- {series}: never reached the target: " + ", ".join(f"b{b} seed {s}" for b, s in missed) + ".")
+                     f"| {simple.get(series, math.nan):.1f} | {_pm(over_run.get(series))} | {reached}/{total}"
+                     + (f" ({len(m.censored[series])} censored)" if m.censored.get(series) else "") + " |")
+    lines += _missed_lines(m)
     for series in m.unresolved:
         lines.append(f"- {series}: every trial was at the target by its first evaluation, so its steps to the target "
                      "are that evaluation's iteration at every batch size: its B_noise says nothing"
@@ -289,7 +353,8 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
     files = [_plot(trials, m, out / "critical_batch.png", title)]
     lines += ["", "![critical_batch.png](critical_batch.png)", "",
               "Left: steps vs images to the target (one point per trial, the fit as a line, B marked at "
-              "the mean points); right: the measured B_simple = tr(Σ)/|G|² (`eval/noise_scale`, mean over seeds) "
+              "the mean points of the trials that reached it; an open triangle: a censored trial at its last "
+              "evaluation, a lower bound); right: the measured B_simple = tr(Σ)/|G|² (`eval/noise_scale`, mean over seeds) "
               "against images seen, dotted lines at the fitted B_noise."]
     if not any(t.curves.get(NOISE_SCALE) for t in trials):
         lines.append("- No trial logged `eval/noise_scale` (set `diagnostics.noise_scale.enabled=true`).")
@@ -316,6 +381,42 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
         for rest, r in best.items():
             lines.append(f"- Flattest for {rest}: {r['series'].part(LR_RULE)} (CV {r['cv']:.3f}).")
     return SectionOutput(lines, files)
+
+
+def _resamples_sentence(fits) -> str:
+    """How many distinct resamples the bootstrap had, and, where few, that its bracket is their spread."""
+    counts = sorted({(f.seeds, f.distinct_resamples) for f in fits if f.seeds})
+    if not counts:
+        return ""
+    said = ", ".join(f"{n} seeds: {d}" for n, d in counts)
+    text = f" n seeds have C(2n−1, n) distinct resamples ({said})"
+    few = [d for _, d in counts if d < BOOTSTRAP_DISTINCT]
+    if few:
+        text += (f"; too few seeds for the bootstrap: the bracket is the 2.5–97.5 percentiles of {max(few)} or fewer "
+                 "distinct refits (close to their range), not a 95% interval")
+    return text + "."
+
+
+def _missed_lines(m: Measurement) -> list[str]:
+    """Per series, the trials that never reached the target: censored in the fit (per batch size
+    and budget, out of that batch size's trials), or never evaluated and so out of it."""
+    lines = []
+    for series, missed in sorted(m.missed.items()):
+        censored = m.censored.get(series, [])
+        by_bound: dict[tuple[int, float], list[str]] = {}
+        for p in censored:
+            by_bound.setdefault((p.batch, p.steps), []).append(p.seed)
+        batches = [p.batch for p in m.points.get(series, [])] + [b for b, _ in missed]
+        parts = [f"{len(seeds)} of {batches.count(b)} b{b} seeds censored at {bound:.0f} iterations "
+                 f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})"
+                 for (b, bound), seeds in sorted(by_bound.items())]
+        if parts:
+            lines.append(f"- {series}: never reached the target, in the fit as censored: " + "; ".join(parts) + ".")
+        bare = [(b, s) for b, s in missed if not any(p.batch == b and p.seed == s for p in censored)]
+        if bare:
+            lines.append(f"- {series}: never evaluated, not in the fit: "
+                         + ", ".join(f"b{b} seed {s}" for b, s in bare) + ".")
+    return lines
 
 
 def _last_noise_scale(trials) -> dict[Group, float]:
@@ -353,6 +454,10 @@ def _plot(trials, m: Measurement, path: Path, title: str) -> str:
     for series, points in sorted(m.points.items()):
         colour = colours[series]
         left.scatter([p.images for p in points], [p.steps for p in points], color=colour, s=12, alpha=0.5)
+        bounds = m.censored.get(series, [])
+        if bounds:
+            left.scatter([p.images for p in bounds], [p.steps for p in bounds], marker="^", facecolors="none",
+                         edgecolors=colour, s=24)
         f = m.fits.get(series)
         if f and math.isfinite(f.b_noise) and f.b_noise > 0:
             batches = np.geomspace(min(p.batch for p in points) / 2, max(p.batch for p in points) * 2, 100)

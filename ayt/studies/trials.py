@@ -17,6 +17,11 @@ from ayt.provenance import CODE_VERSIONS_TAG, tag_list
 from ayt.studies.group import Group
 
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
+# A final FID more than this times the run's best is a divergence too: the first-evaluation rule
+# misses a run whose first FID is high (an untrained net's), e.g. critical_batch_sweep's
+# 1223, 335, 1537, …, 915. Twice is a chosen margin, not a measured one: wide enough for an
+# evaluation's noise, and a run that ends there has lost most of what it had reached.
+DIVERGED_FROM_BEST = 2.0
 Curve = list[tuple[int, float]]       # [(iteration, value)], by iteration
 
 
@@ -61,8 +66,9 @@ class Trial:
 
     def divergence(self, key: str) -> str | None:
         """Why this trial counts as diverged, or None. Diverged: it failed on a non-finite loss,
-        or its FID rose above its first evaluation by more than DIVERGED_RISE and stayed there
-        (the last two evaluations, or the last one when there are only two)."""
+        its FID rose above its first evaluation by more than DIVERGED_RISE and stayed there
+        (the last two evaluations, or the last one when there are only two), or it ended more
+        than DIVERGED_FROM_BEST times above its best."""
         if self.failure and ("non-finite" in self.failure.lower() or "nan" in self.failure.lower()):
             return self.failure.split(":", 1)[-1].strip()[:160] or "non-finite loss"
         curve = [v for _, v in self.curves.get(key, [])]
@@ -71,6 +77,11 @@ class Trial:
         tail = curve[-2:] if len(curve) > 2 else curve[-1:]
         if all(v > curve[0] * (1 + DIVERGED_RISE) for v in tail):
             return f"{short(key)} rose from {curve[0]:.1f} (first evaluation) to {curve[-1]:.1f} and stayed above it"
+        best = min(curve)
+        if curve[-1] > best * DIVERGED_FROM_BEST:
+            peak = max(curve[curve.index(best):])
+            rose = f"to {peak:.1f} and ended at {curve[-1]:.1f}" if peak > curve[-1] else f"to {peak:.1f} at the end"
+            return f"{short(key)} rose from its best {best:.1f} {rose}, more than {DIVERGED_FROM_BEST:g}× its best"
         return None
 
     def first_reaching(self, key: str, target: float) -> int | None:
