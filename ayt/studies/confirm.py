@@ -189,7 +189,7 @@ def verdicts(by_candidate: Mapping[str, Mapping[int, float]], level: float = LEV
         elif p < 1 - level:
             words = ("better than the baseline" if c.estimate < 0 else "worse than the baseline")
         else:
-            words = "no detectable difference from the baseline"
+            words = "inconclusive" + (f": {c.power_words()}" if c.power_words() else "")
         out.append(Verdict(name, c, p, words))
     return out
 

@@ -12,7 +12,9 @@ report.md shows them; each says when it applies and writes its markdown, files a
   ConfirmSection        search_then_confirm: the best found against the baseline on fresh seeds,
                         paired, Holm-adjusted (`confirm`); in the search's report, a link to it
   Protocol              what each group ran at (`study.tuned`) and the tuning it came from
-  Findings              the comparison records in sentences
+  Findings              the comparison records in sentences, each inconclusive one with its power
+  Limits                what the design keeps the study from concluding: curves still falling,
+                        losses at one shared lr with different step cosines (`report_limits`)
   Diverged              every diverged trial by name
   CriticalBatchSection  B_noise per series and the lr rules (`critical_batch`, batch-size sweeps)
   Tangent               tangent.png, tangent.csv (`report_tangent`, trials with tangent diagnostics)
@@ -44,11 +46,12 @@ from ayt.studies.protocol import report_lines as protocol_lines
 from ayt.studies.report_plots import curve_figure, pyplot
 from ayt.studies.report_rows import group_label, write_rows
 from ayt.studies.report_search import SearchSection, group_table_note, is_search, per_trial_table
+from ayt.studies.report_limits import Limits
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import CURVES, TABLE, findings, group_rows, table_lines, targets
 from ayt.studies.report_tangent import Tangent
 from ayt.studies.stats import mean_ci
-from ayt.studies.trials import DIVERGED_RISE, Trial, load_trials
+from ayt.studies.trials import DIVERGED_FROM_BEST, DIVERGED_RISE, Trial, load_trials
 
 # Names tests and older callers import from here.
 __all__ = ["SECTIONS", "TABLE", "Trial", "code_line", "group_label", "load_trials", "mean_ci", "targets",
@@ -167,8 +170,9 @@ def _diverged_lines(trials: list[Trial], key: str) -> list[str]:
     bad = [(t, t.divergence(key)) for t in trials]
     bad = [(t, why) for t, why in bad if why]
     if not bad:
-        return ["", f"Diverged trials: none (a non-finite loss, or {short(key)} more than "
-                f"{DIVERGED_RISE:.0%} above its first evaluation to the end)."]
+        return ["", f"Diverged trials: none (a non-finite loss, {short(key)} more than "
+                f"{DIVERGED_RISE:.0%} above its first evaluation to the end, or a final {short(key)} more than "
+                f"{DIVERGED_FROM_BEST:g}× its best)."]
     return ["", f"## Diverged trials ({len(bad)} of {len(trials)})", "",
             "A trial that failed on a non-finite loss has no final FID and is missing from its group's "
             f"mean; one whose {short(key)} rose and stayed up is in the mean (it is what that setting did).", ""] + \
@@ -268,7 +272,7 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
 
 
 SECTIONS: list[Section] = [Header(), GroupTable(), SearchSection(), ConfirmSection(), Protocol(), Findings(),
-                           Diverged(), CriticalBatchSection(), Tangent(), Figures(), Data()]
+                           Limits(), Diverged(), CriticalBatchSection(), Tangent(), Figures(), Data()]
 
 
 def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section] | None = None) -> dict[str, Any]:

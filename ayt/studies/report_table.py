@@ -211,7 +211,8 @@ def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
 
 def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
     """Plain sentences from the comparison records: the best group, every significant
-    difference, and what is missing when nothing can be tested."""
+    difference, every inconclusive one with what it could have detected, and what is missing
+    when nothing can be tested."""
     name = short(key)
     finite = [r for r in groups if math.isfinite(r.get(f"final_{name}_mean", math.nan))]
     if not finite:
@@ -229,11 +230,16 @@ def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
             speed = r.get("speedup_vs_reference")
             out.append(f"- {r['group']} vs reference — " + "; ".join(significant)
                        + (f" (speed-up {speed:.2f}×)" if speed else "") + ".")
+        unresolved = [f"{labels[what]} {c.power_words()}" for what, c in r["comparisons"].items()
+                      if c.outcome == "inconclusive" and c.power_words()]
+        if unresolved:
+            out.append(f"- {r['group']} vs reference, inconclusive — " + "; ".join(unresolved) + ".")
     if not compared:
         return out
     if all(not c.available for r in compared for c in r["comparisons"].values()):
         out.append("- No comparison with the reference can be tested: "
                    + (next(iter(compared[0]["comparisons"].values())).method) + ".")
-    elif len(out) == 1:
-        out.append("- No difference from the reference group is significant at 95%.")
+    elif not any(c.significant for r in compared for c in r["comparisons"].values()):
+        out.append("- No difference from the reference group is significant at 95%: each is inconclusive, "
+                   "with the difference it could detect above.")
     return out

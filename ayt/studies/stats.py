@@ -5,6 +5,12 @@ significant) that one table spec renders. Nothing here decides by reading text.
 Unpaired: Welch's t-interval for the difference of means. Paired (trials of the two groups
 that share a seed share the data order, the noise, the t draws and the FID noise set): the
 t-interval of the per-seed differences, with an exact Wilcoxon signed-rank p for small n.
+
+Every comparison also states its power: the smallest true difference its own test would
+detect at 80% power (two-sided, the observed SD, its n: the noncentral t), and how many seeds
+would detect the difference it observed. A comparison that is not significant is therefore
+"inconclusive", with the number that says whether it could have seen the effect at all,
+never "equal".
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 LEVEL = 0.95
+POWER = 0.80
+MAX_SEEDS = 10_000            # seeds_needed gives up beyond this (the effect is ~0 next to the noise)
 
 
 def finite(values: Sequence[float | None]) -> np.ndarray:
@@ -46,19 +54,88 @@ class Comparison:
     n: int = 0                   # seeds (pairs, for a paired comparison)
     significant: bool = False    # the interval excludes 0 (equivalently p < 1 - level)
     p_rank: float = math.nan     # paired only: exact Wilcoxon signed-rank p, no normality assumed
+    detectable: float = math.nan  # smallest true |difference| this test detects at POWER, at its n
+    seeds_needed: int | None = None   # seeds (per group, or pairs) that would detect |estimate| at POWER
 
     @property
     def available(self) -> bool:
         return math.isfinite(self.low) and math.isfinite(self.high)
 
+    @property
+    def outcome(self) -> str:
+        """better | worse | inconclusive (lower is better) | n/a: what the comparison concludes."""
+        if not self.available:
+            return "n/a"
+        return ("better" if self.estimate < 0 else "worse") if self.significant else "inconclusive"
+
+    def power_words(self) -> str:
+        """What a non-significant result could have seen: "detects ±D at 80% with n=5; ~N seeds
+        would detect the observed X"."""
+        if not math.isfinite(self.detectable):
+            return ""
+        words = f"detects ±{self.detectable:.3g} at {POWER:.0%} power with n={self.n}"
+        if self.estimate == 0:
+            return words + "; no number of seeds detects the observed 0"
+        if self.seeds_needed is None:
+            return words + f"; more than {MAX_SEEDS:,} seeds would be needed for the observed {abs(self.estimate):.3g}"
+        return words + f"; ~{self.seeds_needed} seeds would detect the observed {abs(self.estimate):.3g}"
+
     def verdict(self, lower: str = "better", higher: str = "worse") -> str:
-        """Plain words for a table cell: the direction only when it is significant."""
+        """Plain words for a table cell: the direction when it is significant, otherwise
+        "inconclusive" with the test's power."""
         if not self.available:
             return f"n/a ({self.method})"
-        words = (lower if self.estimate < 0 else higher) if self.significant else "not significant"
-        rank = f", Wilcoxon p={self.p_rank:.2g}" if math.isfinite(self.p_rank) else ""
-        return (f"{words}: {self.estimate:+.3g} [{self.low:+.3g}, {self.high:+.3g}], "
-                f"p={self.p:.2g}{rank} ({self.method}, n={self.n})")
+        outcome = {"better": lower, "worse": higher}.get(self.outcome, self.outcome)
+        rank = ""
+        if math.isfinite(self.p_rank):
+            floor = 2 * 0.5 ** self.n
+            rank = f", Wilcoxon p={self.p_rank:.2g}" + (f" (its floor at n={self.n})"
+                                                          if self.p_rank <= floor * (1 + 1e-9) else "")
+        power = f"; {self.power_words()}" if self.outcome == "inconclusive" and self.power_words() else ""
+        return (f"{outcome}: {self.estimate:+.3g} [{self.low:+.3g}, {self.high:+.3g}], "
+                f"p={self.p:.2g}{rank} ({self.method}, n={self.n}){power}")
+
+
+def t_test_power(delta: float, se: float, dof: float, level: float = LEVEL) -> float:
+    """Power of a two-sided t-test at true difference `delta` with standard error `se` and
+    `dof` degrees of freedom: the chance |T| exceeds the critical t when T is noncentral t."""
+    from scipy import stats
+    crit = stats.t.ppf(0.5 + level / 2, dof)
+    ncp = abs(delta) / se
+    upper, lower = stats.nct.sf(crit, dof, ncp), stats.nct.cdf(-crit, dof, ncp)
+    # scipy's far tail of the noncentral t can be nan where it is ~0 (large ncp)
+    return float(np.nan_to_num(upper, nan=1.0) + np.nan_to_num(lower, nan=0.0))
+
+
+def detectable_difference(se: float, dof: float, level: float = LEVEL, power: float = POWER) -> float:
+    """The smallest true |difference| a two-sided t-test with this standard error and degrees
+    of freedom detects with probability `power` (nan when the test has no spread to work on)."""
+    from scipy.optimize import brentq
+    if not (math.isfinite(se) and se > 0 and dof > 0):
+        return math.nan
+    high = se
+    while t_test_power(high, se, dof, level) < power:
+        high *= 2
+    return float(brentq(lambda d: t_test_power(d, se, dof, level) - power, 0.0, high, xtol=se * 1e-6))
+
+
+def seeds_needed(difference: float, unit_sd: float, dof_at, level: float = LEVEL,
+                 power: float = POWER) -> int | None:
+    """Smallest n whose test detects |difference| at `power` (None beyond MAX_SEEDS), for a test
+    whose standard error at n seeds is unit_sd/√n with `dof_at(n)` degrees of freedom. The
+    normal approximation's n is a lower bound (the t-test needs at least as many), so the exact
+    answer is found by stepping up from it."""
+    from scipy import stats
+    target = abs(difference)
+    if not (target > 0 and math.isfinite(unit_sd) and unit_sd > 0):
+        return None
+    z = stats.norm.ppf(0.5 + level / 2) + stats.norm.ppf(power)
+    n = max(2, math.ceil((z * unit_sd / target) ** 2))
+    while n <= MAX_SEEDS:
+        if detectable_difference(unit_sd / math.sqrt(n), dof_at(n), level, power) <= target:
+            return n
+        n += 1
+    return None
 
 
 def unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float = LEVEL) -> Comparison:
@@ -75,7 +152,11 @@ def unpaired(group: Sequence[float | None], reference: Sequence[float | None], l
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + level / 2, dof) * se)
     p = float(2 * stats.t.sf(abs(diff) / se, dof))
-    return Comparison("Welch t", diff, diff - half, diff + half, p, min(len(a), len(b)), p < 1 - level)
+    sa2, sb2 = a.var(ddof=1), b.var(ddof=1)          # n seeds in each group at the observed SDs:
+    dof_at = (lambda n: (n - 1) * (sa2 + sb2) ** 2 / (sa2 ** 2 + sb2 ** 2)) if sa2 + sb2 > 0 else (lambda n: n - 1)
+    return Comparison("Welch t", diff, diff - half, diff + half, p, min(len(a), len(b)), p < 1 - level,
+                      detectable=detectable_difference(se, dof, level),
+                      seeds_needed=seeds_needed(diff, math.sqrt(sa2 + sb2), dof_at, level))
 
 
 def paired(group: Mapping[str, float | None], reference: Mapping[str, float | None],
@@ -96,7 +177,9 @@ def paired(group: Mapping[str, float | None], reference: Mapping[str, float | No
     half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * se)
     p = float(2 * stats.t.sf(abs(mean) / se, len(d) - 1))
     rank = float(stats.wilcoxon(d, alternative="two-sided", method="exact" if len(d) <= 25 else "auto").pvalue)
-    return Comparison("paired t", mean, mean - half, mean + half, p, len(d), p < 1 - level, rank)
+    return Comparison("paired t", mean, mean - half, mean + half, p, len(d), p < 1 - level, rank,
+                      detectable=detectable_difference(se, len(d) - 1, level),
+                      seeds_needed=seeds_needed(mean, sd, lambda n: n - 1, level))
 
 
 def holm(ps: Sequence[float]) -> list[float]:
