@@ -1,19 +1,24 @@
-"""The "tune, then repeat" protocol without Ray: how its stages are planned and how stage 1's
-choice is made; and what a paired comparison relies on (trials of one seed share their data
-order, noise and t draws across losses)."""
+"""The "tune, then repeat" protocol: how its stages are planned, how stage 1's choice is made,
+when an edge winner extends the range and whether the winner is told apart from the runner-up
+(without Ray), one real run on the session's Ray where an edge winner extends the range and a
+resume reruns nothing; and what a paired comparison relies on (trials of one seed share their
+data order, noise and t draws across losses)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from ayt.errors import ConfigError
-from ayt.studies.protocol import choose, repeat_edit
+from ayt.studies.protocol import (TUNING_FILE, TuneStage, choose, edge_side, extension_values, next_extension,
+                                  repeat_edit, report_lines, separation, separation_words)
 from ayt.studies.runner import plan_study, study_main
+from ayt.studies.schema import identity
 
-TTR = ["study.protocol.name=tune_then_repeat"]
+TTR = ["study.protocol.name=tune_then_repeat", "study.protocol.tune.seeds=[1000,1001]"]
 AXES = "+study.axes.batch_size=[8,32]"
 
 
@@ -23,8 +28,8 @@ def test_stage_one_tunes_lr_per_group_on_its_own_seeds_and_stage_two_uses_each_c
     assert [p.study["protocol"]["group"] for p in plan.tune_plans] == ["loss=pseudo_huber", "loss=mfd"]
     for sub, loss in zip(plan.tune_plans, ("pseudo_huber", "mfd")):
         assert {c.loss.name for c in sub.trial_configs} == {loss}
-        assert sorted(float(c.lr) for c in sub.trial_configs) == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]
-        assert {int(c.seed) for c in sub.trial_configs} == {1000}           # not the repeat seeds
+        assert sorted(float(c.lr) for c in sub.trial_configs) == sorted([5e-4, 1e-3, 2e-3, 4e-3, 8e-3] * 2)
+        assert {int(c.seed) for c in sub.trial_configs} == {1000, 1001}     # not the repeat seeds
         assert {int(c.training.iterations) for c in sub.trial_configs} == {1200}   # the study's own budget
         assert sub.base.tracking.experiment == "speed-tune" and not sub.tune_plans
     final = plan_study("speed", [f"out_dir={tmp_path}", *TTR],
@@ -41,6 +46,14 @@ def test_stage_one_tunes_lr_per_group_on_its_own_seeds_and_stage_two_uses_each_c
     ("study.protocol.tune.key=loss", "study.protocol.tune.key", "also a study axis"),
     ("study.protocol.tune.low=-1", "study.protocol.tune.low", "low > 0"),
     ("study.protocol.tune.search=bayes", "study.protocol.tune.search", "allowed: grid, tpe, random"),
+    ("study.protocol.tune.seeds=[1000]", "study.protocol.tune.seeds", "needs >= 2 tuning seeds"),
+    ("study.protocol.tune.seeds=[1000,1000]", "study.protocol.tune.seeds", "repeats a seed"),
+    ("study.protocol.tune.max_extensions=-1", "study.protocol.tune.max_extensions", ">= 0"),
+    ("study.protocol.tune.max_extensions=two", "study.protocol.tune.max_extensions", "two"),
+    ("study.protocol.tune.floor=1e-3", "study.protocol.tune.floor", "must be <= low (0.0003)"),
+    ("study.protocol.tune.floor=0", "study.protocol.tune.floor", "> 0 (a log range)"),
+    ("study.protocol.tune.ceiling=1e-3", "study.protocol.tune.ceiling", "must be >= high (0.01)"),
+    ("study.protocol.tune.allow_one_seed=maybe", "study.protocol.tune.allow_one_seed", "maybe"),
 ])
 def test_bad_protocol_settings_fail_before_any_work(tmp_path, capsys, override, field, words):
     args = [f"out_dir={tmp_path}", *TTR, override, "--cfg"]
@@ -48,6 +61,103 @@ def test_bad_protocol_settings_fail_before_any_work(tmp_path, capsys, override, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and field in err and words in err, err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_one_tuning_seed_runs_only_when_asked_and_new_fields_keep_committed_ids(tmp_path):
+    """A single tuning seed is refused (above) unless `allow_one_seed`; the new tune fields at
+    their defaults leave a study's id as it was. Mutations caught: the override ignored; a new
+    field counted in the id while at its default (every committed study would change id)."""
+    one = [f"out_dir={tmp_path}", "study.protocol.name=tune_then_repeat", "study.protocol.tune.seeds=[1000]"]
+    plan = plan_study("speed", [*one, "study.protocol.tune.allow_one_seed=true"])
+    assert {int(c.seed) for sub in plan.tune_plans for c in sub.trial_configs} == {1000}
+    plain = plan_study("speed", [f"out_dir={tmp_path}"])
+    assert set(plain.study["protocol"]["tune"]) >= {"max_extensions", "allow_one_seed", "floor", "ceiling"}
+    assert set(identity(plain.study)["protocol"]["tune"]) == {"key", "low", "high", "log", "search", "points",
+                                                              "trials", "seeds"}      # the block before issue 22
+    assert plan_study("speed", [f"out_dir={tmp_path}", "study.protocol.tune.max_extensions=1"]).study_id \
+        != plain.study_id
+
+
+SPEED_TUNED = TuneStage(key="lr", low=2.5e-4, high=4e-3, log=True, search="grid", points=5, trials=6,
+                        seeds=(1000, 1001), max_extensions=2)
+
+
+def test_an_edge_winner_extends_the_range_one_grid_step_until_interior_or_the_cap():
+    """speed_tuned's MFD won at 2.5e-4, the lowest value tried: the next round tries 1.25e-4 (the
+    grid's own ratio, 2), then 6.25e-5, then stops at the cap; a winner that is interior stops
+    it; the high edge steps up; a linear grid steps by its step, never past `floor`; a sampled
+    stage or max_extensions=0 only flags. Mutations caught: stepping from the wrong edge, a
+    ratio other than the grid's, no cap, the floor ignored, extending an interior winner."""
+    grid = SPEED_TUNED.grid_values()
+    assert grid == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
+    assert edge_side(grid, 2.5e-4) == "low" and edge_side(grid, 4e-3) == "high" and edge_side(grid, 1e-3) is None
+    assert next_extension(SPEED_TUNED, 2.5e-4, grid) == (1.25e-4, "")
+    assert next_extension(SPEED_TUNED, 1.25e-4, [1.25e-4, *grid]) == (6.25e-5, "")
+    assert next_extension(SPEED_TUNED, 6.25e-5, [6.25e-5, 1.25e-4, *grid]) == (None, "cap")
+    assert next_extension(SPEED_TUNED, 2.5e-4, [1.25e-4, *grid]) == (None, "interior")
+    assert next_extension(SPEED_TUNED, 4e-3, grid) == (8e-3, "")
+    assert extension_values(SPEED_TUNED) == [1.25e-4, 6.25e-5, 8e-3, 1.6e-2]
+    linear = TuneStage(key="augment.p", low=0.2, high=0.6, log=False, search="grid", points=3, trials=1,
+                       seeds=(1, 2), max_extensions=3, floor=0.05)
+    assert next_extension(TuneStage(**{**linear.__dict__, "floor": None}), 0.2, [0.2, 0.4, 0.6]) == (0.0, "")
+    assert next_extension(linear, 0.6, [0.2, 0.4, 0.6]) == (0.8, "")
+    assert next_extension(linear, 0.2, [0.2, 0.4, 0.6]) == (None, "floor")          # 0.0 is below 0.05
+    assert extension_values(linear) == [0.8, 1.0, 1.2]
+    sampled = TuneStage(key="lr", low=1e-4, high=1e-2, log=True, search="tpe", points=4, trials=6, seeds=(1, 2),
+                        max_extensions=2)
+    assert next_extension(sampled, 1e-4, [1e-4, 1e-3]) == (None, "grid only")
+    capped = TuneStage(**{**SPEED_TUNED.__dict__, "max_extensions": 0})
+    assert next_extension(capped, 2.5e-4, grid) == (None, "cap") and extension_values(capped) == []
+
+
+def test_the_winner_is_separated_from_the_runner_up_only_when_its_paired_interval_excludes_zero():
+    """Two seeds 4 and 2 apart (speed_tuned's pseudo-Huber: 122 vs 125) are not separated; three
+    seeds consistently 10-12 apart are; one seed cannot be tested. Mutations caught: the
+    runner-up taken as the worst value, unpaired or reversed differences, 'separated' on a
+    non-significant interval."""
+    close = {1e-3: {"1000": 120.0, "1001": 124.0}, 2e-3: {"1000": 124.0, "1001": 126.0},
+             5e-4: {"1000": 131.0, "1001": 133.0}, 4e-3: {"1000": 275.0, "1001": 290.0}}
+    sep = separation(close, 1e-3)
+    assert (sep["winner"], sep["runner_up"], sep["estimate"], sep["n"]) == (1e-3, 2e-3, -3.0, 2)
+    assert not sep["separated"]
+    assert separation_words(sep) == ("not separated (difference -3 [-15.7, +9.71] FID, winner − runner-up paired "
+                                     "by tuning seed, n=2)")
+    apart = {1e-3: {"1": 100.0, "2": 101.0, "3": 102.0}, 2e-3: {"1": 110.0, "2": 112.0, "3": 114.0},
+             4e-3: {"1": 300.0, "2": 300.0, "3": 300.0}}
+    sep = separation(apart, 1e-3)
+    assert sep["runner_up"] == 2e-3 and sep["separated"]
+    assert separation_words(sep).startswith("separated (difference -11 [")
+    assert separation_words(separation({1e-3: {"1": 100.0}, 2e-3: {"1": 110.0}}, 1e-3)).startswith("not testable")
+    assert separation({1e-3: {"1": 100.0, "2": 90.0}}, 1e-3) is None
+
+
+def test_protocol_section_says_how_the_range_was_extended_and_whether_the_winner_is_separated(tmp_path):
+    """The record run_tune_then_repeat writes, in the report's words. Mutations caught: an
+    extension left out of the section, 'now interior' for a winner still at the edge, the cap
+    not named, the separation line missing."""
+    record = {"key": "lr", "low": 2.5e-4, "high": 4e-3, "log": True, "search": "grid", "seeds": [1000, 1001],
+              "metric": "fid_1step", "max_extensions": 2, "floor": None, "ceiling": None, "groups": {
+                  "loss=mfd": {"chosen": 2.5e-4, "means": {"0.000125": 300.0, "0.00025": 190.0, "0.0005": 480.0},
+                               "extensions": [{"round": 1, "value": 1.25e-4, "side": "low"}], "stop": "interior",
+                               "separation": {"winner": 2.5e-4, "runner_up": 1.25e-4, "estimate": -110.0,
+                                              "low": -130.0, "high": -90.0, "n": 2, "separated": True}},
+                  "loss=pseudo_huber": {"chosen": 1.6e-2, "means": {"0.004": 150.0, "0.008": 130.0, "0.016": 120.0},
+                                        "extensions": [{"round": 1, "value": 8e-3, "side": "high"},
+                                                       {"round": 2, "value": 1.6e-2, "side": "high"}],
+                                        "stop": "cap", "separation": {"winner": 1.6e-2, "runner_up": 8e-3,
+                                                                      "estimate": -10.0, "low": -50.0, "high": 30.0,
+                                                                      "n": 2, "separated": False}}}}
+    (tmp_path / TUNING_FILE).write_text(json.dumps(record))
+    study = {"tuned": {"loss=mfd": {"lr": 2.5e-4}, "loss=pseudo_huber": {"lr": 1.6e-2}}}
+    text = "\n".join(report_lines(study, tmp_path))
+    assert "- loss=mfd: range extended below 0.00025 to 0.000125 (1 round): winner 0.00025 now interior." in text
+    assert ("- loss=pseudo_huber: range extended above 0.004 to 0.016 (2 rounds): still at the edge after 2 "
+            "extensions (cap, `study.protocol.tune.max_extensions`=2).") in text
+    assert "- loss=mfd: winner 0.00025 vs runner-up 0.000125: separated (difference -110 [-130, -90] FID" in text
+    assert "- loss=pseudo_huber: winner 0.016 vs runner-up 0.008: not separated (difference -10 [-50, +30]" in text
+    assert "| loss=mfd | 0.00025 |" in text and "| loss=pseudo_huber | 0.016 (edge) |" in text
+    assert "At the edge of the searched range for loss=pseudo_huber: the best value may lie outside [0.000125, " \
+           "0.016]" in text and "up to 2 round(s)" in text
 
 
 def test_hand_set_tuned_values_apply_to_every_trial_of_a_partial_group(tmp_path):
@@ -108,3 +218,60 @@ def test_trials_of_one_seed_share_data_order_noise_and_t_across_losses(tmp_path)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert not torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
+
+
+TINY = ["study.preset=smoke", "fid.num_samples=100", "progress=false", "study.budget.evals=2"]
+
+
+def test_an_edge_winner_extends_the_range_and_a_resume_reruns_no_round(ray_session, shared_out_dir):
+    """End to end on the session's Ray: one group, a 2-point grid on two tuning seeds, so its
+    winner is at an edge whichever value wins: one extension round runs one grid step (x10)
+    beyond that edge on the same seeds, the record and the report say so, stage 2 runs at the
+    best of all three values; a resume restores every round and adds no MLflow run. Mutations
+    caught: no extension round; a step from the other edge or by another ratio; the extension's
+    trials left out of the choice; a resume that reruns a round or duplicates its runs."""
+    from mlflow.tracking import MlflowClient
+
+    out = shared_out_dir
+    args = [f"out_dir={out}", "study.name=ttr_ext", "study.protocol.name=tune_then_repeat",
+            "study.axes.loss=[pseudo_huber]", "study.seeds=[0]", "study.protocol.tune.low=1e-4",
+            "study.protocol.tune.high=1e-3", "study.protocol.tune.points=2", "study.protocol.tune.seeds=[7,8]",
+            "study.protocol.tune.max_extensions=1", "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
+    assert study_main("speed", args) == 0
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+
+    def runs(experiment: str) -> tuple[list, list]:
+        found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=500)
+        return ([r for r in found if "mlflow.parentRunId" not in r.data.tags],
+                [r for r in found if "mlflow.parentRunId" in r.data.tags])
+
+    def fid(run) -> float:
+        return client.get_metric_history(run.info.run_id, "eval/fid_1step")[-1].value
+
+    parents, tuning = runs("ttr_ext-tune")
+    assert sorted(p.info.run_name.rsplit("-", 1)[0] for p in parents) == ["ttr_ext-tune-loss-pseudo_huber",
+                                                                         "ttr_ext-tune-loss-pseudo_huber-ext1"]
+    by_lr: dict[float, list[float]] = {}
+    for run in tuning:
+        assert run.data.params["seed"] in ("7", "8")
+        by_lr.setdefault(float(run.data.params["lr"]), []).append(fid(run))
+    grid = {v: by_lr[v] for v in (1e-4, 1e-3)}
+    first = min(grid, key=lambda v: sum(grid[v]) / 2)
+    beyond = 1e-5 if first == 1e-4 else 1e-2
+    assert sorted(by_lr) == sorted([1e-4, 1e-3, beyond]) and all(len(v) == 2 for v in by_lr.values())
+    chosen = min(by_lr, key=lambda v: sum(by_lr[v]) / 2)
+    record = json.loads((out / "ttr_ext" / TUNING_FILE).read_text())["groups"]["loss=pseudo_huber"]
+    assert [r["value"] for r in record["extensions"]] == [beyond] and record["chosen"] == chosen
+    assert record["stop"] == ("interior" if chosen == first else "cap")
+    assert set(record["per_seed"]) == {str(v) for v in by_lr} and record["separation"]["n"] == 2
+    text = (out / "ttr_ext" / "report.md").read_text()
+    side = "below 0.0001" if first == 1e-4 else "above 0.001"
+    assert f"- loss=pseudo_huber: range extended {side} to {beyond:g} (1 round): " in text, text
+    assert "- loss=pseudo_huber: winner " in text and "separated (difference" in text
+    _, repeat = runs("ttr_ext")
+    assert [(r.data.params["seed"], float(r.data.params["lr"])) for r in repeat] == [("0", chosen)]
+
+    before = sorted(r.info.run_id for r in tuning + repeat)
+    assert study_main("speed", [*args, "resume=true"]) == 0
+    parents_again, tuning_again = runs("ttr_ext-tune")
+    assert len(parents_again) == 2 and sorted(r.info.run_id for r in tuning_again + runs("ttr_ext")[1]) == before

@@ -8,13 +8,20 @@ the pixel error with one whose gradient does not at different *effective* step s
   stage 1 (tune)    for each group (a point of the study's axes, seeds excluded), search
                     `protocol.tune.key` (the lr by default, log scale) with Optuna on the
                     study's own budget, on tuning seeds kept apart from the repeat seeds
-                    (choosing and measuring on the same seeds would flatter the winner);
+                    (choosing and measuring on the same seeds would flatter the winner), at
+                    least two of them (one seed's noise is as large as the candidates'
+                    differences: speed_tuned's 122 / 125 / 132); a grid winner at an edge of
+                    the range gets one more round one grid step beyond that edge
+                    (`<stage>-ext<k>`), until it is interior or `max_extensions` is reached,
+                    since the optimum may lie outside the range;
   stage 2 (repeat)  run the study as written, each group at its own best value, over the
                     study's seeds; the report says which value each group ran at and why.
 
 Each stage is an ordinary study on the shared runner (resumable, one MLflow parent run per
-stage-1 group under the experiment `<name>-tune`, Tune + Optuna underneath); this module
-holds only what the protocol decides, the runner runs it.
+stage-1 group and extension round under the experiment `<name>-tune`, Tune + Optuna
+underneath). An extension round's config follows only from the finished rounds before it, so
+a resume replays the same rounds (each restored, none rerun). This module holds only what the
+protocol decides, the runner runs it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from ayt.errors import ConfigError
 from ayt.studies.group import Group
 from ayt.studies.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
 from ayt.studies.space import StudySpace
+from ayt.studies.stats import paired
 
 TUNING_FILE = "tuning.json"          # stage-1 outcome, next to the stage-2 report
 
@@ -48,16 +56,29 @@ class TuneStage:
     points: int
     trials: int
     seeds: tuple[int, ...]
+    max_extensions: int = 0      # grid rounds past an edge winner
+    floor: float | None = None   # no extension below / above these
+    ceiling: float | None = None
 
     def grid_values(self) -> list[float]:
         """`points` values from low to high (geometric if log), at 3 significant digits."""
         if self.points == 1:
             return [_round(self.low)]
+        return [self.step(i) for i in range(self.points)]
+
+    def step(self, i: int) -> float:
+        """The grid's i-th value, counted from `low` (negative, or past points - 1: beyond the
+        range by the grid's own ratio or step), at 3 significant digits."""
         if self.log:
-            ratio = (self.high / self.low) ** (1 / (self.points - 1))
-            return [_round(self.low * ratio ** i) for i in range(self.points)]
+            return _round(self.low * ((self.high / self.low) ** (1 / (self.points - 1))) ** i)
         step = (self.high - self.low) / (self.points - 1)
-        return [_round(self.low + step * i) for i in range(self.points)]
+        value = self.low + step * i
+        return 0.0 if abs(value) < abs(step) * 1e-9 else _round(value)    # 0.2 - 0.2 is 2.8e-17 in floats
+
+    @property
+    def extends(self) -> bool:
+        """Whether an edge winner extends the range: a grid of >= 2 points (a step to repeat)."""
+        return self.search == "grid" and self.points >= 2 and self.max_extensions > 0
 
     def axis(self) -> Any:
         if self.search == "grid":
@@ -87,14 +108,28 @@ def parse_tune_stage(study: Mapping[str, Any], space: StudySpace) -> TuneStage:
     if log and low <= 0:
         raise ConfigError(f"{where}.low", f"a log range needs low > 0, got {low}")
     search, points, trials, seeds = str(tune["search"]), tune["points"], tune["trials"], list(tune["seeds"])
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{where}.seeds", f"{seeds} repeats a seed; each tuning seed is one pair of the "
+                          "winner-vs-runner-up comparison")
+    floor, ceiling = tune.get("floor"), tune.get("ceiling")
+    if floor is not None and (floor > low or (log and floor <= 0)):
+        raise ConfigError(f"{where}.floor", f"must be <= low ({low})" + (" and > 0 (a log range)" if log else "")
+                          + f", got {floor}")
+    if ceiling is not None and ceiling < high:
+        raise ConfigError(f"{where}.ceiling", f"must be >= high ({high}), got {ceiling}")
     if set(seeds) & set(space.seeds):
         raise ConfigError(f"{where}.seeds", f"{sorted(set(seeds) & set(space.seeds))} are also repeat seeds "
                           f"(study.seeds={space.seeds}); tune on other seeds so the repeat measures the choice fairly")
     if space.search != "grid":
         raise ConfigError("study.search", "tune_then_repeat repeats every group of a grid; got search="
                           f"{space.search}")
+    if len(seeds) < 2 and not tune.get("allow_one_seed", False):
+        raise ConfigError(f"{where}.seeds", f"tune_then_repeat needs >= 2 tuning seeds to tell its candidates "
+                          f"apart, got {seeds}; e.g. [1000, 1001], or {where}.allow_one_seed=true")
     return TuneStage(key=key, low=float(low), high=float(high), log=log, search=search, points=int(points),
-                     trials=int(trials), seeds=tuple(int(s) for s in seeds))
+                     trials=int(trials), seeds=tuple(int(s) for s in seeds),
+                     max_extensions=int(tune.get("max_extensions", 0)),
+                     floor=None if floor is None else float(floor), ceiling=None if ceiling is None else float(ceiling))
 
 
 def groups(space: StudySpace) -> list[dict[str, Any]]:
@@ -141,6 +176,84 @@ def tune_edit(space: StudySpace, stage: TuneStage, group: Mapping[str, Any]) -> 
         # Field by field: the study block is typed (ayt/studies/schema.py); its tune settings stay.
         study.protocol.name, study.protocol.stage, study.protocol.group = "single", "tune", label
     return edit
+
+
+def extension_edit(space: StudySpace, stage: TuneStage, group: Mapping[str, Any], value: float,
+                   round_: int) -> Callable[[DictConfig], None]:
+    """Extension round `round_` of one group's tuning: its stage-1 study at the one new value
+    (a study of its own, `<stage>-ext<k>`: the finished rounds stay as they are)."""
+    tune = tune_edit(space, stage, group)
+
+    def edit(study: DictConfig) -> None:
+        tune(study)
+        study.name = f"{study.name}-ext{round_}"
+        study.axes = {stage.key: [value]}
+    return edit
+
+
+def edge_side(tried: Sequence[float], best: float) -> str | None:
+    """"low" / "high" when `best` is the lowest / highest value tried (failed values count: a
+    value beyond the winner that diverged bounds it too); None when interior or alone."""
+    values = sorted(set(float(v) for v in tried))
+    if len(values) < 2:
+        return None
+    return "low" if best == values[0] else "high" if best == values[-1] else None
+
+
+def next_extension(stage: TuneStage, best: float, tried: Sequence[float]) -> tuple[float | None, str]:
+    """The value the group's next round tries, one grid step beyond the edge its winner is at
+    (value, "") — or (None, why there is none): interior | grid only | cap | floor | ceiling."""
+    side = edge_side(tried, best)
+    if side is None:
+        return None, "interior"
+    if not stage.extends:
+        return None, "cap" if stage.search == "grid" and stage.points >= 2 else "grid only"
+    beyond = [v for v in tried if (v < stage.low if side == "low" else v > stage.high)]
+    if len(beyond) >= stage.max_extensions:
+        return None, "cap"
+    k = len(beyond) + 1
+    value = stage.step(-k if side == "low" else stage.points - 1 + k)
+    if side == "low" and stage.floor is not None and value < stage.floor:
+        return None, "floor"
+    if side == "high" and stage.ceiling is not None and value > stage.ceiling:
+        return None, "ceiling"
+    if value in tried or (stage.log and value <= 0):
+        return None, "resolution"
+    return value, ""
+
+
+def extension_values(stage: TuneStage) -> list[float]:
+    """Every value an extension may try (both sides, up to the cap and the floor/ceiling)."""
+    if not stage.extends:
+        return []
+    low = [stage.step(-k) for k in range(1, stage.max_extensions + 1)]
+    high = [stage.step(stage.points - 1 + k) for k in range(1, stage.max_extensions + 1)]
+    return ([v for v in low if stage.floor is None or v >= stage.floor]
+            + [v for v in high if stage.ceiling is None or v <= stage.ceiling])
+
+
+def separation(per_seed: Mapping[float, Mapping[str, float]], best: float) -> dict[str, Any] | None:
+    """The winner against the runner-up (the next-lowest mean), paired by tuning seed: the
+    choice keeps the lowest mean, this says whether the seeds could tell the two apart."""
+    _, means = choose({v: list(m.values()) for v, m in per_seed.items()})
+    rest = {v: m for v, m in means.items() if v != best and math.isfinite(m)}
+    if best not in per_seed or not rest:
+        return None
+    runner_up = min(rest, key=rest.get)
+    c = paired(per_seed[best], per_seed[runner_up])
+    return {"winner": best, "runner_up": runner_up, "estimate": c.estimate, "low": c.low, "high": c.high,
+            "n": c.n, "separated": bool(c.significant and c.estimate < 0)}
+
+
+def separation_words(sep: Mapping[str, Any] | None, unit: str = "FID") -> str:
+    """`separated (…)` / `not separated (difference X [lo, hi] …)`, or why it cannot be told."""
+    if not sep:
+        return "no runner-up (one value finished)"
+    if sep["n"] < 2 or not (math.isfinite(sep["low"]) and math.isfinite(sep["high"])):
+        return f"not testable ({sep['n']} tuning seed(s) both finished; a paired interval needs >= 2)"
+    diff = (f"difference {sep['estimate']:+.3g} [{sep['low']:+.3g}, {sep['high']:+.3g}] {unit}, winner − "
+            f"runner-up paired by tuning seed, n={sep['n']}")
+    return f"separated ({diff})" if sep["separated"] else f"not separated ({diff})"
 
 
 def repeat_edit(tuned: Mapping[str, Mapping[str, float]]) -> Callable[[DictConfig], None]:
@@ -237,10 +350,14 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
              f"Each group runs at its own best `{key}`, chosen in stage 1 by the lowest mean final "
              f"{record.get('metric', 'FID')} on tuning seeds {record.get('seeds', '?')} (not the seeds above), "
              f"{record.get('search', '?')} search over [{record.get('low', '?')}, {record.get('high', '?')}]"
-             f"{' (log scale)' if record.get('log') else ''}, on this study's budget. The groups are therefore "
-             "compared at their own best settings, not at one shared value.", "",
+             f"{' (log scale)' if record.get('log') else ''}, on this study's budget"
+             + (f"; a grid winner at an edge of the range got one more value one grid step beyond it, up to "
+                f"{record['max_extensions']} round(s) (`study.protocol.tune.max_extensions`)"
+                if "max_extensions" in record else "")
+             + ". The groups are therefore compared at their own best settings, not at one shared value.", "",
              f"| group | chosen {key} | stage-1 mean final FID per {key} (tried) | stage-1 report |", "|---|---|---|---|"]
     edges: list[str] = []
+    notes: list[str] = []
     for group, values in study["tuned"].items():
         info = record.get("groups", {}).get(group, {})
         tried = ", ".join(f"{v}: {m:.1f}" if math.isfinite(m) else f"{v}: failed"
@@ -250,10 +367,45 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
         edge = len(tried_values) > 1 and chosen in (tried_values[0], tried_values[-1])
         edges += [group] if edge else []
         lines.append(f"| {group} | {chosen}{' (edge)' if edge else ''} | {tried or '?'} | {info.get('report', '?')} |")
+        notes += _group_notes(group, info, record)
+    if notes:
+        lines += ["", *notes]
     if edges:
+        ends = [float(v) for info in record.get("groups", {}).values() for v in info.get("means", {})]
+        span = f"[{min(ends):g}, {max(ends):g}]" if ends else f"[{record.get('low')}, {record.get('high')}]"
         lines += ["", f"At the edge of the searched range for {', '.join(edges)}: the best value may lie outside "
-                  f"[{record.get('low')}, {record.get('high')}]; widen `study.protocol.tune` to find out."]
+                  f"{span}; widen `study.protocol.tune` (or raise its `max_extensions`) to find out."]
     return lines + [""]
+
+
+def _group_notes(group: str, info: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
+    """A group's range extension and whether its winner is separated from the runner-up (records
+    written before either was kept say nothing of them)."""
+    out = []
+    rounds, stop = info.get("extensions") or [], info.get("stop")
+    if rounds:
+        side = rounds[0]["side"]
+        first = float(record.get("low" if side == "low" else "high", math.nan))
+        words = (f"range extended {'below' if side == 'low' else 'above'} {first:g} to "
+                 f"{rounds[-1]['value']:g} ({len(rounds)} round{'s' if len(rounds) > 1 else ''}): ")
+        out.append(f"- {group}: " + words + (f"winner {info.get('chosen', '?')} now interior." if stop == "interior"
+                                               else _still_at_edge(stop, len(rounds), record)))
+    elif stop and stop != "interior":
+        out.append(f"- {group}: at the edge, not extended: " + _still_at_edge(stop, 0, record))
+    if "separation" in info:
+        sep = info["separation"]
+        pair = f"{sep['winner']:g} vs runner-up {sep['runner_up']:g}: " if sep else ""
+        out.append(f"- {group}: winner {pair}{separation_words(sep)}.")
+    return out
+
+
+def _still_at_edge(stop: str | None, rounds: int, record: Mapping[str, Any]) -> str:
+    why = {"cap": f"cap, `study.protocol.tune.max_extensions`={record.get('max_extensions', '?')}",
+           "floor": f"the next step is below `floor` {record.get('floor')}",
+           "ceiling": f"the next step is above `ceiling` {record.get('ceiling')}",
+           "grid only": "only a grid tuning stage extends its range",
+           "resolution": "the next step rounds to a value already tried"}.get(stop or "", stop or "?")
+    return f"still at the edge after {rounds} extension{'' if rounds == 1 else 's'} ({why})."
 
 
 def _given_lines(study: Mapping[str, Any]) -> list[str]:

@@ -79,8 +79,17 @@ class TuneStage:
                        choices=SEARCHES)
     points: int = spec(4, doc="values of a grid tuning stage", minimum=1)
     trials: int = spec(6, doc="samples of a tpe/random tuning stage", minimum=1)
-    seeds: List[int] = spec(doc="tuning seeds, apart from study.seeds (no selection bias in stage 2)",
+    # The default stays [1000]: every study's id hashes this block, so a new default would change
+    # the id of every committed study; tune_then_repeat refuses fewer than 2 (`allow_one_seed`).
+    seeds: List[int] = spec(doc="tuning seeds, apart from study.seeds (no selection bias in stage 2); "
+                                "tune_then_repeat needs >= 2 (e.g. [1000, 1001]) to tell its candidates apart",
                             factory=lambda: [1000], minimum=0, nonempty=True)
+    allow_one_seed: bool = spec(False, doc="tune on a single seed anyway (the winner cannot be told apart from "
+                                           "the runner-up)", new=True)
+    max_extensions: int = spec(2, doc="grid rounds that extend the range one step past an edge winner, until it "
+                                      "is interior (0: only flag it)", minimum=0, new=True)
+    floor: Optional[float] = spec(None, doc="no extension tries a value below this (null: none)", new=True)
+    ceiling: Optional[float] = spec(None, doc="no extension tries a value above this (null: none)", new=True)
 
 
 @dataclass

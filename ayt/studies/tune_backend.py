@@ -235,35 +235,58 @@ def check_code_version(plan: StudyPlan, uri: str) -> None:
 
 
 def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
-    """Stage 1: each group's tuning study; stage 2: the study at each group's best value
-    (ayt/studies/protocol.py says why). Every stage resumes like any study."""
-    from ayt.studies.report import load_trials
+    """Stage 1: each group's tuning study, and its extension rounds while the winner is at a grid
+    edge; stage 2: the study at each group's best value (ayt/studies/protocol.py says why).
+    Every stage and round resumes like any study: a round's config follows only from the
+    finished rounds before it, so a resume restores the same rounds and reruns none."""
+    from ayt.studies.protocol import edge_side, extension_edit, group_key, groups, next_extension, separation
     stage = parse_tune_stage(plan.study, plan.space)
-    uri = str(plan.base.tracking.uri)
+    labels = {group_key(plan.space, g): g for g in groups(plan.space)}
+    _check_extension_values(plan, stage, labels)
     tuned: dict[str, dict[str, float]] = {}
     record: dict[str, Any] = {"key": stage.key, "low": stage.low, "high": stage.high, "log": stage.log,
                               "search": stage.search, "seeds": list(stage.seeds), "metric": str(plan.study["metric"]),
+                              "max_extensions": stage.max_extensions, "floor": stage.floor, "ceiling": stage.ceiling,
                               "groups": {}}
-    failed = 0
+    failed = trials = 0
     for index, sub in enumerate(plan.tune_plans, 1):
         group = sub.study["protocol"]["group"]
         if progress:
             print(f"ayt: stage 1 ({index}/{len(plan.tune_plans)}): tuning {stage.key} for {group} "
                   f"(study {sub.study_id}, {sub.space.trial_count()} trials)", flush=True)
         summary = run_study(sub, progress=progress)
-        failed += summary["errors"]
-        by_value: dict[float, list[float]] = {}
-        for trial in load_trials(uri, summary["parent_run_id"]):
-            if stage.key in trial.axes:
-                by_value.setdefault(float(trial.axes[stage.key]), []).append(trial.final(sub.metric))
-        best, means = choose(by_value)
+        failed, trials = failed + summary["errors"], trials + sub.space.trial_count()
+        per_seed = _tuning_metrics(sub, summary["parent_run_id"], stage.key)
+        best, means = choose({v: list(m.values()) for v, m in per_seed.items()})
         if best is None:
             raise StudyError(f"stage 1 of {plan.name}: every trial tuning {stage.key} for {group} failed "
                              f"(report {sub.out_dir / 'report.md'})")
+        rounds: list[dict[str, Any]] = []
+        while True:
+            value, stop = next_extension(stage, best, list(per_seed))
+            if value is None:
+                break
+            ext = plan_study(plan.module, sub.argv, extension_edit(plan.space, stage, labels[group], value,
+                                                                   len(rounds) + 1))
+            if progress:
+                print(f"ayt: stage 1 ({index}/{len(plan.tune_plans)}): {group}'s best {stage.key} {best:g} is at "
+                      f"the edge; extension {len(rounds) + 1}/{stage.max_extensions} tries {value:g} "
+                      f"(study {ext.study_id}, {ext.space.trial_count()} trials)", flush=True)
+            done = run_study(ext, progress=progress)
+            failed, trials = failed + done["errors"], trials + ext.space.trial_count()
+            for v, by_seed in _tuning_metrics(ext, done["parent_run_id"], stage.key).items():
+                per_seed.setdefault(v, {}).update(by_seed)
+            best, means = choose({v: list(m.values()) for v, m in per_seed.items()})
+            rounds.append({"round": len(rounds) + 1, "value": value, "side": "low" if value < stage.low else "high",
+                           "chosen": best, "study_id": ext.study_id,
+                           "report": os.path.relpath(ext.out_dir / "report.md", plan.out_dir)})
         tuned[group] = {stage.key: best}
-        record["groups"][group] = {"chosen": best, "means": {str(v): m for v, m in means.items()},
-                                   "report": os.path.relpath(sub.out_dir / "report.md", plan.out_dir),
-                                   "study_id": sub.study_id}
+        record["groups"][group] = {
+            "chosen": best, "means": {str(v): m for v, m in sorted(means.items())},
+            "per_seed": {str(v): dict(m) for v, m in sorted(per_seed.items())},
+            "report": os.path.relpath(sub.out_dir / "report.md", plan.out_dir), "study_id": sub.study_id,
+            "extensions": rounds, "stop": stop, "edge": edge_side(list(per_seed), best),
+            "separation": separation(per_seed, best)}
     final = plan_study(plan.module, plan.argv, repeat_edit(tuned))
     write_tuning(final.out_dir / TUNING_FILE, record)
     if progress:
@@ -271,8 +294,39 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
               + ", ".join(f"{g}: {v[stage.key]:g}" for g, v in tuned.items()), flush=True)
     summary = run_study(final, progress=progress)
     summary["errors"] += failed
-    summary["trials"] += sum(sub.space.trial_count() for sub in plan.tune_plans)
+    summary["trials"] += trials
     return summary
+
+
+def _tuning_metrics(sub: StudyPlan, parent_run_id: str, key: str) -> dict[float, dict[str, float]]:
+    """A tuning round's final metric per tried value and tuning seed, from its MLflow runs."""
+    from ayt.studies.report import load_trials
+    out: dict[float, dict[str, float]] = {}
+    for trial in load_trials(str(sub.base.tracking.uri), parent_run_id):
+        if key in trial.axes:
+            out.setdefault(float(trial.axes[key]), {})[trial.seed] = trial.final(sub.metric)
+    return out
+
+
+def _check_extension_values(plan: StudyPlan, stage: Any, labels: dict[str, Any]) -> None:
+    """Before any trial: every value an extension round may try composes into a valid trial
+    config (a linear range stepped past 0, say), or the field that allows it is named."""
+    from ayt.studies.protocol import extension_edit, extension_values
+    values = extension_values(stage)
+    if not values or not plan.tune_plans:
+        return
+    sub = plan.tune_plans[0]
+    one = extension_edit(plan.space, stage, labels[sub.study["protocol"]["group"]], values[0], 0)
+
+    def every(study: DictConfig) -> None:
+        one(study)
+        study.axes = {stage.key: list(values)}
+    try:
+        plan_study(plan.module, sub.argv, every)
+    except ConfigError as err:
+        raise ConfigError("study.protocol.tune.max_extensions",
+                          f"an extension round may try {stage.key} in {values}, and one of them fails ({err}); "
+                          "set study.protocol.tune.floor / ceiling, or lower max_extensions") from None
 
 
 def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
