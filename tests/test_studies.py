@@ -187,6 +187,45 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     assert len(set(points)) == 4 == plan.space.trial_count()
 
 
+def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,
+                                                                             monkeypatch):
+    """Tune writes tuner.pkl at once but syncs its experiment state to storage only after its
+    steps, so a driver killed early (CI saw it on a loaded machine) leaves a Tuner with nothing
+    to restore: Tune then started over, ran one unvisited grid point and stopped, leaving a
+    child RUNNING forever and reporting success. Here the kill comes after the first trial and
+    Tune's synced state is removed, as the early kill leaves it. Mutation caught (CI, stop 26):
+    restoring anyway: 3 of 4 children, one RUNNING, exit code 0."""
+    import glob
+    out = shared_out_dir
+    monkeypatch.chdir(out.parent)
+    args = [f"out_dir={out.name}", "study.name=unsaved", "study.axes.batch_size=[16,32]",
+            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2",
+            *TINY]
+    address = ray_session.get_runtime_context().gcs_address
+    log = (out / "unsaved-driver.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ayt.studies.batch_size_sweep", *args, f"ray.address={address}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        _wait_for_finished_child(out, "unsaved", proc, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(3)
+    (experiment,) = glob.glob(str(out / "ray" / "unsaved-*"))
+    for saved in (glob.glob(f"{experiment}/experiment_state-*") + glob.glob(f"{experiment}/searcher-state-*")
+                  + glob.glob(f"{experiment}/search_gen_state-*")):
+        os.remove(saved)
+    assert (Path(experiment) / "tuner.pkl").exists()
+
+    assert study_main("batch_size_sweep", [*args, "resume=true"]) == 0
+    _, parents, after = _children(out, "unsaved")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted((r.data.params["batch_size"], r.data.params["loss"]) for r in after) == \
+        [("16", "mfd"), ("16", "pseudo_huber"), ("32", "mfd"), ("32", "pseudo_huber")]
+    assert all(r.info.status == "FINISHED" for r in after), [(r.info.run_name, r.info.status) for r in after]
+
+
 def _wait_for_finished_child(out: Path, experiment: str, proc, timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -324,7 +363,9 @@ def test_tune_then_repeat_runs_each_group_at_its_own_best_lr(ray_session, shared
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=ttr", "study.protocol.name=tune_then_repeat", "study.seeds=[0]",
             "study.protocol.tune.low=1e-3", "study.protocol.tune.high=8e-3", "study.protocol.tune.points=2",
-            "study.protocol.tune.seeds=[7]", "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
+            "study.protocol.tune.seeds=[7]", "study.protocol.tune.allow_one_seed=true",
+            "study.protocol.tune.max_extensions=0",          # extension rounds: tests/test_protocol.py
+            "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
     assert study_main("speed", args) == 0
     client, _, tuning = _children(out, "ttr-tune")
     chosen = {}

@@ -16,6 +16,7 @@ from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, load_config, run_name
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key
+from ayt.studies.seed_rounds import check as check_seed_rounds
 from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
 from ayt.studies import schema
 from ayt.studies.confirm import baseline_overrides, is_confirm_protocol, parse_confirm
@@ -172,6 +173,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     schema.validate(resolved)                      # every field's own check, once
     space = parse_space(study)
     check_tuned(study, space)
+    check_seed_rounds(resolved, space)
     base_overrides = []
     if study.preset and not any(a.split("=", 1)[0].lstrip("+") == "experiment" for a in train_args):
         base_overrides.append(f"experiment={study.preset}")

@@ -15,6 +15,7 @@ report.md shows them; each says when it applies and writes its markdown, files a
   Findings              the comparison records in sentences, each inconclusive one with its power
   Limits                what the design keeps the study from concluding: curves still falling,
                         losses at one shared lr with different step cosines (`report_limits`)
+  SeedRoundsSection     seeds until decisive: the seeds each comparison used and why the rounds stopped
   Diverged              every diverged trial by name
   CriticalBatchSection  B_noise per series and the lr rules (`critical_batch`, batch-size sweeps)
   Tangent               tangent.png, tangent.csv (`report_tangent`, trials with tangent diagnostics)
@@ -50,6 +51,7 @@ from ayt.studies.report_limits import Limits
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import CURVES, TABLE, findings, group_rows, table_lines, targets
 from ayt.studies.report_tangent import Tangent
+from ayt.studies.seed_rounds import SeedRoundsSection
 from ayt.studies.stats import mean_ci
 from ayt.studies.trials import DIVERGED_FROM_BEST, DIVERGED_RISE, Trial, load_trials
 
@@ -272,7 +274,7 @@ def _write_curves_csv(trials: list[Trial], path: Path) -> str:
 
 
 SECTIONS: list[Section] = [Header(), GroupTable(), SearchSection(), ConfirmSection(), Protocol(), Findings(),
-                           Limits(), Diverged(), CriticalBatchSection(), Tangent(), Figures(), Data()]
+                           Limits(), SeedRoundsSection(), Diverged(), CriticalBatchSection(), Tangent(), Figures(), Data()]
 
 
 def write_report(plan, uri: str, parent_run_id: str, sections: Sequence[Section] | None = None) -> dict[str, Any]:

@@ -26,8 +26,11 @@ class TuneOptunaState:
 
     Checked against ray 2.60.0 and optuna 5.0.0. The private state it touches:
     - Tune's experiment directory: `tuner.pkl` (ray.tune.impl.tuner_internal._TUNER_PKL) once
-      a Tuner has saved, and `searcher-state-<time>.pkl` (Searcher.CKPT_FILE_TMPL), which
-      `OptunaSearch.save` writes as its pickled `__dict__`;
+      a Tuner has saved, `experiment_state-<time>.json` (TuneController.CKPT_FILE_TMPL), synced
+      there from the driver's staging directory after Tune's steps (a driver killed early
+      leaves `tuner.pkl` alone, and `Tuner.restore` then starts over), and
+      `searcher-state-<time>.pkl` (Searcher.CKPT_FILE_TMPL), which `OptunaSearch.save` writes
+      as its pickled `__dict__`;
     - in that dict, OptunaSearch's `_ot_trials`: Tune trial id -> the Optuna trial it asked for;
     - Optuna's `Trial._trial_id` / `FrozenTrial._trial_id` (the storage's id) and
       `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does.
@@ -46,6 +49,35 @@ class TuneOptunaState:
             fs, inner = pyarrow.fs.FileSystem.from_uri(path)
             return fs.get_file_info(inner + "/tuner.pkl").type != pyarrow.fs.FileType.NotFound
         return (Path(path) / "tuner.pkl").exists()
+
+    def has_experiment_state(self) -> bool:
+        """Whether an `experiment_state-*.json` (what `Tuner.restore` resumes from) reached the
+        experiment's storage: Tune writes `tuner.pkl` at once but syncs its experiment state
+        from the driver's staging directory afterwards, so a driver killed early leaves none."""
+        import pyarrow.fs
+        fs, root = self._filesystem()
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        except OSError:
+            return False
+        return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+
+    def has_study(self) -> bool:
+        """Whether Optuna created the study (OptunaSearch does when the Tuner starts)."""
+        if not self.optuna_db.exists():
+            return False
+        try:
+            self._study
+        except KeyError:                    # the file holds no study of this name
+            return False
+        return True
+
+    def finished_trials(self) -> int:
+        """Optuna trials of the study that finished (COMPLETE or PRUNED): what need not run again."""
+        if not self.has_study():
+            return 0
+        from optuna.trial import TrialState
+        return len(self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     def tune_owned_trials(self) -> dict[str, int] | None:
         """Tune trial id -> Optuna storage trial id, for every trial Tune's newest saved
@@ -87,13 +119,18 @@ class TuneOptunaState:
         import optuna
         return optuna.load_study(study_name=self.study_id, storage=f"sqlite:///{self.optuna_db}")
 
+    def _filesystem(self):
+        """The filesystem layer Ray uses for the experiment's storage, and the path on it."""
+        import pyarrow.fs
+        path = self.experiment_path
+        return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
+            (pyarrow.fs.LocalFileSystem(), str(Path(path).absolute()))
+
     def _latest_searcher_state(self) -> dict | None:
         """The newest `searcher-state-*.pkl` Tune saved, read through the filesystem layer Ray
         uses for its storage (local paths, s3://, gs://)."""
         import pyarrow.fs
-        path = self.experiment_path
-        fs, root = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
-            (pyarrow.fs.LocalFileSystem(), str(Path(path).absolute()))
+        fs, root = self._filesystem()
         try:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
         except OSError:
@@ -118,7 +155,9 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
     state = TuneOptunaState(plan)
     owned = state.tune_owned_trials()
     if owned is None:
-        return 0
+        if state.has_experiment_state() or not state.has_study():
+            return 0
+        owned = {}          # Tune saved no state at all: every running Optuna trial is an orphan
     orphans = state.running_trials_not_in(owned)
     for trial in orphans:
         state.requeue(trial)

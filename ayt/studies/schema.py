@@ -121,6 +121,17 @@ class CriticalBatch:
 
 
 @dataclass
+class SeedRounds:
+    first: Optional[int] = spec(None, doc="seeds until decisive: the first round runs this many of study.seeds, "
+                                          "then `step` more per round while a named comparison is inconclusive, "
+                                          "up to every seed listed (null: all seeds at once)", minimum=2, new=True)
+    step: int = spec(2, doc="seeds added per round", minimum=1, new=True)
+    compare: List[str] = spec(doc="groups (e.g. loss=mfd) whose paired comparison with their reference "
+                                  "(study.target.reference) must be decisive ([]: every group with a reference)",
+                              factory=list, new=True)
+
+
+@dataclass
 class StudySchema:
     """The `study` block (conf/study/<name>.yaml sets only what makes that study)."""
 
@@ -163,6 +174,8 @@ class StudySchema:
                                                 internal=True)
     critical_batch: CriticalBatch = spec(doc="the report's critical-batch-size section", factory=CriticalBatch,
                                          defines=False)
+    seed_rounds: SeedRounds = spec(doc="seeds added in rounds until the comparisons are decisive "
+                                       "(ayt/studies/seed_rounds.py)", factory=SeedRounds)
 
 
 ConfigStore.instance().store(group="study", name="schema", node=StudySchema)

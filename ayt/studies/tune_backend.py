@@ -20,8 +20,10 @@ from ayt.studies.confirm import (CONFIRM_FILE, choose_candidates, confirm_edit, 
                                  write_confirmation)
 from ayt.studies.plan import StudyPlan, plan_study
 from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
+from ayt.studies import seed_rounds
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
 from ayt.studies.sampler import optuna_sampler  # noqa: F401  (re-exported: ayt.studies.runner)
+from ayt.studies.trials import load_trials
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +154,14 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent.record_code()                          # appends this checkout's version on a resume
     tracker = StudyTracker(uri, str(plan.base.tracking.experiment), parent_id, plan.name, plan.describe)
     console = StudyConsole(plan.space.trial_count(), plan.metric, enabled=progress, label=plan.label)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
-    if exists:
-        requeue_orphaned_trials(plan, parent_id)
+
+    def fit(stage: StudyPlan) -> list:
+        return _fit(stage, parent_id, tracker, console)
     try:
-        if exists:
-            tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-            console.done = _finished_trials(tuner)
+        if seed_rounds.enabled(plan.study):       # seeds until decisive: rounds under this parent
+            grid = seed_rounds.run_in_rounds(plan, fit, lambda: load_trials(uri, parent_id), plan.metric)
         else:
-            tuner = _new_tuner(plan, trainable, callbacks=[tracker, console])
-        grid = tuner.fit()
+            grid = fit(plan)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -173,6 +172,32 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     parent.finish("FINISHED" if errors == 0 else "FAILED")
     summary.update(parent_run_id=parent_id, resumed=resumed, trials=len(grid), errors=errors)
     return summary
+
+
+def _fit(plan: StudyPlan, parent_id: str, tracker, console) -> list:
+    """One Tune experiment of the study (the study itself, or one of its seed rounds): a new
+    Tuner, or the saved one restored; its results."""
+    from ray import tune
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
+    state = TuneOptunaState(plan)
+    if not state.experiment_exists():
+        return list(_new_tuner(plan, trainable, callbacks=[tracker, console]).fit())
+    requeue_orphaned_trials(plan, parent_id)
+    if not state.has_experiment_state():
+        # A driver killed before Tune's first experiment state reached storage left a Tuner and
+        # nothing to restore: Tune would start over with one trial per unvisited grid point and
+        # stop. The Optuna study knows what finished; a new Tuner runs the rest (orphans re-queued).
+        remaining = plan.space.trial_count() - state.finished_trials()
+        log.warning("study %s: Tune saved no experiment state before the driver stopped; running the %d "
+                    "trials the Optuna study has not finished", plan.study_id, remaining)
+        console.done += state.finished_trials()
+        if remaining <= 0:
+            return []
+        return list(_new_tuner(plan, trainable, callbacks=[tracker, console], num_samples=remaining).fit())
+    tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                               resume_errored=True)
+    console.done += _finished_trials(tuner)
+    return list(tuner.fit())
 
 
 def _set_tune_environment(plan: StudyPlan) -> None:
@@ -188,13 +213,14 @@ def _set_tune_environment(plan: StudyPlan) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 
-def _new_tuner(plan: StudyPlan, trainable, callbacks: list):
-    """A fresh study's Tuner: Optuna proposes, ASHA (if chosen) stops, the callbacks record."""
+def _new_tuner(plan: StudyPlan, trainable, callbacks: list, num_samples: int | None = None):
+    """A fresh study's Tuner: Optuna proposes, ASHA (if chosen) stops, the callbacks record.
+    `num_samples`: the trials still to run (all of the study's unless given)."""
     from ray import tune
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=optuna_searcher(plan), scheduler=_scheduler(plan),
-                                    num_samples=plan.space.trial_count(),
+                                    num_samples=plan.space.trial_count() if num_samples is None else num_samples,
                                     max_concurrent_trials=max_concurrent_trials(plan),
                                     # In-process trials keep torch, the data and the FID
                                     # extractor loaded from one trial to the next.
