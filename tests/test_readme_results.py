@@ -342,7 +342,7 @@ def test_a_row_names_the_initialisation_its_study_starts_from():
             if phrase in question:
                 assert _init(study) == init, f"README Results row '{question[:60]}': studies/{study} starts from training.init={_init(study)}"
                 named += 1
-    assert named >= 2, named
+    assert named >= 1, named          # row a (fine-tuning left the table in issue 22)
 
 
 def _committed_studies() -> list[str]:

@@ -84,22 +84,8 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     with no artifacts."""
     out = shared_out_dir
     monkeypatch.chdir(out.parent)
-    args = [f"out_dir={out.name}", "study.name=resumable", "study.axes.batch_size=[16,32]",
-            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2",
-            *TINY]
-    address = ray_session.get_runtime_context().gcs_address
-    log = (out / "resumable-driver.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ayt.studies.batch_size_sweep", *args, f"ray.address={address}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    try:
-        finished = _wait_for_finished_child(out, "resumable", proc, timeout=300)
-    except AssertionError:
-        raise AssertionError((out / "resumable-driver.log").read_text()[-3000:]) from None
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(3)
+    args = _killed_sweep_args(out, "resumable")
+    finished = _run_driver_until_a_trial_finishes(ray_session, out, "resumable", args)
     client, _, before = _children(out, "resumable")
     done_before = {r.info.run_id: r.info.end_time for r in before if r.info.status == "FINISHED"}
     assert finished in done_before
@@ -187,6 +173,42 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     assert len(set(points)) == 4 == plan.space.trial_count()
 
 
+def test_resume_asks_again_for_a_trial_the_saved_trial_list_lost(tmp_path):
+    """Tune's state is several files synced one after another: a driver killed between them can
+    leave a search generator counting 2 trials over a trial list of 1 (the CI run of stop 26
+    ended so: `1 trials (0 failed)`, a child RUNNING, exit 0). The lost trial counts as an
+    orphan, the count drops to the list and the concurrency limiter frees its slot. Mutation
+    caught: trusting the counter (it stays 2 and the grid point is never run)."""
+    import json
+
+    import optuna
+    import ray.cloudpickle as cloudpickle
+    from optuna.trial import TrialState
+
+    from ayt.studies.resume import requeue_orphaned_trials
+    from ayt.studies.tune_backend import optuna_searcher
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
+    searcher = optuna_searcher(plan)
+    searcher.suggest("tune-a")
+    searcher.suggest("tune-b")
+    root = Path(plan.experiment_path)
+    root.mkdir(parents=True)
+    stamp = "2026-01-01_00-00-00"
+    searcher.save(str(root / f"searcher-state-{stamp}.pkl"))              # the searcher owns both
+    (root / f"experiment_state-{stamp}.json").write_text(json.dumps(       # the list holds one
+        {"trial_data": [[json.dumps({"trial_id": "tune-a", "status": "RUNNING"}), {}]], "runner_data": {}}))
+    generator = {"counter": 2, "total_samples": 4, "finished": False, "experiment": None,
+                 "name:ConcurrencyLimiter": {"live_trials": {"tune-a", "tune-b"}, "num_unfinished_live_trials": 2}}
+    (root / f"search_gen_state-{stamp}.json").write_bytes(cloudpickle.dumps(generator))
+
+    assert requeue_orphaned_trials(plan) == 1
+    saved = cloudpickle.loads((root / f"search_gen_state-{stamp}.json").read_bytes())
+    assert saved["counter"] == 1 and saved["name:ConcurrencyLimiter"]["live_trials"] == {"tune-a"}
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert requeue_orphaned_trials(plan) == 0                               # idempotent
+
+
 def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,
                                                                              monkeypatch):
     """Tune writes tuner.pkl at once but syncs its experiment state to storage only after its
@@ -198,20 +220,8 @@ def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(r
     import glob
     out = shared_out_dir
     monkeypatch.chdir(out.parent)
-    args = [f"out_dir={out.name}", "study.name=unsaved", "study.axes.batch_size=[16,32]",
-            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2",
-            *TINY]
-    address = ray_session.get_runtime_context().gcs_address
-    log = (out / "unsaved-driver.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ayt.studies.batch_size_sweep", *args, f"ray.address={address}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    try:
-        _wait_for_finished_child(out, "unsaved", proc, timeout=300)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(3)
+    args = _killed_sweep_args(out, "unsaved")
+    _run_driver_until_a_trial_finishes(ray_session, out, "unsaved", args)
     (experiment,) = glob.glob(str(out / "ray" / "unsaved-*"))
     for saved in (glob.glob(f"{experiment}/experiment_state-*") + glob.glob(f"{experiment}/searcher-state-*")
                   + glob.glob(f"{experiment}/search_gen_state-*")):
@@ -224,6 +234,31 @@ def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(r
     assert sorted((r.data.params["batch_size"], r.data.params["loss"]) for r in after) == \
         [("16", "mfd"), ("16", "pseudo_huber"), ("32", "mfd"), ("32", "pseudo_huber")]
     assert all(r.info.status == "FINISHED" for r in after), [(r.info.run_name, r.info.status) for r in after]
+
+
+def _killed_sweep_args(out: Path, name: str) -> list[str]:
+    """A smoke sweep of 2 batch sizes x 2 losses, run from out's parent with a relative out_dir."""
+    return [f"out_dir={out.name}", f"study.name={name}", "study.axes.batch_size=[16,32]",
+            "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2", *TINY]
+
+
+def _run_driver_until_a_trial_finishes(ray_session, out: Path, name: str, args: list[str]) -> str:
+    """Start the study's driver as a user would (its own process, on the test session's Ray),
+    SIGKILL it once a child run has finished, and return that run's id."""
+    address = ray_session.get_runtime_context().gcs_address
+    log = (out / f"{name}-driver.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ayt.studies.batch_size_sweep", *args, f"ray.address={address}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        finished = _wait_for_finished_child(out, name, proc, timeout=300)
+    except AssertionError:
+        raise AssertionError((out / f"{name}-driver.log").read_text()[-3000:]) from None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(3)
+    return finished
 
 
 def _wait_for_finished_child(out: Path, experiment: str, proc, timeout: float) -> str:

@@ -9,6 +9,7 @@ its error says so, instead of a resume quietly running a trial twice or never.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import pickle
 import warnings
@@ -33,7 +34,11 @@ class TuneOptunaState:
       as its pickled `__dict__`;
     - in that dict, OptunaSearch's `_ot_trials`: Tune trial id -> the Optuna trial it asked for;
     - Optuna's `Trial._trial_id` / `FrozenTrial._trial_id` (the storage's id) and
-      `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does.
+      `Study._storage`, to hand a failed trial to Optuna's retry callback as Optuna does;
+    - Tune's trial list, `experiment_state-<time>.json` (`trial_data`: each trial's JSON with
+      its `trial_id`), and its search generator's `search_gen_state-<time>.json` (a cloudpickled
+      dict: `counter`, the trials it created; `finished`; `name:ConcurrencyLimiter` with its
+      `live_trials`), which `SearchGenerator.restore_from_dir` reads back.
     """
 
     def __init__(self, plan: StudyPlan):
@@ -54,13 +59,56 @@ class TuneOptunaState:
         """Whether an `experiment_state-*.json` (what `Tuner.restore` resumes from) reached the
         experiment's storage: Tune writes `tuner.pkl` at once but syncs its experiment state
         from the driver's staging directory afterwards, so a driver killed early leaves none."""
-        import pyarrow.fs
-        fs, root = self._filesystem()
-        try:
-            infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        except OSError:
-            return False
-        return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+        return self._newest("experiment_state-", ".json") is not None
+
+    def saved_trial_ids(self) -> set[str] | None:
+        """The Tune trials in Tune's newest saved trial list (what `Tuner.restore` resumes);
+        None when Tune saved none."""
+        newest = self._newest("experiment_state-", ".json")
+        if newest is None:
+            return None
+        fs, path = newest
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read())
+        ids = set()
+        for trial_json, *_ in data.get("trial_data", []):
+            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+            ids.add(str(trial["trial_id"]))
+        return ids
+
+    def reconcile_search_counter(self, saved: set[str]) -> int:
+        """Lower the search generator's count of created trials to the trials Tune's saved
+        list holds; returns how many it had counted but the list lost.
+
+        Tune's state is several files, synced to its storage one after another in the
+        background after each step. A driver killed during a sync can leave a generator that
+        counts trials the trial list lacks: the resumed study then never creates them and
+        finishes short, exit code 0. With the count lowered the study asks for them again (their
+        Optuna trials are re-queued by `requeue_orphaned_trials`); the concurrency limiter
+        forgets them too, or it would hold a slot for each forever."""
+        newest = self._newest("search_gen_state-", ".json")
+        if newest is None:
+            return 0
+        import ray.cloudpickle as cloudpickle
+        fs, path = newest
+        with fs.open_input_stream(path) as f:
+            state = cloudpickle.loads(f.read())
+        if not isinstance(state, dict) or not isinstance(state.get("counter"), int):
+            import ray
+            raise ConfigError("study.resume", "cannot read Ray Tune's saved search generator state (its format "
+                              f"changed in ray {ray.__version__}); resume is not safe with this Ray version")
+        lost = state["counter"] - len(saved)
+        if lost <= 0:
+            return 0
+        state["counter"], state["finished"] = len(saved), False
+        limiter = state.get("name:ConcurrencyLimiter")
+        if isinstance(limiter, dict) and isinstance(limiter.get("live_trials"), set):
+            limiter["live_trials"] = {t for t in limiter["live_trials"] if t in saved}
+            limiter["num_unfinished_live_trials"] = min(int(limiter.get("num_unfinished_live_trials", 0)),
+                                                        len(limiter["live_trials"]))
+        with fs.open_output_stream(path) as f:       # one object, replaced whole
+            f.write(cloudpickle.dumps(state))
+        return lost
 
     def has_study(self) -> bool:
         """Whether Optuna created the study (OptunaSearch does when the Tuner starts)."""
@@ -119,27 +167,29 @@ class TuneOptunaState:
         import optuna
         return optuna.load_study(study_name=self.study_id, storage=f"sqlite:///{self.optuna_db}")
 
-    def _filesystem(self):
-        """The filesystem layer Ray uses for the experiment's storage, and the path on it."""
+    def _latest_searcher_state(self) -> dict | None:
+        """The newest `searcher-state-*.pkl` Tune saved."""
+        newest = self._newest("searcher-state-", ".pkl")
+        if newest is None:
+            return None
+        fs, path = newest
+        with fs.open_input_stream(path) as f:
+            return pickle.loads(f.read())
+
+    def _newest(self, prefix: str, suffix: str):
+        """(filesystem, path) of the newest file `<prefix><time><suffix>` in the experiment
+        directory (the name Tune picks the newest by), read through the filesystem layer Ray
+        uses for its storage (local paths, s3://, gs://); None if there is none."""
         import pyarrow.fs
         path = self.experiment_path
-        return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
+        fs, root = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else \
             (pyarrow.fs.LocalFileSystem(), str(Path(path).absolute()))
-
-    def _latest_searcher_state(self) -> dict | None:
-        """The newest `searcher-state-*.pkl` Tune saved, read through the filesystem layer Ray
-        uses for its storage (local paths, s3://, gs://)."""
-        import pyarrow.fs
-        fs, root = self._filesystem()
         try:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
         except OSError:
             return None
-        states = sorted(i.path for i in infos if i.base_name.startswith("searcher-state-") and i.path.endswith(".pkl"))
-        if not states:
-            return None
-        with fs.open_input_stream(states[-1]) as f:
-            return pickle.loads(f.read())
+        found = sorted(i.path for i in infos if i.base_name.startswith(prefix) and i.path.endswith(suffix))
+        return (fs, found[-1]) if found else None
 
 
 def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -> int:
@@ -158,6 +208,16 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
         if state.has_experiment_state() or not state.has_study():
             return 0
         owned = {}          # Tune saved no state at all: every running Optuna trial is an orphan
+    else:
+        saved = state.saved_trial_ids()
+        if saved is not None:
+            # A trial the searcher asked for but Tune's saved trial list lost (the two were
+            # synced apart) is as orphaned as one the searcher never saved.
+            owned = {tune_id: optuna_id for tune_id, optuna_id in owned.items() if tune_id in saved}
+            lost = state.reconcile_search_counter(saved)
+            if lost:
+                log.warning("study %s: Tune's saved state counted %d trial(s) its trial list lacks (a driver "
+                            "killed while saving); they are asked for again", plan.study_id, lost)
     orphans = state.running_trials_not_in(owned)
     for trial in orphans:
         state.requeue(trial)
