@@ -22,12 +22,14 @@ from pathlib import Path
 from ayt.errors import ConfigError
 
 # The rehearsal's study: the README's recipe on a budget that fits a laptop: 2 seeds of one
-# smoke-preset trial (2 trials at once need 2 worker nodes), 60 iterations with a checkpoint
-# at each of 3 evaluations, so a trial can be reclaimed after its first and resume from it.
+# smoke-preset trial (2 trials at once need 2 worker nodes), 300 iterations with a checkpoint
+# at each of 3 evaluations, so a trial can be reclaimed between two and resume from one. (At
+# 60 iterations two reports of a trial came 2-5 s apart on 2 cores: too close to land a
+# reclaim between them, an autoscaler round after the pick; at 300, about 10 s.)
 STUDY = "batch_size_sweep"
 STUDY_NAME = "rehearsal"
 STUDY_ARGS = [f"study.name={STUDY_NAME}", "study.axes.batch_size=[16]", "study.axes.loss=[pseudo_huber]",
-              "study.seeds=[0,1]", "study.preset=smoke", "fid.num_samples=100", "study.budget.amount=960",
+              "study.seeds=[0,1]", "study.preset=smoke", "fid.num_samples=100", "study.budget.amount=4800",
               "study.budget.evals=3", "progress=false"]
 
 

@@ -321,7 +321,7 @@ class RehearsalCluster:
                 continue
         return found
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM this cluster's processes, SIGKILL what is left after `timeout`; returns how
         many there were. The state file goes too, so the temp dir can hold a new cluster."""
         pids = self.pids()

@@ -20,6 +20,7 @@ from ayt.environ import environ
 from ayt.provenance import NODE_IDS_TAG, RESUMED_FROM_TAG, tag_list
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+EVAL_KEY = "eval/fid_1step"        # logged with every report of a study trial (each with its checkpoint)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Rehearsal:
     finished_at: float = 0.0
     zero_at: float | None = None              # every worker node gone
     idle_timeout_s: float = 0.0
-    reclaim: dict[str, Any] | None = None     # node_id, at, run_id, checkpoint_iteration, iteration
+    reclaim: dict[str, Any] | None = None     # node_id, at, run_id, checkpoint_iteration (_at), reported_before_reclaim, ...
     nodes: list[dict[str, Any]] = field(default_factory=list)             # state API, at the end
     placement_groups: dict[str, dict[str, Any]] = field(default_factory=dict)   # every one seen
     trial_nodes: dict[str, list[str]] = field(default_factory=dict)       # trial actor id -> node ids seen
@@ -82,19 +83,25 @@ def rehearse(cluster: RehearsalCluster, study: str, argv: list[str], env: dict[s
         if status in TERMINAL:
             record.status, record.finished_at = status, time.time()
             break
-        # Reclaim once the cluster has scaled up to its limit, under a trial with a checkpoint.
+        # Reclaim once the cluster has scaled up to its limit, under a trial between two
+        # checkpoints (well after its last report, as a reclaim at a random moment falls).
+        if record.reclaim is not None and "followed" not in record.reclaim:
+            _follow_reclaimed(tracking_uri, record.reclaim)
         if preempt and record.reclaim is None and record.max_alive_workers >= most:
-            target = _trial_to_reclaim(tracking_uri, experiment)
+            target = _trial_to_reclaim(tracking_uri, experiment, time.time())
             if target is not None:
                 record.reclaim = target
                 target["at"] = cluster.reclaim(target["node_id"])
                 log(f"ayt: rehearsal: reclaimed node {target['node_id'][-5:]} under trial run {target['run_id']} "
-                    f"at iteration {target['iteration']} (last checkpoint {target['checkpoint_iteration']})")
+                    f"{target['at'] - target['checkpoint_at']:.1f} s after its checkpoint at iteration "
+                    f"{target['checkpoint_iteration']}")
         if time.monotonic() > deadline:
             client.stop_job(record.job_id)
             record.status, record.finished_at = "TIMEOUT", time.time()
             break
         time.sleep(poll)
+    if record.reclaim is not None and "followed" not in record.reclaim:
+        _follow_reclaimed(tracking_uri, record.reclaim, final=True)
     record.logs = client.get_job_logs(record.job_id)
     log(f"ayt: rehearsal: job {record.status} after {record.finished_at - record.submitted_at:.0f} s; "
         f"waiting for idle worker nodes to go (idle timeout {record.idle_timeout_s:.0f} s)")
@@ -105,9 +112,21 @@ def rehearse(cluster: RehearsalCluster, study: str, argv: list[str], env: dict[s
             record.zero_at = time.time()
             break
         time.sleep(poll)
+    # Ray counts a node dead once its raylet is gone; the provider records the termination
+    # when its graceful stop of the node's other processes returns, seconds later.
     record.events = cluster.events()
+    events_deadline = time.monotonic() + 60
+    while record.zero_at is not None and _unended(record.events) and time.monotonic() < events_deadline:
+        time.sleep(poll)
+        record.events = cluster.events()
     record.trials = trial_runs(tracking_uri, experiment)
     return record
+
+
+def _unended(events: list[dict[str, Any]]) -> set[str]:
+    """Worker nodes the provider launched and has not yet recorded terminated or reclaimed."""
+    ended = {e["node_id"] for e in events if e["event"] in ("terminated", "reclaimed")}
+    return {e["node_id"] for e in events if e["event"] == "launched"} - ended
 
 
 def _observe(cluster: RehearsalCluster, record: Rehearsal) -> None:
@@ -128,9 +147,21 @@ def _observe(cluster: RehearsalCluster, record: Rehearsal) -> None:
     record.max_alive_workers = max(record.max_alive_workers, len(alive))
 
 
-def _trial_to_reclaim(uri: str, experiment: str) -> dict[str, Any] | None:
-    """A running trial that has saved a checkpoint (its first evaluation: checkpoints come with
-    evaluations in a study) and has at least two evaluations to go: its node, run, iterations."""
+# A reclaim this long after a trial's last report falls while it trains towards the next one:
+# past the moment Tune registers the report's checkpoint. (A function trainable's
+# `tune.report` uploads the checkpoint, then blocks until the driver has logged the result,
+# asked the trial actor for the checkpoint in a separate `save` call, registered it, and
+# called `train` again; only then does the next iteration start. A node lost inside that
+# window, a fraction of a second, is restored from the checkpoint before: Tune never knew
+# of the newer one.)
+RECLAIM_AFTER_REPORT_S = 2.0
+
+
+def _trial_to_reclaim(uri: str, experiment: str, now: float) -> dict[str, Any] | None:
+    """A running trial between two checkpoints (checkpoints come with evaluations in a study):
+    it has reported one, has another to go, and its last report is `RECLAIM_AFTER_REPORT_S`
+    old, so it is training past it. Its node, run, last checkpoint (iteration and when the
+    driver logged it)."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -138,16 +169,41 @@ def _trial_to_reclaim(uri: str, experiment: str) -> dict[str, Any] | None:
         return None
     for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=50):
         tags = run.data.tags
-        if "mlflow.parentRunId" not in tags or not tags.get(NODE_IDS_TAG):
+        if "mlflow.parentRunId" not in tags or not tags.get(NODE_IDS_TAG) or RESUMED_FROM_TAG in tags:
             continue
-        evals = [m.step for m in client.get_metric_history(run.info.run_id, "eval/fid_1step")]
+        evals = sorted(client.get_metric_history(run.info.run_id, EVAL_KEY), key=lambda m: m.step)
         planned = int(float(run.data.params.get("training.iterations", 0) or 0))
         every = int(float(run.data.params.get("training.eval_every", 0) or 0))
-        if len(evals) == 1 and every and planned >= evals[0] + 2 * every:
-            losses = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-            return {"node_id": tags[NODE_IDS_TAG].split(",")[-1], "run_id": run.info.run_id,
-                    "checkpoint_iteration": evals[-1], "iteration": max(losses + evals)}
+        if not evals or not every or evals[-1].step + every > planned:
+            continue                              # no checkpoint yet, or none to go
+        at = evals[-1].timestamp / 1000
+        if now - at < RECLAIM_AFTER_REPORT_S:
+            continue
+        return {"node_id": tags[NODE_IDS_TAG].split(",")[-1], "run_id": run.info.run_id,
+                "checkpoint_iteration": evals[-1].step, "checkpoint_at": at, "every": every}
     return None
+
+
+def _follow_reclaimed(uri: str, reclaim: dict[str, Any], final: bool = False) -> None:
+    """Once the reclaimed trial's next attempt reports (its run gets the resumed tag), or the
+    study has ended (`final`: a trial that never resumed from a checkpoint has no tag): what
+    the driver had heard from the attempt that died when its node went: its last report
+    (`reported_before_reclaim`, normally the checkpoint it was picked at) and how long before
+    the reclaim that report came (`since_report_s`: the training the reclaim threw away)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    try:
+        if RESUMED_FROM_TAG not in client.get_run(reclaim["run_id"]).data.tags and not final:
+            return
+        evals = client.get_metric_history(reclaim["run_id"], EVAL_KEY)
+    except Exception:  # noqa: BLE001 - the tracking server busy for a moment: look again next time
+        return
+    before = [m for m in evals if m.timestamp / 1000 <= reclaim["at"]]
+    if before:
+        last = max(before, key=lambda m: m.step)
+        reclaim.update(reported_before_reclaim=last.step,
+                       since_report_s=round(reclaim["at"] - last.timestamp / 1000, 1))
+    reclaim["followed"] = True
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -208,12 +264,15 @@ def max_instances(events: list[dict[str, Any]]) -> int:
 
 def node_idle_since(record: Rehearsal) -> dict[str, float]:
     """When each worker node's last trial ended (its MLflow run's end; a trial's last node is
-    the one it ended on)."""
-    idle: dict[str, float] = {}
+    the one it ended on), or, for a node that ran none (launched for a trial that found
+    another node free first), when it joined."""
+    idle = {e["node_id"]: e["time"] for e in record.events if e["event"] == "launched"}
+    ran = set()
     for trial in record.trials:
         if trial["end"] and trial["nodes"]:
             node = trial["nodes"][-1]
-            idle[node] = max(idle.get(node, 0.0), trial["end"])
+            idle[node] = max(idle[node], trial["end"]) if node in ran else trial["end"]
+            ran.add(node)
     return idle
 
 
@@ -230,8 +289,7 @@ def _scale_down(record: Rehearsal) -> dict[str, Any]:
 def _preemption(record: Rehearsal, end: dict[str, float]) -> dict[str, Any]:
     reclaim = record.reclaim
     at = reclaim.get("at")
-    out: dict[str, Any] = {"node": reclaim["node_id"], "reclaimed_at_iteration": reclaim["iteration"],
-                           "checkpoint_iteration": reclaim["checkpoint_iteration"]}
+    out: dict[str, Any] = {"node": reclaim["node_id"], "checkpoint_iteration": reclaim["checkpoint_iteration"]}
     if at and reclaim["node_id"] in end:
         out["reclaim_to_node_dead_s"] = round(end[reclaim["node_id"]] - at, 1)   # Ray noticing the node gone
     later = [p for p in (_pg_times(pg)[1] for pg in record.placement_groups.values()) if p and at and p > at]
@@ -239,10 +297,14 @@ def _preemption(record: Rehearsal, end: dict[str, float]) -> dict[str, Any]:
         out["reclaim_to_trial_placed_again_s"] = round(min(later) - at, 1)
     trials = {t["run_id"]: t for t in record.trials}
     trial = trials.get(reclaim["run_id"])
+    if "since_report_s" in reclaim:
+        out.update(reported_before_reclaim=reclaim["reported_before_reclaim"], training_lost_s=reclaim["since_report_s"])
+    gaps = [b[1] - a[1] for t in record.trials if t["run_id"] != reclaim["run_id"]
+            for a, b in zip(t.get("reports") or [], (t.get("reports") or [])[1:])]
+    if gaps:
+        out["other_trials_report_gap_s"] = round(statistics.median(gaps), 1)   # training between two checkpoints
     if trial is not None:
         out.update(resumed_from_iteration=trial["resumed_from"], nodes=trial["nodes"])
-        if trial["resumed_from"] is not None:
-            out["iterations_redone"] = reclaim["iteration"] - trial["resumed_from"]
         others = [t["end"] - t["start"] for r, t in trials.items() if r != reclaim["run_id"] and t["end"]]
         if trial["end"] and others:
             out["trial_s"] = round(trial["end"] - trial["start"], 1)
@@ -253,7 +315,8 @@ def _preemption(record: Rehearsal, end: dict[str, float]) -> dict[str, Any]:
 
 def trial_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     """Each trial's MLflow child run: id, status, start and end (s), the nodes it ran on, the
-    checkpoint iteration it resumed from (None: never restored)."""
+    checkpoint iteration it resumed from (None: never restored), and when the driver logged
+    each of its reports (`reports`: [iteration, s], one per evaluation and checkpoint)."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -261,7 +324,8 @@ def trial_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
              "start": r.info.start_time / 1000, "end": r.info.end_time / 1000 if r.info.end_time else None,
              "nodes": tag_list(r.data.tags, NODE_IDS_TAG),
-             "resumed_from": int(r.data.tags[RESUMED_FROM_TAG]) if RESUMED_FROM_TAG in r.data.tags else None}
+             "resumed_from": int(r.data.tags[RESUMED_FROM_TAG]) if RESUMED_FROM_TAG in r.data.tags else None,
+             "reports": sorted([m.step, m.timestamp / 1000] for m in client.get_metric_history(r.info.run_id, EVAL_KEY))}
             for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
