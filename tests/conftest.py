@@ -58,6 +58,25 @@ def ray_session():
     yield ray
 
 
+@pytest.fixture(scope="session")
+def first_finished_child():
+    """Poll a driver's MLflow child runs until one has FINISHED (its run id) or the driver exits
+    or `timeout` passes (an AssertionError saying which): how the kill-and-resume tests know
+    when to kill. `children()` may raise while the experiment does not exist yet."""
+    def wait(children, proc: subprocess.Popen, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                done = [r.info.run_id for r in children() if r.info.status == "FINISHED"]
+            except Exception:  # noqa: BLE001 - the store or the experiment may not exist yet
+                done = []
+            if done:
+                return done[0]
+            time.sleep(1)
+        raise AssertionError(f"no trial finished before the deadline (driver exit code {proc.poll()})")
+    return wait
+
+
 class StandIns:
     """Small local stand-ins for the dataset files `ayt.data` reads (nothing downloads)."""
 

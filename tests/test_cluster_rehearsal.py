@@ -273,7 +273,7 @@ def _s3(stack):
 
 # --- a killed driver, resumed from S3 -----------------------------------------------------
 
-def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack):
+def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack, first_finished_child):
     """The study driver joins the rehearsal cluster as a plain process (ray.address=...) with
     its Tune state on S3; it is SIGKILLed after its first trial finished, and the same command
     with resume=true restores the Tuner from S3: the finished trial is not rerun, the second
@@ -291,7 +291,7 @@ def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        first = _wait_for_finished_child(stack.tracking_uri, name, proc, timeout=300)
+        first = first_finished_child(lambda: _runs(stack.tracking_uri, name)[2], proc, timeout=300)
     except AssertionError:
         raise AssertionError(log.read_text()[-3000:]) from None
     finally:
@@ -319,20 +319,6 @@ def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack
     for run in after:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/fid_1step")] == [10, 20]
     assert not (out / "ray").exists()
-
-
-def _wait_for_finished_child(uri: str, experiment: str, proc, timeout: float) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            _, _, children = _runs(uri, experiment)
-        except Exception:  # noqa: BLE001 - the experiment may not exist yet
-            children = []
-        done = [r.info.run_id for r in children if r.info.status == "FINISHED"]
-        if done:
-            return done[0]
-        time.sleep(1)
-    raise AssertionError(f"no trial finished before the deadline (driver exit code {proc.poll()})")
 
 
 def test_orphan_requeue_reads_tune_state_on_s3(stack, tmp_path, monkeypatch):

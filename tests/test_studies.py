@@ -72,7 +72,8 @@ def test_trial_labels_name_a_trial_by_its_axis_values(tmp_path):
     assert huber.space.label({"loss__huber_c": 0.00010329669551879738}, "0a1b2c3d") == "huber_c=0.000103-s0-0a1b"
 
 
-def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir, monkeypatch):
+def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out_dir, monkeypatch,
+                                                          first_finished_child):
     """A smoke batch-size sweep (2 batch sizes x 2 losses) whose driver is killed after the
     first trial finishes, then resumed: one parent, one child per trial, finished trials not
     re-run, every child's FID curve at the right steps, the report written and logged.
@@ -85,7 +86,7 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     out = shared_out_dir
     monkeypatch.chdir(out.parent)
     args = _killed_sweep_args(out, "resumable")
-    finished = _run_driver_until_a_trial_finishes(ray_session, out, "resumable", args)
+    finished = _run_driver_until_a_trial_finishes(ray_session, first_finished_child, out, "resumable", args)
     client, _, before = _children(out, "resumable")
     done_before = {r.info.run_id: r.info.end_time for r in before if r.info.status == "FINISHED"}
     assert finished in done_before
@@ -210,7 +211,7 @@ def test_resume_asks_again_for_a_trial_the_saved_trial_list_lost(tmp_path):
 
 
 def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,
-                                                                             monkeypatch):
+                                                                             monkeypatch, first_finished_child):
     """Tune writes tuner.pkl at once but syncs its experiment state to storage only after its
     steps, so a driver killed early (CI saw it on a loaded machine) leaves a Tuner with nothing
     to restore: Tune then started over, ran one unvisited grid point and stopped, leaving a
@@ -221,7 +222,7 @@ def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(r
     out = shared_out_dir
     monkeypatch.chdir(out.parent)
     args = _killed_sweep_args(out, "unsaved")
-    _run_driver_until_a_trial_finishes(ray_session, out, "unsaved", args)
+    _run_driver_until_a_trial_finishes(ray_session, first_finished_child, out, "unsaved", args)
     (experiment,) = glob.glob(str(out / "ray" / "unsaved-*"))
     for saved in (glob.glob(f"{experiment}/experiment_state-*") + glob.glob(f"{experiment}/searcher-state-*")
                   + glob.glob(f"{experiment}/search_gen_state-*")):
@@ -242,7 +243,8 @@ def _killed_sweep_args(out: Path, name: str) -> list[str]:
             "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640", "study.max_concurrent_trials=2", *TINY]
 
 
-def _run_driver_until_a_trial_finishes(ray_session, out: Path, name: str, args: list[str]) -> str:
+def _run_driver_until_a_trial_finishes(ray_session, first_finished_child, out: Path, name: str,
+                                       args: list[str]) -> str:
     """Start the study's driver as a user would (its own process, on the test session's Ray),
     SIGKILL it once a child run has finished, and return that run's id."""
     address = ray_session.get_runtime_context().gcs_address
@@ -251,7 +253,8 @@ def _run_driver_until_a_trial_finishes(ray_session, out: Path, name: str, args: 
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
-        finished = _wait_for_finished_child(out, name, proc, timeout=300)
+        children = (lambda: _children(out, name)[2] if (out / "mlflow.db").exists() else [])
+        finished = first_finished_child(children, proc, timeout=300)
     except AssertionError:
         raise AssertionError((out / f"{name}-driver.log").read_text()[-3000:]) from None
     finally:
@@ -259,21 +262,6 @@ def _run_driver_until_a_trial_finishes(ray_session, out: Path, name: str, args: 
     proc.wait(timeout=30)
     time.sleep(3)
     return finished
-
-
-def _wait_for_finished_child(out: Path, experiment: str, proc, timeout: float) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "mlflow.db").exists():
-            try:
-                _, _, children = _children(out, experiment)
-            except Exception:  # noqa: BLE001 - the experiment may not exist yet
-                children = []
-            done = [r.info.run_id for r in children if r.info.status == "FINISHED"]
-            if done:
-                return done[0]
-        time.sleep(1)
-    raise AssertionError(f"no trial finished before the deadline (driver exit code {proc.poll()})")
 
 
 def test_asha_stopped_trials_release_their_workers_and_are_marked(ray_session, shared_out_dir):

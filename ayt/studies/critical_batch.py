@@ -336,8 +336,8 @@ def section(trials, key: str, out: Path, title: str = "", bootstrap: int = BOOTS
                 else ("S_min <= 0: no finite B_noise" if f else "–"))
         if f and f.valid_fraction < 1:
             cell += f" ({f.valid_fraction:.0%} of resamples finite)"
-        if f and f.extrapolation():
-            cell += f" ({f.extrapolation()})"
+        if f and (outside := f.extrapolation()):
+            cell += f" ({outside})"
         s_min, e_min = (f"{f.s_min:.0f}", f"{f.e_min:.0f}") if f else ("–", "–")
         if series in m.unresolved:
             cell += " (not resolved)"

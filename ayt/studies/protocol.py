@@ -235,7 +235,7 @@ def extension_values(stage: TuneStage) -> list[float]:
 def separation(per_seed: Mapping[float, Mapping[str, float]], best: float) -> dict[str, Any] | None:
     """The winner against the runner-up (the next-lowest mean), paired by tuning seed: the
     choice keeps the lowest mean, this says whether the seeds could tell the two apart."""
-    _, means = choose({v: list(m.values()) for v, m in per_seed.items()})
+    _, means = choose_by_seed(per_seed)
     rest = {v: m for v, m in means.items() if v != best and math.isfinite(m)}
     if best not in per_seed or not rest:
         return None
@@ -330,6 +330,11 @@ def choose(values: Mapping[float, Sequence[float]]) -> tuple[float | None, dict[
         means[value] = sum(finite) / len(finite) if finite else math.nan
     ok = {v: m for v, m in means.items() if math.isfinite(m)}
     return (min(ok, key=ok.get) if ok else None), means
+
+
+def choose_by_seed(per_seed: Mapping[float, Mapping[str, float]]) -> tuple[float | None, dict[float, float]]:
+    """`choose` over a round's record: value -> {tuning seed: final metric}."""
+    return choose({v: list(m.values()) for v, m in per_seed.items()})
 
 
 def write_tuning(path: Path, record: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ayt.eval.tangent import COS, metric_key
 from ayt.metrics import short
+from ayt.studies.report_plots import mean_curve
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 
 TAIL_EVALS = 3            # the evaluations whose trend says whether a curve has flattened
@@ -32,22 +33,11 @@ LOSS = "loss"             # the axis that names the loss
 LR = "lr"
 
 
-def _mean_curve(trials, key: str) -> list[tuple[int, float]]:
-    """The group's seed-mean curve at the iterations every seed evaluated."""
-    curves = [dict(t.curves.get(key, [])) for t in trials]
-    curves = [c for c in curves if c]
-    if not curves:
-        return []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return [(s, float(np.mean([c[s] for c in curves]))) for s in steps
-            if all(math.isfinite(c[s]) for c in curves)]
-
-
 def still_falling(ctx: ReportContext) -> list[str]:
     falling = []
     for group in ctx.groups:
         members = [t for t in ctx.trials if t.group == group and not t.stopped_early]
-        tail = _mean_curve(members, ctx.key)[-TAIL_EVALS:]
+        tail = [(s, v) for s, v in mean_curve(members, ctx.key) if math.isfinite(v)][-TAIL_EVALS:]
         if len(tail) < TAIL_EVALS:
             continue
         (s0, v0), (s1, v1) = tail[0], tail[-1]

@@ -67,11 +67,21 @@ def seeds_and_mean(ax, trials: Sequence, key: str, style: dict[str, Any] | None 
         for t in trials:
             ax.plot([s * t.batch_size for s, _ in t.curves[key]], [v for _, v in t.curves[key]],
                     color=style.get("color"), linestyle=style.get("linestyle"), alpha=0.3, linewidth=0.8)
-    steps = sorted(set.intersection(*[{s for s, _ in t.curves[key]} for t in trials]))
-    if steps:
-        mean = [np.mean([dict(t.curves[key])[s] for t in trials]) for s in steps]
-        ax.plot([s * trials[0].batch_size for s in steps], mean, linewidth=linewidth, marker=style.get("marker"),
-                markersize=markersize, label=label, color=style.get("color"), linestyle=style.get("linestyle"))
+    curve = mean_curve(trials, key)
+    if curve:
+        ax.plot([s * trials[0].batch_size for s, _ in curve], [m for _, m in curve], linewidth=linewidth,
+                marker=style.get("marker"), markersize=markersize, label=label, color=style.get("color"),
+                linestyle=style.get("linestyle"))
+
+
+def mean_curve(trials: Sequence, key: str) -> list[tuple[int, float]]:
+    """The mean of history `key` over the trials that have it, at the evaluations they all
+    have: [(iteration, mean)] (empty when none or no shared evaluation)."""
+    curves = [dict(t.curves[key]) for t in trials if t.curves.get(key)]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(s, float(np.mean([c[s] for c in curves]))) for s in steps]
 
 
 LEGEND_MAX = 12     # groups a curve figure tells apart by a legend; past that, one line per trial by colour

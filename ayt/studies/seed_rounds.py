@@ -98,10 +98,10 @@ class Decision:
     decisive: bool
 
 
-def decide(trials: Sequence[Any], study: Mapping[str, Any], key: str, level: float) -> list[Decision]:
+def decide(trials: Sequence[Any], study: Mapping[str, Any], space: Any, key: str, level: float) -> list[Decision]:
     """Each compared group against its reference, final `key` paired by seed, at `level`."""
     reference = {k: str(v) for k, v in study["target"]["reference"].items()}
-    names = list(study["seed_rounds"]["compare"] or [])
+    names = [parse_group_label(space, label) for label in study["seed_rounds"]["compare"] or []]
     by_group: dict[Group, dict[str, float]] = {}
     for t in trials:
         if t.status == "FINISHED":
@@ -111,15 +111,11 @@ def decide(trials: Sequence[Any], study: Mapping[str, Any], key: str, level: flo
         ref = group.replace(reference)
         if ref == group or ref not in by_group:
             continue
-        if names and not any(group.matches(_pairs(n)) for n in names):
+        if names and not any(group.matches(n) for n in names):
             continue
         c = paired(finals, by_group[ref], level)
         out.append(Decision(group.label, c.n, c, c.significant))
     return out
-
-
-def _pairs(label: str) -> dict[str, str]:
-    return dict(part.strip().split("=", 1) for part in label.split(","))
 
 
 def run_in_rounds(plan: Any, fit: Callable[[Any], list], load: Callable[[], list], key: str) -> list:
@@ -132,7 +128,7 @@ def run_in_rounds(plan: Any, fit: Callable[[Any], list], load: Callable[[], list
     for index, seeds in enumerate(rounds):
         used += seeds
         results += fit(round_plan(plan, index, seeds))
-        decisions = decide(load(), plan.study, key, level)
+        decisions = decide(load(), plan.study, plan.space, key, level)
         open_ = [d.group for d in decisions if not d.decisive]
         record.append({"round": index, "seeds": list(seeds), "open": open_,
                        "decisions": [{"group": d.group, "seeds": d.seeds, "decisive": d.decisive,

@@ -19,7 +19,7 @@ from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version, tag_l
 from ayt.studies.confirm import (CONFIRM_FILE, choose_candidates, confirm_edit, confirmation_record, parse_confirm,
                                  write_confirmation)
 from ayt.studies.plan import StudyPlan, plan_study
-from ayt.studies.protocol import TUNING_FILE, choose, parse_tune_stage, repeat_edit, write_tuning
+from ayt.studies.protocol import TUNING_FILE, choose_by_seed, parse_tune_stage, repeat_edit, write_tuning
 from ayt.studies import seed_rounds
 from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
 from ayt.studies.sampler import optuna_sampler  # noqa: F401  (re-exported: ayt.studies.runner)
@@ -187,10 +187,11 @@ def _fit(plan: StudyPlan, parent_id: str, tracker, console) -> list:
         # A driver killed before Tune's first experiment state reached storage left a Tuner and
         # nothing to restore: Tune would start over with one trial per unvisited grid point and
         # stop. The Optuna study knows what finished; a new Tuner runs the rest (orphans re-queued).
-        remaining = plan.space.trial_count() - state.finished_trials()
+        finished = state.finished_trials()
+        remaining = plan.space.trial_count() - finished
         log.warning("study %s: Tune saved no experiment state before the driver stopped; running the %d "
                     "trials the Optuna study has not finished", plan.study_id, remaining)
-        console.done += state.finished_trials()
+        console.done += finished
         if remaining <= 0:
             return []
         return list(_new_tuner(plan, trainable, callbacks=[tracker, console], num_samples=remaining).fit())
@@ -283,7 +284,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
         summary = run_study(sub, progress=progress)
         failed, trials = failed + summary["errors"], trials + sub.space.trial_count()
         per_seed = _tuning_metrics(sub, summary["parent_run_id"], stage.key)
-        best, means = choose({v: list(m.values()) for v, m in per_seed.items()})
+        best, means = choose_by_seed(per_seed)
         if best is None:
             raise StudyError(f"stage 1 of {plan.name}: every trial tuning {stage.key} for {group} failed "
                              f"(report {sub.out_dir / 'report.md'})")
@@ -302,7 +303,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
             failed, trials = failed + done["errors"], trials + ext.space.trial_count()
             for v, by_seed in _tuning_metrics(ext, done["parent_run_id"], stage.key).items():
                 per_seed.setdefault(v, {}).update(by_seed)
-            best, means = choose({v: list(m.values()) for v, m in per_seed.items()})
+            best, means = choose_by_seed(per_seed)
             rounds.append({"round": len(rounds) + 1, "value": value, "side": "low" if value < stage.low else "high",
                            "chosen": best, "study_id": ext.study_id,
                            "report": os.path.relpath(ext.out_dir / "report.md", plan.out_dir)})
@@ -326,7 +327,6 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
 
 def _tuning_metrics(sub: StudyPlan, parent_run_id: str, key: str) -> dict[float, dict[str, float]]:
     """A tuning round's final metric per tried value and tuning seed, from its MLflow runs."""
-    from ayt.studies.report import load_trials
     out: dict[float, dict[str, float]] = {}
     for trial in load_trials(str(sub.base.tracking.uri), parent_run_id):
         if key in trial.axes:
@@ -358,7 +358,6 @@ def _check_extension_values(plan: StudyPlan, stage: Any, labels: dict[str, Any])
 def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Stage 1: the search as written; stage 2: its best `confirm.k` and the baseline on the
     confirmation seeds (ayt/studies/confirm.py says why). Every stage resumes like any study."""
-    from ayt.studies.report import load_trials
     stage = parse_confirm(plan.study, plan.space)
     uri = str(plan.base.tracking.uri)
     # A stage starting is an event: its line shows with or without the progress bar.
@@ -388,7 +387,7 @@ def rewrite_reports(plan: StudyPlan) -> list[str]:
     the search), a tune_then_repeat study its tuning stages."""
     from mlflow.tracking import MlflowClient
 
-    from ayt.studies.report import load_trials, write_report
+    from ayt.studies.report import write_report
     from ayt.tracking import RunLogger, find_run
     uri = str(plan.base.tracking.uri)
     client = MlflowClient(uri)
