@@ -210,6 +210,35 @@ def test_resume_asks_again_for_a_trial_the_saved_trial_list_lost(tmp_path):
     assert requeue_orphaned_trials(plan) == 0                               # idempotent
 
 
+def test_a_trial_optuna_finished_after_tunes_last_save_resumes_without_reporting_to_optuna(tmp_path):
+    """A driver killed after telling Optuna a trial finished but before Tune saved again: Tune
+    resumes the trial from its final checkpoint, and OptunaSearch's report to the finished
+    Optuna trial failed the resumed study (UpdateFinishedTrialError; the cluster rehearsal's
+    S3 resume hit it). The resume marks it completed in the saved searcher, whose results are
+    then ignored. Mutation caught: not settling it (the restored searcher's report raises)."""
+    import optuna
+
+    from ayt.studies.resume import requeue_orphaned_trials
+    from ayt.studies.tune_backend import optuna_searcher
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
+    searcher = optuna_searcher(plan)
+    searcher.suggest("tune-a")
+    root = Path(plan.experiment_path)
+    root.mkdir(parents=True)
+    saved = root / "searcher-state-2026-01-01_00-00-00.pkl"
+    searcher.save(str(saved))                               # Tune's last save: tune-a running
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    study.tell(study.trials[0].number, 120.0)               # then Optuna heard it finish; the driver died
+
+    assert requeue_orphaned_trials(plan) == 0               # not an orphan: Tune owns it
+    restored = optuna_searcher(plan)                        # what Tuner.restore does
+    restored.restore(str(saved))
+    restored.on_trial_result("tune-a", {plan.metric: 118.0, "training_iteration": 5})   # must not raise
+    restored.on_trial_complete("tune-a", {plan.metric: 118.0})
+    assert [t.value for t in optuna.load_study(study_name=plan.study_id,
+                                               storage=f"sqlite:///{plan.out_dir / 'optuna.db'}").trials] == [120.0]
+
+
 def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,
                                                                              monkeypatch, first_finished_child):
     """Tune writes tuner.pkl at once but syncs its experiment state to storage only after its

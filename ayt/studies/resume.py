@@ -142,6 +142,32 @@ class TuneOptunaState:
                               f"in ray {ray.__version__}); resume is not safe with this Ray version")
         return {tune_id: t._trial_id for tune_id, t in owned.items()}
 
+    def settle_finished(self, owned: dict[str, int]) -> int:
+        """Mark as completed, in Tune's newest saved searcher, each owned trial Optuna already
+        finished; returns how many. A driver killed after telling Optuna a trial finished but
+        before Tune's next save leaves that trial unfinished in Tune's state: the resume runs it
+        again from its final checkpoint, and OptunaSearch reporting to the finished Optuna trial
+        fails the study (UpdateFinishedTrialError). In `_completed_trials` its results are
+        ignored, as OptunaSearch ignores a completed trial's late results anyway."""
+        newest = self._newest("searcher-state-", ".pkl")
+        if newest is None or not owned or not self.has_study():
+            return 0
+        fs, path = newest
+        with fs.open_input_stream(path) as f:
+            saved = pickle.loads(f.read())
+        completed = saved.get("_completed_trials") if isinstance(saved, dict) else None
+        if not isinstance(completed, set):
+            import ray
+            raise ConfigError("study.resume", "cannot read Ray Tune's saved OptunaSearch state (its format changed "
+                              f"in ray {ray.__version__}); resume is not safe with this Ray version")
+        finished = {t._trial_id for t in self._study.get_trials(deepcopy=False) if t.state.is_finished()}
+        settled = {tune_id for tune_id, optuna_id in owned.items() if optuna_id in finished} - completed
+        if settled:
+            saved["_completed_trials"] = completed | settled
+            with fs.open_output_stream(path) as f:       # one object, replaced whole
+                f.write(pickle.dumps(saved))
+        return len(settled)
+
     def running_trials_not_in(self, owned: dict[str, int]) -> list[Any]:
         """The Optuna study's RUNNING trials (FrozenTrial) that no Tune trial in `owned` owns."""
         from optuna.trial import TrialState
@@ -218,6 +244,9 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
             if lost:
                 log.warning("study %s: Tune's saved state counted %d trial(s) its trial list lacks (a driver "
                             "killed while saving); they are asked for again", plan.study_id, lost)
+        if state.settle_finished(owned):
+            log.info("study %s: trials Optuna had finished after Tune's last save resume without reporting "
+                     "to Optuna again", plan.study_id)
     orphans = state.running_trials_not_in(owned)
     for trial in orphans:
         state.requeue(trial)
