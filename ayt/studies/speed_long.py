@@ -1,0 +1,8 @@
+"""`python -m ayt.studies.speed_long`: the search space is conf/study/speed_long.yaml (see studies/speed_long/)."""
+
+import sys
+
+from ayt.studies.cli import study_main
+
+if __name__ == "__main__":
+    sys.exit(study_main("speed_long"))
