@@ -1,4 +1,4 @@
-"""`python -m ayt.studies.speed_long`: the search space is conf/study/speed_long.yaml (see studies/speed_long/)."""
+"""`python -m ayt.studies.speed_long`: the search space is conf/study/speed_long.yaml (its report, once run, goes to studies/speed_long/)."""
 
 import sys
 
