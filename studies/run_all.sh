@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out="${1:-runs/studies}"; shift || true
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget
                                                speed_tuned feature_map_fidelity finetune critical_batch_sweep
-                                               huber_sweep aug_sweep speed_long)
+                                               huber_sweep aug_sweep speed_long speed_3200)
 py="${PYTHON:-python}"
 for name in "${names[@]}"; do
   resume=()
