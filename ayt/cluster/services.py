@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -151,12 +153,45 @@ POSTGRES_USER = "ayt"
 
 
 def postgres_bin_dir() -> Path | None:
-    """Where initdb and pg_ctl live: PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    """Where initdb and pg_ctl live: PATH, else Debian's /usr/lib/postgresql/<version>/bin, else
+    the server binaries the `pgserver` wheel bundles (in the test and rehearsal extras), so a
+    machine with only Python still gets a real PostgreSQL."""
     found = shutil.which("initdb")
     if found and shutil.which("pg_ctl"):
         return Path(found).resolve().parent
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
-    return Path(versions[-1]).parent if versions else None
+    if versions:
+        return Path(versions[-1]).parent
+    return bundled_postgres_bin_dir()
+
+
+def bundled_postgres_bin_dir() -> Path | None:
+    """The PostgreSQL binaries of the `pgserver` wheel, if it is installed (found without importing
+    it: its import sets up a server-wide lock file this project does not use)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bin_dir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    return bin_dir if (bin_dir / "initdb").is_file() and (bin_dir / "pg_ctl").is_file() else None
+
+
+def _postgres_system_user(bin_dir: Path) -> pwd.struct_passwd:
+    """The user a root process runs PostgreSQL as: Debian's `postgres` where it exists; otherwise
+    the user pgserver itself would create and use, with the bundled binaries made reachable for it
+    (pgserver's own helpers, as it does when it runs as root)."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam("postgres")
+    try:
+        from pgserver import utils as pg_utils
+    except ImportError:
+        raise ServiceError("running as root and there is no `postgres` user to run PostgreSQL as "
+                           "(install the test extra: pip install -e '.[test]')") from None
+    entry = pg_utils.ensure_user_exists("pgserver")
+    pg_utils.ensure_prefix_permissions(bin_dir)
+    read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+    pg_utils.ensure_folder_permissions(bin_dir, read | execute)
+    pg_utils.ensure_folder_permissions(bin_dir.parent / "lib", read)
+    return entry
 
 
 def start_postgres(root: Path, database: str = "mlflow", timeout: float = 60.0) -> Service:
@@ -164,21 +199,18 @@ def start_postgres(root: Path, database: str = "mlflow", timeout: float = 60.0) 
     on a free port, trust authentication for local connections only) with `database` created.
 
     PostgreSQL refuses to run as root: run as root, the cluster belongs to the `postgres` user
-    that Debian's package creates, in a directory under /tmp that user can reach (a pytest
-    tmp_path's parents are root-only)."""
+    that Debian's package creates (or pgserver's own user), in a directory under /tmp that user
+    can reach (a pytest tmp_path's parents are root-only)."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        raise ServiceError("PostgreSQL not installed: no initdb on PATH or under /usr/lib/postgresql/*/bin "
-                           "(Debian: apt-get install postgresql)")
+        raise ServiceError("PostgreSQL not found: no initdb on PATH, under /usr/lib/postgresql/*/bin or in the "
+                           "pgserver wheel (pip install -e '.[test]' brings it)")
     as_user: list[str] = []
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            raise ServiceError("running as root and there is no `postgres` user to run PostgreSQL as") from None
-        as_user = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
+        owner = _postgres_system_user(bin_dir)
+        as_user = [shutil.which("runuser") or "runuser", "-u", owner.pw_name, "--"]
         base = Path(tempfile.mkdtemp(prefix="ayt-pg-"))
         os.chown(base, owner.pw_uid, owner.pw_gid)
     else:
