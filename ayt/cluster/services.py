@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -176,21 +177,29 @@ def bundled_postgres_bin_dir() -> Path | None:
 
 
 def _postgres_system_user(bin_dir: Path) -> pwd.struct_passwd:
-    """The user a root process runs PostgreSQL as: Debian's `postgres` where it exists; otherwise
-    the user pgserver itself would create and use, with the bundled binaries made reachable for it
-    (pgserver's own helpers, as it does when it runs as root)."""
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam("postgres")
+    """The user a root process runs PostgreSQL as: Debian's `postgres` where it exists, else the
+    user pgserver itself creates. With pgserver's binaries, its own helpers make them reachable
+    for that user (as pgserver does when it runs as root: a venv may sit under /root)."""
+    bundled = bin_dir == bundled_postgres_bin_dir()
     try:
-        from pgserver import utils as pg_utils
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        entry = None
+    if entry is not None and not bundled:
+        return entry
+    try:
+        with warnings.catch_warnings():         # its import sets up a runtime dir it warns about
+            warnings.simplefilter("ignore")
+            from pgserver import utils as pg_utils
     except ImportError:
         raise ServiceError("running as root and there is no `postgres` user to run PostgreSQL as "
-                           "(install the test extra: pip install -e '.[test]')") from None
-    entry = pg_utils.ensure_user_exists("pgserver")
+                           "(the test extra's pgserver creates one: pip install -e '.[test]')") from None
+    entry = entry or pg_utils.ensure_user_exists("pgserver")
     pg_utils.ensure_prefix_permissions(bin_dir)
     read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
     pg_utils.ensure_folder_permissions(bin_dir, read | execute)
     pg_utils.ensure_folder_permissions(bin_dir.parent / "lib", read)
+    pg_utils.ensure_folder_permissions(bin_dir.parent / "share", read)
     return entry
 
 
