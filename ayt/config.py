@@ -58,9 +58,11 @@ def _missing_option_error(err: MissingConfigException) -> ConfigError:
 
 
 # Config fields that hold a file-system path (besides out_dir, cache_dir, ray.storage_path
-# and a sqlite tracking.uri); each is made absolute against the directory the command ran in.
-PATH_FIELDS = ("dataset.root", "loss.vgg_weights", "loss.lin_weights", "fid.inception_weights",
-               "training.init_file", "fid.reference_stats")
+# and a sqlite tracking.uri), each with what it names: every one is made absolute against the
+# directory the command ran in, and a "file" must exist before any work (ayt.preflight).
+PATH_FIELDS = {"dataset.root": "directory",          # may be downloaded into (ayt.data)
+               "loss.vgg_weights": "file", "loss.lin_weights": "file", "fid.inception_weights": "file",
+               "training.init_file": "file", "fid.reference_stats": "file"}
 
 
 def resolve_paths(cfg: DictConfig, base_dir: str | Path | None = None) -> DictConfig:
@@ -240,6 +242,12 @@ def _validate_data(cfg: DictConfig) -> None:
     _choice(cfg, "dataset.fid_extractor", ("classifier", "inception"))
 
 
+def _validate_eval(cfg: DictConfig) -> None:
+    """`eval.metrics` names registered metrics whose weights and options are there (ayt/eval/metrics.py)."""
+    from ayt.eval.metrics import validate
+    validate(cfg)
+
+
 def _validate_diagnostics(cfg: DictConfig) -> None:
     """Every `diagnostics.<name>` block, by its registered class (ayt/diagnostics.py)."""
     from ayt.diagnostics import validate_diagnostics
@@ -248,7 +256,7 @@ def _validate_diagnostics(cfg: DictConfig) -> None:
 
 VALIDATORS: list[Callable[[DictConfig], None]] = [
     _validate_device, _validate_training, _validate_method, _validate_network, _validate_scaling,
-    _validate_tracking, _validate_data, _validate_diagnostics,
+    _validate_tracking, _validate_data, _validate_eval, _validate_diagnostics,
 ]
 
 
