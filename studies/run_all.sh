@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the committed study reports: each question of ALGORITHM §7 through the platform's
+# Reproduce the committed study reports: each of the paper's questions through the platform's
 # own entry points, one after another, all sharing one out_dir (and so one artifact cache:
 # one pretrained model, one FID extractor, one feature map per augmentation setting).
 # Interrupted? Run it again: a study that exists is resumed (resume=true), finished ones are
-# only re-reported. Then the small report files are copied into studies/<name>/.
+# only re-reported. Then the small report files are copied into studies/<name>/, OVERWRITING
+# the committed report of that name (git diff shows what changed; git checkout restores it).
+# Python: $PYTHON if set, else the repository's .venv, else `python` on PATH.
 #   usage: studies/run_all.sh [OUT_DIR] [study ...]
 #   default: runs/studies, every committed study (a studies/<name>/ with a conf/study/<name>.yaml),
 #   in the order they were run; a tuning stage (studies/<name>-tune-*) or a confirmation stage
@@ -15,7 +17,8 @@ out="${1:-runs/studies}"; shift || true
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=(speed batch_robustness losses huber feature_map feature_map_budget
                                                speed_tuned feature_map_fidelity finetune critical_batch_sweep
                                                huber_sweep aug_sweep speed_long speed_3200)
-py="${PYTHON:-python}"
+py="${PYTHON:-}"
+[ -n "$py" ] || { [ -x .venv/bin/python ] && py=.venv/bin/python; } || py=python
 for name in "${names[@]}"; do
   resume=()
   [ -d "$out/$name" ] && resume=(resume=true)
