@@ -125,6 +125,12 @@ def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
         raise ConfigError(key, f"unknown value {value!r}; allowed: " + ", ".join(map(str, allowed)))
 
 
+def _flag(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+
+
 def _validate_device(cfg: DictConfig) -> None:
     import torch
     device = str(cfg.device)
@@ -161,7 +167,10 @@ def _validate_training(cfg: DictConfig) -> None:
                           f"got {cfg.dataset.fid_extractor!r}")
     if stats and not Path(str(stats)).is_file():
         raise ConfigError("fid.reference_stats", f"no such file: {stats}")
-    _choice(cfg, "precision", ("fp32", "bf16"))
+    from ayt.precision import PRECISIONS
+    _choice(cfg, "precision", PRECISIONS)
+    for key in ("cudnn_benchmark", "compile", "channels_last"):
+        _flag(cfg, key)
     _number(cfg, "fid.num_samples", low=2, integer=True)
     _number(cfg, "cpu_threads", low=1, integer=True, optional=True)
     _number(cfg, "pretrain.p_std", low=0, low_open=True)
@@ -289,7 +298,8 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 
 # Config keys that say where or how visibly a run happens, not what it computes: left out of
 # run names, study identities and cache keys alike.
-VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "verbose", "cpu_threads")
+VOLATILE_KEYS = ("out_dir", "cache_dir", "tracking", "ray", "name", "progress", "verbose", "cpu_threads",
+                 "cudnn_benchmark")
 
 
 def run_name(cfg: DictConfig) -> str:

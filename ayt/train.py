@@ -26,10 +26,13 @@ Config groups: dataset, network, schedule, loss, augment, scaling, experiment (s
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config plus the short names a researcher filters by in the MLflow UI."""
+    """The flattened config, the short names a researcher filters by in the MLflow UI, and the
+    torch settings its precision policy makes in every training process (`torch.*`)."""
+    from ayt.precision import precision_params     # torch: not on the usage/--cfg path
     params = flatten(cfg)
     params.update(loss=cfg.loss.name, huber_c=cfg.loss.get("huber_c"), dataset=cfg.dataset.name,
                   augment=cfg.augment.name, schedule_q=cfg.schedule.q)
+    params.update(precision_params(cfg))
     return params
 
 
@@ -68,9 +71,9 @@ def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
 def _train_local(cfg, artifacts, logger, run_id, progress):
     """The plain single-process loop (no Ray): the reference the Ray path is measured against."""
     from ayt.training.loop import WorkerContext, train_consistency
-    from ayt.training.prepare import resolve_device
+    from ayt.training.prepare import configure_torch
     ckpt_dir = Path(cfg.out_dir) / "runs" / run_name(cfg) / "checkpoints"
-    ctx = WorkerContext(resolve_device(str(cfg.device)), checkpoint_dir=ckpt_dir)
+    ctx = WorkerContext(configure_torch(cfg), checkpoint_dir=ckpt_dir)
     return train_consistency(cfg, artifacts, ctx, sink=logger, progress=progress)
 
 

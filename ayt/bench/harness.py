@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ayt.bench.registry import Options, get_benchmark
+from ayt.precision import preserved_backend_flags
 from ayt.training.prepare import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +168,8 @@ def target(value: float, op: str, bound: float) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def preserved_state() -> Iterator[None]:
-    """Restore torch's intra-op thread count and default dtype, the RNG states (torch CPU and
+    """Restore torch's intra-op thread count and default dtype, the precision policy's backend
+    flags (TF32, fp32 matmul precision, cuDNN autotuner), the RNG states (torch CPU and
     CUDA, Python, NumPy), the environment variables and the working directory on exit.
     (The inter-op thread count can be set only once per process: nothing changes it here.)"""
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
@@ -178,7 +180,8 @@ def preserved_state() -> Iterator[None]:
     environ = dict(os.environ)
     cwd = os.getcwd()
     try:
-        yield
+        with preserved_backend_flags():
+            yield
     finally:
         os.chdir(cwd)
         for key in [k for k in os.environ if k not in environ]:

@@ -33,6 +33,7 @@ from ayt.method.losses import LossResources, build_loss
 from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
 from ayt.networks.precond import build_denoiser
+from ayt.precision import check_applied
 from ayt.startup import start_mode
 from ayt.training.step import ConsistencyStep, unwrap
 
@@ -175,7 +176,10 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     net.train()
     wrapped = ctx.prepare_model(net)
     if cfg.compile:
-        wrapped = torch.compile(wrapped)
+        # Random numbers drawn as in eager mode (not by Inductor's own kernels): the RNG replay
+        # that gives the target and the prediction one dropout mask (step.dropout_replay) then
+        # holds compiled too, and a compiled step draws the masks an eager one would.
+        wrapped = torch.compile(wrapped, options={"fallback_random": True})
     lr = float(cfg.lr) * lr_scale(str(cfg.lr_scaling), int(cfg.batch_size), int(cfg.lr_ref_batch))
     optimizer_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[str(cfg.get("optimizer", "adam"))]
     optimizer = optimizer_class(unwrap(wrapped).parameters(), lr=lr, betas=tuple(cfg.adam_betas))
@@ -201,6 +205,7 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     """
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     artifacts = artifacts if isinstance(artifacts, Artifacts) else Artifacts(**artifacts)
+    check_applied(cfg)              # the precision policy is in effect in this process (configure_torch)
     device = ctx.device
     torch.manual_seed(int(cfg.seed) * 1009 + ctx.rank)      # per-rank dropout stream
     data = load_dataset(cfg.dataset, train=True)

@@ -22,6 +22,7 @@ from ayt.data import ImageData, load_dataset
 from ayt.eval.fid import FIDEvaluator
 from ayt.method.losses import LOSSES
 from ayt.networks.feature_map import load_feature_map
+from ayt.precision import apply_precision
 from ayt.startup import start_mode
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def configure_torch(cfg: DictConfig) -> torch.device:
-    """Apply process-wide torch settings from the config; return the device to use."""
+    """Apply process-wide torch settings from the config (threads; the precision policy's TF32
+    switches, fp32 matmul precision and cuDNN autotuner, `ayt.precision`); return the device
+    to use. Every process that trains calls it first: the plain loop's, each Ray Train
+    worker's, each Tune trial's."""
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
+    apply_precision(str(cfg.precision), bool(cfg.get("cudnn_benchmark", True)))
     return resolve_device(str(cfg.device))
 
 

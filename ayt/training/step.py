@@ -14,6 +14,7 @@ from ayt.diagnostics import Diagnostic
 from ayt.method.ema import EMA
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencyPair, ConsistencySchedule, PairNoise
+from ayt.precision import PRECISIONS
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -55,16 +56,16 @@ class ConsistencyStep:
     rank: int = 0
     world_size: int = 1
     accum_steps: int = 1           # micro-batches per worker per step
-    precision: str = "fp32"        # fp32 | bf16
+    precision: str = "fp32"        # a key of ayt.precision.PRECISIONS: bf16 autocasts the forward passes
     hooks: Sequence[Diagnostic] = ()  # diagnostics that read the micro-batch gradients (ayt.diagnostics)
 
     def __post_init__(self):
         # First iteration whose loss was not finite (-1: none); a device tensor, read at log time.
         self.first_bad_iteration: Tensor | None = None
 
-    def autocast(self, device: torch.device):
-        enabled = self.precision == "bf16"
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The U-Net's forward passes run inside this: the precision policy's autocast, if any."""
+        return PRECISIONS[self.precision].autocast(device)
 
     @property
     def chunks(self) -> int:
