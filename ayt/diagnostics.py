@@ -16,7 +16,7 @@ under `diagnostics:` in conf/config.yaml (`enabled:` and its own fields). For ex
             return cls()
 
         def evaluate(self, step, iteration, reduce):
-            from ayt.training.step import unwrap
+            from ayt.networks.precond import unwrap
             return {EVAL + "weight_norm": float(torch.cat([p.flatten() for p in unwrap(step.net).parameters()]).norm())}
 
     # conf/config.yaml

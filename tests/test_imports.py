@@ -99,3 +99,13 @@ def test_the_old_hand_kept_list_fails_the_check(monkeypatch):
 def test_every_builder_resolves(kind):
     declared = ARTIFACT_KINDS[kind]
     assert callable(declared.builder()) and declared.builder().__module__ == declared.module
+
+
+def test_evaluation_imports_nothing_from_training():
+    """Training calls evaluation (the loop builds `ayt.eval.probe.EvalProbe`), never the other
+    way round: no `ayt.eval` module reaches `ayt.training`, lazily or not.
+
+    Mutation caught: `from ayt.training.step import unwrap` back inside TangentProbe.__call__."""
+    for module in (m for m in import_graph.package_modules() if m.startswith("ayt.eval")):
+        reached = sorted(m for m in _static_closure(module) if m.startswith("ayt.training"))
+        assert not reached, f"{module} reaches {reached}: move what it needs below ayt.training"

@@ -1,16 +1,20 @@
-"""FID through torch-fidelity (ALGORITHM §6): the FID curve's metric, never a hand-written FID.
+"""Feature extractors and reference sets through torch-fidelity (ALGORITHM §6): the metrics of
+`ayt.eval.metrics` read features these extractors give, never a hand-written network.
 
-Two feature extractors, chosen by `dataset.fid_extractor`:
+Three feature extractors; `dataset.fid_extractor` chooses the dataset's own:
 
 * ``inception``: torch-fidelity's ``inception-v3-compat`` (standard FID, e.g. CIFAR-10),
   weights from `fid.inception_weights` or the torch hub cache; nothing is downloaded.
 * ``classifier``: ``ayt-classifier``, a `DigitClassifier` trained on the dataset's labels
   (the usual practice for MNIST-like data), registered with torch-fidelity here.
+* ``dinov2``: ``ayt-dinov2`` (ayt/eval/dinov2.py), a DINOv2 ViT from `eval.dinov2_weights`,
+  for the metrics that declare it (FD_DINOv2).
 
-Reference statistics are computed once and cached by torch-fidelity under `cache_root`.
-torch-fidelity's cache key is (cache name, extractor name, layer) and does not see the
-extractor's weights, so the cache name carries a hash of the weights file and of the
-reference images.
+A `FeatureReference` is one extractor against one reference set: its Fréchet statistics and,
+for metrics that need them (KID, precision/recall), its features, computed once and cached by
+torch-fidelity under `cache_root`. torch-fidelity's cache key is (cache name, extractor name,
+layer) and does not see the extractor's weights, so the cache name carries a hash of the
+weights file and of the reference images.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
 from ayt.data import ImageData
 from ayt.errors import ConfigError
 from ayt.eval.classifier import load_classifier
+from ayt.eval.dinov2 import DINOV2_EXTRACTOR
+from ayt.eval.metrics import FeatureSet
 
 CLASSIFIER_EXTRACTOR = "ayt-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -98,12 +104,18 @@ if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:  # a second import (
 # Inputs and cache keys
 
 
-def to_uint8_rgb(images: Tensor) -> Tensor:
-    """float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> uint8 [N, 3, H, W] on CPU, as torch-fidelity wants."""
+def quantize(images: Tensor) -> Tensor:
+    """float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> uint8 [N, 3, H, W] on the same device, as
+    torch-fidelity's extractors want (grey repeated to RGB)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [N, 1|3, H, W], got {tuple(images.shape)}")
-    u8 = ((images.detach().to("cpu", torch.float32) + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    u8 = ((images.detach().to(torch.float32) + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
     return u8.expand(-1, 3, -1, -1).contiguous() if u8.shape[1] == 1 else u8
+
+
+def to_uint8_rgb(images: Tensor) -> Tensor:
+    """`quantize` on the CPU (torch-fidelity's datasets)."""
+    return quantize(images.detach().cpu())
 
 
 class UInt8ImageDataset(Dataset):
@@ -167,17 +179,28 @@ def _resolve_inception(weights_path: str | None) -> tuple[str, str]:
     return INCEPTION_EXTRACTOR, path
 
 
+def _resolve_dinov2(weights_path: str | None) -> tuple[str, str]:
+    if not weights_path or not os.path.isfile(weights_path):
+        raise ConfigError("eval.dinov2_weights", f"the dinov2 extractor needs a local DINOv2 weights file; "
+                                                 f"got {weights_path!r}")
+    return DINOV2_EXTRACTOR, os.path.abspath(weights_path)
+
+
 _EXTRACTORS: dict[str, Callable[[str | None], tuple[str, str]]] = {
     "classifier": _resolve_classifier,
     "inception": _resolve_inception,
+    "dinov2": _resolve_dinov2,
 }
 
 
-class FIDEvaluator:
-    """FID of generated samples against one reference set, with cached reference statistics.
+class FeatureReference:
+    """One feature extractor against one reference set: the extractor network, the reference
+    Fréchet statistics and (on request) the reference features, each cached.
 
     Reference stats are computed at most once per (weights, reference images) and shared by
     every process that points at the same `cache_root` (torch-fidelity saves atomically).
+    `fid(samples)` is the single-process FID of a set of images (tests, tools); training
+    evaluates through `ayt.eval.probe.EvalProbe`, which reads `extractor_network` and `reference`.
     """
 
     def __init__(
@@ -192,7 +215,8 @@ class FIDEvaluator:
     ):
         if extractor not in _EXTRACTORS:
             raise ConfigError(
-                "dataset.fid_extractor", f"unknown FID extractor {extractor!r}; allowed: {', '.join(sorted(_EXTRACTORS))}"
+                "dataset.fid_extractor", f"unknown FID extractor {extractor!r}; allowed: classifier, inception "
+                "(dinov2: what the fd_dinov2 metric reads)"
             )
         self.extractor = extractor
         self.feature_extractor, self.weights_path = _EXTRACTORS[extractor](weights_path)
@@ -205,6 +229,7 @@ class FIDEvaluator:
         weights_sha = _sha256_file(self.weights_path)
         digest = hashlib.sha256(f"{weights_sha}:{_sha256_tensor(self._reference_u8)}".encode()).hexdigest()
         self.reference_cache_name = f"ayt-{reference.name}-{len(reference)}x{reference.resolution}-{extractor}-{digest[:16]}"
+        self.images_cache_name = self.reference_cache_name      # the reference features: always of the images
         self.reference_stats = os.path.abspath(os.path.expanduser(reference_stats)) if reference_stats else None
         if self.reference_stats:
             if not os.path.isfile(self.reference_stats):
@@ -217,6 +242,12 @@ class FIDEvaluator:
     def reference_stats_path(self) -> str:
         """torch-fidelity's file name for cached FID statistics (utils/metric_fid in 0.4.0)."""
         name = f"{self.reference_cache_name}-{self.feature_extractor}-stat-fid-{self.feature_layer}.pt"
+        return os.path.join(self.cache_root, name)
+
+    @property
+    def reference_features_path(self) -> str:
+        """torch-fidelity's file name for cached features of the reference images."""
+        name = f"{self.images_cache_name}-{self.feature_extractor}-features-{self.feature_layer}.pt"
         return os.path.join(self.cache_root, name)
 
     def _reference_dataset(self) -> UInt8ImageDataset:
@@ -238,8 +269,11 @@ class FIDEvaluator:
         """torch-fidelity moves the extractor with `.cuda()`: make that mean our device."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def ensure_reference_stats(self) -> str:
-        """Compute and cache the reference statistics if missing; returns their path. Idempotent."""
+    def ensure_reference_stats(self, features: bool = False) -> str:
+        """Compute and cache the reference statistics (and with `features`, the reference
+        features) if missing; returns the statistics' path. Idempotent."""
+        if features:
+            self.ensure_reference_features()
         if os.path.isfile(self.reference_stats_path):
             return self.reference_stats_path
         os.makedirs(self.cache_root, exist_ok=True)
@@ -253,12 +287,43 @@ class FIDEvaluator:
             fid_input_id_to_statistics_cached(2, extractor, self.feature_layer, **kwargs)
         # torch-fidelity also caches the raw features (400 MB for CIFAR-10 + Inception); the
         # stats file is all that FID needs, and it is looked up before the features are.
-        features = f"{self.reference_cache_name}-{self.feature_extractor}-features-{self.feature_layer}.pt"
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.cache_root, features))
+        if not features:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.reference_features_path)
         if not os.path.isfile(self.reference_stats_path):  # torch-fidelity renamed its cache files
             raise RuntimeError(f"torch-fidelity did not write {self.reference_stats_path}")
         return self.reference_stats_path
+
+    def ensure_reference_features(self) -> str:
+        """Compute and cache the reference images' features if missing; returns their path."""
+        if not os.path.isfile(self.reference_features_path):
+            os.makedirs(self.cache_root, exist_ok=True)
+            kwargs = dict(self._kwargs(), input2=self._reference_dataset(), input2_cache_name=self.images_cache_name)
+            with self._on_device():
+                extractor = create_feature_extractor(self.feature_extractor, [self.feature_layer], **kwargs)
+                extract_featuresdict_from_input_id_cached(2, extractor, **kwargs)
+            if not os.path.isfile(self.reference_features_path):
+                raise RuntimeError(f"torch-fidelity did not write {self.reference_features_path}")
+        return self.reference_features_path
+
+    def reference(self, features: bool = False, device: torch.device | str = "cpu") -> FeatureSet:
+        """The reference set as the metrics read it: float64 statistics and (with `features`)
+        the features [N, D] on `device`."""
+        import numpy as np
+        stats = torch.load(self.ensure_reference_stats(features), map_location="cpu", weights_only=False)
+        rows = None
+        if features:
+            rows = torch.load(self.reference_features_path, map_location="cpu", weights_only=False).to(device)
+        n = len(self._reference_u8) if rows is None else int(rows.shape[0])
+        return FeatureSet(n, np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64),
+                          rows)
+
+    def extractor_network(self, device: torch.device | str) -> torch.nn.Module:
+        """The extractor as a module on `device` (eval mode, no gradients): called on uint8
+        [B, 3, H, W], it returns (features [B, D] float32,)."""
+        net = create_feature_extractor(self.feature_extractor, [self.feature_layer], cuda=False,
+                                       feature_extractor_weights_path=self.weights_path, verbose=False)
+        return net.to(device).eval().requires_grad_(False)
 
     def _install_reference_stats(self) -> str:
         """Put `fid.reference_stats` where torch-fidelity looks up cached statistics, in its
@@ -297,6 +362,9 @@ class FIDEvaluator:
                 **self._kwargs(),
             )
         return float(metrics[KEY_METRIC_FID])
+
+
+FIDEvaluator = FeatureReference     # the name its first callers (artifact preparation, tests) use
 
 
 def write_random_inception_weights(path: str, seed: int = 0) -> str:

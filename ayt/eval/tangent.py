@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from ayt.diagnostics import Diagnostic, register_diagnostic
-from ayt.method.losses import PairLoss
+from ayt.method.losses import PairLoss, gradient_wrt_prediction
 from ayt.method.schedule import ConsistencySchedule
+from ayt.networks.precond import unwrap
 
 PREFIX = "eval/tangent/"
 EDGES_TAG = "ayt.tangent.t_bin_edges"
@@ -124,9 +125,8 @@ def tangent_terms(net: nn.Module, loss: PairLoss, schedule: ConsistencySchedule,
     """Per-probe cos(−g, e), |e|, the loss's distance and the unit direction −g/|g| (flattened).
 
     `net` is called as it is (the caller sets eval mode); the pair, the target and the loss
-    follow `ayt.training.step.consistency_terms` at `iteration`.
+    follow the training step's `consistency_terms` at `iteration`.
     """
-    from ayt.training.probes import gradient_wrt_prediction
     size = probes.x.shape[0]
     batch_size = int(batch_size or size)
     out: dict[str, list[Tensor]] = {"cos": [], "err": [], "dist": [], "direction": []}
@@ -246,7 +246,6 @@ class TangentProbe(Diagnostic):
 
     def __call__(self, step, iteration: int) -> dict[str, float]:
         """Metrics of a `ConsistencyStep`'s online network at `iteration`, as training builds pairs."""
-        from ayt.training.step import unwrap
         device = self.probes.x.device
         return self.measure(unwrap(step.net), step.loss, step.schedule, iteration,
                             lambda: step.autocast(device))

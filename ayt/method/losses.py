@@ -97,6 +97,13 @@ class PairLoss:
         return tuple(FROZEN[name].artifact for name in cls.frozen if FROZEN[name].artifact)
 
 
+def gradient_wrt_prediction(terms_fn: Callable[[Tensor], dict[str, Tensor]], pred: Tensor) -> Tensor:
+    """d sum(loss) / d pred, the gradient the step sends into the network's output."""
+    pred.grad = None
+    terms_fn(pred)["loss"].sum().backward()
+    return pred.grad.detach().clone()
+
+
 def _flat(x: Tensor) -> Tensor:
     return x.flatten(1)
 

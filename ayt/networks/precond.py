@@ -79,6 +79,12 @@ class EDMPrecond(nn.Module):
         return d.to(x.dtype)
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain module under a DDP (or compile) wrapper."""
+    net = getattr(net, "module", net)
+    return getattr(net, "_orig_mod", net)
+
+
 def _as_dict(cfg: Mapping | DictConfig | None) -> dict:
     if cfg is None:
         return {}
