@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ayt.train import main
-from ayt.training.loop import FID_KEYS
+from ayt.metrics import FID_KEYS
 from ayt.training.step import ConsistencyStep
 
 
@@ -121,7 +121,7 @@ FID_MARGIN = 500.0       # start - end must exceed this (measured: 746-777, see 
 
 def test_consistency_training_improves_the_one_step_fid_of_the_fixed_noise_set(smoke_run):
     """A short consistency run's final EMA model against its start (the pretrained denoiser
-    the EMA starts from), both scored by the run's `FIDProbe` (same fixed noise set, same
+    the EMA starts from), both scored by the run's `EvalProbe` (same fixed noise set, same
     extractor and reference statistics). It reuses the smoke run's cached artifacts.
 
     Mutation caught: dropping `self.optimizer.step()` in ConsistencyStep.__call__ (the
@@ -141,7 +141,7 @@ def test_consistency_training_improves_the_one_step_fid_of_the_fixed_noise_set(s
     from ayt.config import load_config
     from ayt.data import load_dataset
     from ayt.networks.precond import build_denoiser
-    from ayt.training.loop import FIDProbe
+    from ayt.eval.probe import EvalProbe
     from ayt.training.prepare import ensure_artifacts
 
     _, out = smoke_run
@@ -151,7 +151,7 @@ def test_consistency_training_improves_the_one_step_fid_of_the_fixed_noise_set(s
     cfg = load_config(args)
     artifacts = ensure_artifacts(cfg, progress=False)          # cached: nothing to build
     data = load_dataset(cfg.dataset, train=True)
-    probe = FIDProbe(cfg, artifacts, data, torch.device("cpu"))
+    probe = EvalProbe(cfg, artifacts.fid_weights, artifacts.fid_cache, data, torch.device("cpu"))
 
     def fid_1step(weights) -> float:
         net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)

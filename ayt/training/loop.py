@@ -25,12 +25,12 @@ from ayt.artifacts import Artifacts
 from ayt.config import run_name
 from ayt.data import load_dataset
 from ayt.diagnostics import Diagnostics, build_diagnostics
-from ayt.eval.fid import FIDEvaluator
 from ayt.errors import NonFiniteLossError
-from ayt.metrics import EVAL_SECONDS, FID_1STEP, FID_2STEP, FID_KEYS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
+from ayt.eval.metrics import label as metric_label
+from ayt.eval.probe import EvalProbe
+from ayt.metrics import EVAL_SECONDS, HISTORY, LOSS, TRAIN, TRAIN_SECONDS
 from ayt.method.ema import EMA
 from ayt.method.losses import LossResources, build_loss
-from ayt.method.sampling import sample_in_batches, sample_one_step, sample_two_step
 from ayt.method.schedule import ConsistencySchedule, PairNoise, lr_scale
 from ayt.networks.precond import build_denoiser
 from ayt.precision import check_applied
@@ -131,35 +131,12 @@ class RunState:
     """What a checkpoint restores besides the networks and the optimizer."""
 
     iteration: int = 0
-    curves: dict[str, list[list[float]]] = field(default_factory=lambda: {k: [] for k in FID_KEYS})
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)    # eval key -> [[iteration, value]]
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
 
     def timings(self) -> dict[str, float]:
         return {TRAIN_SECONDS: self.train_seconds, EVAL_SECONDS: self.eval_seconds}
-
-
-class FIDProbe:
-    """FID of 1- and 2-step samples of the EMA model on a fixed noise set (rank 0 only)."""
-
-    def __init__(self, cfg: DictConfig, artifacts: Artifacts, data, device: torch.device):
-        self.cfg = cfg
-        self.evaluator = FIDEvaluator(data, cfg.dataset.fid_extractor, artifacts.fid_weights,
-                                      artifacts.fid_cache, device, reference_stats=cfg.fid.get("reference_stats"))
-        gen = torch.Generator().manual_seed(int(cfg.fid.noise_seed))
-        shape = (int(cfg.fid.num_samples), data.channels, data.resolution, data.resolution)
-        self.z = torch.randn(shape, generator=gen).to(device)
-        self.z2 = torch.randn(shape, generator=gen).to(device)
-
-    def samples(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        edm, bs = self.cfg.edm, int(self.cfg.fid.batch_size)
-        one = sample_in_batches(lambda z: sample_one_step(net, z, edm.sigma_max), self.z, batch_size=bs)
-        two = sample_in_batches(lambda z, z2: sample_two_step(net, z, z2, edm.sigma_max, self.cfg.sampling.t_mid,
-                                                              edm.sigma_min), self.z, self.z2, batch_size=bs)
-        return {FID_1STEP: one, FID_2STEP: two}
-
-    def __call__(self, net: nn.Module) -> dict[str, float]:
-        return {key: float(self.evaluator.fid(images)) for key, images in self.samples(net).items()}
 
 
 def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, data,
@@ -221,7 +198,8 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     state = ctx.restore(lambda directory: load_checkpoint(directory, step, ctx, diagnostics)) or RunState()
     if state.iteration and sink is not None and ctx.is_chief:
         sink.set_tags({"ayt.resumed_from_iteration": state.iteration})
-    probe = FIDProbe(cfg, artifacts, data, device) if ctx.is_chief else None
+    # Every rank samples and extracts its share of each evaluation; rank 0 gets the metrics.
+    probe = EvalProbe(cfg, artifacts.fid_weights, artifacts.fid_cache, data, device, ctx.rank, ctx.world_size)
     tags = diagnostics.tags()
     if sink is not None and ctx.is_chief and tags:
         sink.set_tags(tags)
@@ -261,12 +239,14 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                 state.train_seconds += now - tick
                 if evaluate:            # every rank: a diagnostic may all-reduce
                     metrics.update(diagnostics.evaluate(step, it, lambda t: ctx.all_reduce(t, "mean")))
-                if evaluate and probe is not None:
-                    fids = probe(step.ema.model)
-                    metrics.update(fids)
-                    for key, value in fids.items():
-                        state.curves[key].append([it, value])
-                    bar.set_postfix(loss=metrics.get(LOSS), fid1=f"{fids[FID_1STEP]:.2f}")
+                if evaluate:
+                    measured = probe(step.ema.model)      # every rank: its share of the samples
+                    metrics.update(measured)
+                    for key, value in measured.items():
+                        state.curves.setdefault(key, []).append([it, value])
+                    if measured:
+                        first = next(iter(measured))
+                        bar.set_postfix(loss=metrics.get(LOSS), **{metric_label(first): f"{measured[first]:.3g}"})
                     state.eval_seconds += time.perf_counter() - now
                 state.iteration = it
                 metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), **state.timings())
@@ -289,7 +269,7 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
     bar.close()
     summary = {"iteration": it, "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
                "curves": state.curves}
-    if ctx.is_chief and probe is not None:
+    if ctx.is_chief:
         summary["artifacts"] = write_final_artifacts(cfg, step, state, probe, sink)
     return summary
 
@@ -365,22 +345,30 @@ def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: Wo
                     train_seconds=float(blob.get("train_seconds", 0.0)), eval_seconds=float(blob.get("eval_seconds", 0.0)))
 
 
-def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunState, probe: FIDProbe,
+def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunState, probe: EvalProbe,
                           sink: MetricSink | None) -> list[str]:
-    """Sample grids, the FID-curve PNG and the final EMA weights under out_dir/runs/<name>/."""
+    """Sample grids (the last evaluation's images), a curve PNG per metric quantity
+    (`fid_curve.png`, ...) and the final EMA weights under out_dir/runs/<name>/."""
     from ayt.eval.plots import save_curves, save_sample_grid   # matplotlib: rank 0 draws once, at the end
     out = Path(cfg.out_dir) / "runs" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    samples = probe.samples(step.ema.model)
-    paths = [
-        save_sample_grid(samples[FID_1STEP][:64], out / "samples_1step.png"),
-        save_sample_grid(samples[FID_2STEP][:64], out / "samples_2step.png"),
-        save_curves({"1-step": state.curves[FID_1STEP], "2-step": state.curves[FID_2STEP]}, out / "fid_curve.png",
-                    title=f"{cfg.loss.name}, batch {cfg.batch_size}"),
-    ]
+    if probe.last is None:          # no evaluation in this process (a finished run started again)
+        probe.generate(step.ema.model)
+    paths = [save_sample_grid(probe.last[k], out / f"samples_{k}step.png") for k in sorted(probe.last)]
+    by_quantity: dict[str, dict[str, list]] = {}
+    for key, curve in state.curves.items():
+        parsed = parse_key(key)
+        if parsed and curve:
+            by_quantity.setdefault(parsed[0].name, {})[f"{parsed[1]}-step"] = curve
+    for name, curves in by_quantity.items():
+        quantity = parse_key(f"{name}_1step")[0]
+        paths.append(save_curves(curves, out / f"{name}_curve.png", ylabel=quantity.label,
+                                 log_y=quantity.direction == MIN and all(v > 0 for c in curves.values() for _, v in c),
+                                 title=f"{cfg.loss.name}, batch {cfg.batch_size}"))
     torch.save(step.ema.state_dict(), out / "ema.pt")
     paths.append(out / "ema.pt")
     paths = [str(p) for p in paths]
     if sink is not None:
         sink.log_artifacts(paths)
     return paths
+    from ayt.eval.metrics import MIN, parse_key

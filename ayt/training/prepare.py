@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ayt.artifacts import (ARTIFACT_KINDS, ArtifactCache, ArtifactKind, Artifacts, classifier_spec, config_hash,
                            feature_map_spec, init_file_spec, pretrained_spec)
 from ayt.data import ImageData, load_dataset
-from ayt.eval.fid import FIDEvaluator
+from ayt.eval.probe import ensure_references
 from ayt.method.losses import LOSSES
 from ayt.networks.feature_map import load_feature_map
 from ayt.precision import apply_precision
@@ -108,7 +108,7 @@ def artifact_record(cfg: DictConfig) -> dict[str, Any]:
 
 
 def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
-    """Build (or find) everything a run of `cfg` needs, and the FID reference statistics."""
+    """Build (or find) everything a run of `cfg` needs, and the reference sets of its metrics."""
     device = configure_torch(cfg)
     cache = ArtifactCache(cfg.cache_dir)
     data = load_dataset(cfg.dataset, train=True)
@@ -117,8 +117,7 @@ def ensure_artifacts(cfg: DictConfig, progress: bool = True) -> Artifacts:
         setattr(art, kind.slot, str(ensure_artifact(kind.name, cfg, cache, data, device, progress)))
     if art.fid_weights is None and cfg.fid.inception_weights:     # Inception: the configured weights file
         art.fid_weights = str(Path(cfg.fid.inception_weights))
-    FIDEvaluator(data, cfg.dataset.fid_extractor, art.fid_weights, art.fid_cache, device,
-                 reference_stats=cfg.fid.get("reference_stats")).ensure_reference_stats()
+    ensure_references(cfg, art.fid_weights, art.fid_cache, data, device)     # every metric's reference set
     for path in (art.pretrained, art.feature_map, art.fid_weights):
         if path:
             art.metrics.update(_read_json(Path(path).parent / "metrics.json"))

@@ -21,7 +21,8 @@ from ray.train.torch import TorchTrainer
 from ayt.config import run_name
 from ayt.environ import environ
 from ayt.errors import NonFiniteLossError
-from ayt.metrics import EVAL_SECONDS, FID_KEYS, TRAIN_SECONDS
+from ayt.eval.metrics import logged_keys
+from ayt.metrics import EVAL_SECONDS, TRAIN_SECONDS
 from ayt.preflight import preflight
 from ayt.provenance import CODE_VERSION, code_version
 from ayt.training.loop import RunState, WorkerContext, train_consistency
@@ -102,14 +103,14 @@ def train_worker(config: dict[str, Any]) -> None:
     except NonFiniteLossError as err:
         # Not a worker failure to retry: the run ends with the reason. Ray Train's Result
         # carries the metrics of the last *checkpoint* only, so rank 0 also leaves the reason
-        # next to the run's checkpoints, where `raise_if_failed` finds it. The FID keys are
+        # next to the run's checkpoints, where `raise_if_failed` finds it. The metric keys are
         # reported as NaN: a Tune searcher (OptunaSearch) reads its metric from every result.
         if ctx.is_chief:
             storage = ray.train.get_context().get_storage()
             with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{FAILURE_FILE}") as f:
                 f.write(json.dumps({"iteration": err.iteration, "reason": str(err)}).encode())
         ray.train.report({"failure": str(err), "failed_iteration": err.iteration,
-                          **{key: float("nan") for key in FID_KEYS}})
+                          **{key: float("nan") for key in logged_keys(cfg.eval.metrics)}})
 
 
 FAILURE_FILE = "ayt_failure.json"
@@ -188,7 +189,7 @@ def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, p
     result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
     raise_if_failed(cfg, run_name(cfg))
     metrics = result.metrics or {}
-    curves = {key: [[s, v] for s, v in logger.history(key)] for key in FID_KEYS}
+    curves = {key: [[s, v] for s, v in logger.history(key)] for key in logged_keys(cfg.eval.metrics)}
     return {"iteration": int(metrics.get("iteration", 0)), "curves": curves,
             "train_seconds": metrics.get(TRAIN_SECONDS), "eval_seconds": metrics.get(EVAL_SECONDS),
             "checkpoint": getattr(result.checkpoint, "path", None)}

@@ -14,13 +14,8 @@ from ayt.diagnostics import Diagnostic
 from ayt.method.ema import EMA
 from ayt.method.losses import PairLoss
 from ayt.method.schedule import ConsistencyPair, ConsistencySchedule, PairNoise
+from ayt.networks.precond import unwrap  # noqa: F401 - re-exported: the loop and the benchmarks import it here
 from ayt.precision import PRECISIONS
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    """The plain module under a DDP (or compile) wrapper."""
-    net = getattr(net, "module", net)
-    return getattr(net, "_orig_mod", net)
 
 
 def dropout_replay(device: torch.device):
