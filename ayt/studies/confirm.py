@@ -32,6 +32,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ayt.errors import ConfigError
+from ayt.eval.metrics import better as better_than
+from ayt.eval.metrics import direction, ranked, words
 from ayt.metrics import short
 from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_search import value_of
@@ -110,11 +112,11 @@ def baseline_overrides(stage: ConfirmStage) -> list[str]:
 def choose_candidates(trials: Sequence[Trial], space: StudySpace, key: str, k: int) -> list[Candidate]:
     """The search's best `k` distinct configurations among the trials that ran the whole budget
     with a finite final metric, best first (`best1`, ...)."""
-    ranked = sorted((t for t in trials if t.status != "FAILED" and not t.stopped_early
-                     and math.isfinite(t.final(key))), key=lambda t: (t.final(key), t.name))
+    finished = sorted((t for t in trials if t.status != "FAILED" and not t.stopped_early
+                       and math.isfinite(t.final(key))), key=lambda t: t.name)
     out: list[Candidate] = []
     seen: set[tuple] = set()
-    for t in ranked:
+    for t in ranked(finished, lambda t: t.final(key), key):      # best first in the metric's direction
         settings = {a.key: value_of(a, t.axes.get(a.key)) for a in space.axes}
         if any(v is None for v in settings.values()):
             continue
@@ -175,19 +177,21 @@ class Verdict:
     words: str
 
 
-def verdicts(by_candidate: Mapping[str, Mapping[int, float]], level: float = LEVEL) -> list[Verdict]:
+def verdicts(by_candidate: Mapping[str, Mapping[int, float]], level: float = LEVEL,
+             key: str = "fid") -> list[Verdict]:
     """Each candidate against the baseline, paired by seed; Holm's step-down over the k
-    comparisons keeps the chance of any false "better" at 1 − level."""
+    comparisons keeps the chance of any false "better" at 1 − level; better and worse in the
+    metric `key`'s direction."""
     base = by_candidate.get(BASELINE, {})
     names = [n for n in by_candidate if n != BASELINE]
-    comps = [paired(by_candidate[n], base, level) for n in names]
+    comps = [paired(by_candidate[n], base, level, direction=direction(key)) for n in names]
     adjusted = holm([c.p for c in comps])
     out = []
     for name, c, p in zip(names, comps, adjusted):
         if not c.available:
             words = f"no verdict ({c.method})"
         elif p < 1 - level:
-            words = ("better than the baseline" if c.estimate < 0 else "worse than the baseline")
+            words = ("better than the baseline" if c.outcome == "better" else "worse than the baseline")
         else:
             words = "inconclusive" + (f": {c.power_words()}" if c.power_words() else "")
         out.append(Verdict(name, c, p, words))
@@ -231,7 +235,7 @@ class ConfirmSection(Section):
                 by_candidate.setdefault(name, {})[t.seed] = t.final(key)
         order = [n for n in study["candidates"] if n in by_candidate]
         by_candidate = {n: by_candidate[n] for n in order}
-        found = verdicts(by_candidate)
+        found = verdicts(by_candidate, key=key)
         searched = record.get("search_trials", "?")
         report = record.get("search_report")
         lines = ["", "## Confirmation: the best found against the baseline, on fresh seeds", "",
@@ -284,8 +288,8 @@ class ConfirmSection(Section):
             out.append(f"- The search's best (best1) scored {best['search_final']:.2f} on its one search seed; on "
                        f"the confirmation seeds it averages {best['confirm_mean']:.2f}"
                        + (f" ({best['confirm_mean'] - best['search_final']:+.2f}, as the winner's curse predicts: "
-                          "its search score was chosen for being low)"
-                          if best["confirm_mean"] > best["search_final"] else "") + ".")
+                          f"its search score was chosen for being {words(key)[0][:-2]})"
+                          if better_than(best["search_final"], best["confirm_mean"], key) else "") + ".")
         widths = [r["diff_high"] - r["diff_low"] for r in records if math.isfinite(r["diff_high"])]
         if widths:
             out.append(f"- The paired intervals are {min(widths):.1f}–{max(widths):.1f} {short(key)} wide: a "
@@ -315,7 +319,7 @@ def paired_figure(by_candidate: Mapping[str, Mapping[int, float]], found: Sequen
     ax.axhline(0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(found)), [v.candidate for v in found])
     ax.set_xlim(-0.5, len(found) - 0.3)
-    ax.set_ylabel(f"final {short(key)}: candidate − baseline (lower is better)")
+    ax.set_ylabel(f"final {short(key)}: candidate − baseline ({words(key)[0]} is better)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     return save_figure(fig, path)

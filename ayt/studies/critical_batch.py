@@ -52,6 +52,9 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import lsq_linear
 
+from ayt.eval.metrics import at_least_as_good
+from ayt.eval.metrics import best as best_of
+from ayt.eval.metrics import sign
 from ayt.metrics import short
 from ayt.studies.group import Group
 from ayt.studies.report_plots import pyplot, seeds_and_mean
@@ -121,12 +124,13 @@ class NoiseFit:
         return self.s_min * (1 + self.b_noise / batch)
 
 
-def crossing(curve: Sequence[tuple[int, float]], target: float) -> float | None:
-    """First iteration at which the FID curve reaches `target`, linear between evaluations
-    (the first evaluation itself if it is already there; None if never)."""
+def crossing(curve: Sequence[tuple[int, float]], target: float, key: str = "fid") -> float | None:
+    """First iteration at which the curve of metric `key` reaches `target` (at or below it, or
+    above for a higher-is-better metric), linear between evaluations (the first evaluation
+    itself if it is already there; None if never)."""
     previous = None
     for step, value in curve:
-        if value <= target:
+        if at_least_as_good(value, target, key):
             if previous is None or previous[1] == value:
                 return float(step)
             (s0, v0) = previous
@@ -193,6 +197,11 @@ class Measurement:
     fits: dict[Group, NoiseFit] = field(default_factory=dict)
 
 
+def worst_of(values, key: str) -> float:
+    """The worst of finite `values` in the metric's direction (the loosest target)."""
+    return float(max(values, key=lambda v: sign(key) * v))
+
+
 def series_of(trial) -> Group:
     """The trial's series: its group without the batch size."""
     return trial.group.without(BATCH)
@@ -200,17 +209,17 @@ def series_of(trial) -> Group:
 
 def shared_target(trials, key: str) -> float | None:
     """The worst group's best seed-mean FID (at evaluations every seed of the group has; the
-    mean of the seeds' best FIDs where they share none)."""
+    mean of the seeds' best FIDs where they share none); best and worst in the metric's direction."""
     best = []
     for group in {t.group for t in trials}:
         curves = [dict(t.curves.get(key, [])) for t in trials if t.group == group]
         curves = [c for c in curves if c]
         steps = set.intersection(*(set(c) for c in curves)) if curves else set()
         if steps:
-            best.append(min(np.mean([c[s] for c in curves]) for s in steps))
+            best.append(best_of((float(np.mean([c[s] for c in curves])) for s in steps), key))
         elif curves:
-            best.append(np.mean([min(c.values()) for c in curves]))
-    return float(max(best)) if best else None
+            best.append(float(np.mean([best_of(c.values(), key) for c in curves])))
+    return worst_of(best, key) if best else None
 
 
 def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared") -> Measurement:
@@ -223,7 +232,7 @@ def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared")
         shared = shared_target(trials, key)
         targets = {s: shared for s in by_series}
     known = [v for v in targets.values() if v is not None]
-    out = Measurement(max(known) if known else None, scope, {s: v for s, v in targets.items() if v is not None})
+    out = Measurement(worst_of(known, key) if known else None, scope, {s: v for s, v in targets.items() if v is not None})
     if out.target is None:
         return out
     for series, members in sorted(by_series.items()):
@@ -233,7 +242,7 @@ def measure(trials, key: str, bootstrap: int = BOOTSTRAP, scope: str = "shared")
         first_only = True
         for t in members:
             curve = t.curves.get(key, [])
-            steps = crossing(curve, target)
+            steps = crossing(curve, target, key)
             if steps is None:
                 out.missed.setdefault(series, []).append((t.batch_size, t.seed))
                 if curve:

@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, load_config, run_name
 from ayt.errors import ConfigError
+from ayt.eval.metrics import METRICS as METRIC_KINDS
+from ayt.eval.metrics import direction as metric_direction
+from ayt.eval.metrics import quantity_of
 from ayt.metrics import eval_key
 from ayt.studies.seed_rounds import check as check_seed_rounds
 from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
@@ -66,8 +69,13 @@ class StudyPlan:
 
     @property
     def metric(self) -> str:
-        """The metric Optuna and ASHA minimise, as trials report it (`eval/fid_1step`)."""
+        """The metric Optuna and ASHA optimise, as trials report it (`eval/fid_1step`)."""
         return eval_key(str(self.study["metric"]))
+
+    @property
+    def mode(self) -> str:
+        """Which way the study metric is better: Tune's `mode` (min | max, the metric's declaration)."""
+        return metric_direction(self.metric)
 
     @property
     def trial_backend(self) -> str:
@@ -184,6 +192,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     base_dir = os.getcwd()
     base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
+    check_study_metric(str(study.metric), base)
     if str(study.trial_backend) == "in_process" and int(base.scaling.num_workers) != 1:
         raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
                           f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
@@ -209,6 +218,17 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
             argv = [*argv, f"tracking.experiment={space.name}-tune"]
         plan.tune_plans = [plan_study(name, argv, tune_edit(space, stage, g)) for g in groups(space)]
     return plan
+
+
+def check_study_metric(metric: str, base: DictConfig) -> None:
+    """`study.metric` is logged by a metric the trials evaluate (`eval.metrics`)."""
+    quantity = quantity_of(metric)
+    evaluated = [str(m) for m in base.eval.metrics]
+    if not any(quantity in METRIC_KINDS[m].quantities for m in evaluated):
+        owner = next(name for name, kind in METRIC_KINDS.items() if quantity in kind.quantities)
+        raise ConfigError("study.metric", f"{metric!r} is logged by metric {owner!r}, which eval.metrics "
+                          f"{evaluated} does not evaluate; add it (e.g. eval.metrics=[{', '.join([*evaluated, owner])}]) "
+                          "or rank by one of theirs")
 
 
 def _load_study_module(name: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig
 
+from ayt.eval.metrics import MIN, direction, ranked
 from ayt.errors import ConfigError
 from ayt.studies.group import Group
 from ayt.studies.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
@@ -232,17 +233,18 @@ def extension_values(stage: TuneStage) -> list[float]:
             + [v for v in high if stage.ceiling is None or v <= stage.ceiling])
 
 
-def separation(per_seed: Mapping[float, Mapping[str, float]], best: float) -> dict[str, Any] | None:
-    """The winner against the runner-up (the next-lowest mean), paired by tuning seed: the
-    choice keeps the lowest mean, this says whether the seeds could tell the two apart."""
-    _, means = choose_by_seed(per_seed)
+def separation(per_seed: Mapping[float, Mapping[str, float]], best: float,
+               metric: str = "fid") -> dict[str, Any] | None:
+    """The winner against the runner-up (the next-best mean in `metric`'s direction), paired by
+    tuning seed: the choice keeps the best mean, this says whether the seeds could tell the two apart."""
+    _, means = choose_by_seed(per_seed, metric)
     rest = {v: m for v, m in means.items() if v != best and math.isfinite(m)}
     if best not in per_seed or not rest:
         return None
-    runner_up = min(rest, key=rest.get)
-    c = paired(per_seed[best], per_seed[runner_up])
+    runner_up = ranked(rest, rest.get, metric)[0]
+    c = paired(per_seed[best], per_seed[runner_up], direction=direction(metric))
     return {"winner": best, "runner_up": runner_up, "estimate": c.estimate, "low": c.low, "high": c.high,
-            "n": c.n, "separated": bool(c.significant and c.estimate < 0)}
+            "n": c.n, "separated": bool(c.significant and c.outcome == "better")}
 
 
 def separation_words(sep: Mapping[str, Any] | None, unit: str = "FID") -> str:
@@ -321,20 +323,22 @@ def tuned_overrides(study: Mapping[str, Any], space: StudySpace, params: Mapping
     return out
 
 
-def choose(values: Mapping[float, Sequence[float]]) -> tuple[float | None, dict[float, float]]:
-    """The value with the lowest mean metric over the tuning seeds (failed trials left out:
-    a value whose every trial failed cannot win). Returns (best or None, mean per value)."""
+def choose(values: Mapping[float, Sequence[float]], metric: str = "fid") -> tuple[float | None, dict[float, float]]:
+    """The value with the best mean `metric` over the tuning seeds (lowest, or highest for a
+    higher-is-better metric; failed trials left out: a value whose every trial failed cannot
+    win). Returns (best or None, mean per value)."""
     means = {}
     for value, metrics in values.items():
         finite = [m for m in metrics if m is not None and math.isfinite(m)]
         means[value] = sum(finite) / len(finite) if finite else math.nan
     ok = {v: m for v, m in means.items() if math.isfinite(m)}
-    return (min(ok, key=ok.get) if ok else None), means
+    return (ranked(ok, ok.get, metric)[0] if ok else None), means
 
 
-def choose_by_seed(per_seed: Mapping[float, Mapping[str, float]]) -> tuple[float | None, dict[float, float]]:
+def choose_by_seed(per_seed: Mapping[float, Mapping[str, float]],
+                   metric: str = "fid") -> tuple[float | None, dict[float, float]]:
     """`choose` over a round's record: value -> {tuning seed: final metric}."""
-    return choose({v: list(m.values()) for v, m in per_seed.items()})
+    return choose({v: list(m.values()) for v, m in per_seed.items()}, metric)
 
 
 def write_tuning(path: Path, record: dict[str, Any]) -> None:
@@ -351,8 +355,9 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
         return _given_lines(study)
     record = json.loads(path.read_text())
     key = record.get("key", "the tuned key")
+    lowest = "lowest" if direction(record.get("metric") or "fid") == MIN else "highest"
     lines = ["## Protocol: tune, then repeat", "",
-             f"Each group runs at its own best `{key}`, chosen in stage 1 by the lowest mean final "
+             f"Each group runs at its own best `{key}`, chosen in stage 1 by the {lowest} mean final "
              f"{record.get('metric', 'FID')} on tuning seeds {record.get('seeds', '?')} (not the seeds above), "
              f"{record.get('search', '?')} search over [{record.get('low', '?')}, {record.get('high', '?')}]"
              f"{' (log scale)' if record.get('log') else ''}, on this study's budget"

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ayt.eval.metrics import MIN, direction, label, quantity_of
 from ayt.metrics import short
 from ayt.provenance import git_commit, short_version
 from ayt.studies.confirm import ConfirmSection
@@ -49,7 +50,7 @@ from ayt.studies.report_rows import group_label, write_rows
 from ayt.studies.report_search import SearchSection, group_table_note, is_search, per_trial_table
 from ayt.studies.report_limits import Limits
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.report_table import CURVES, TABLE, findings, group_rows, table_lines, targets
+from ayt.studies.report_table import TABLE, curve_keys, findings, group_rows, table_lines, targets
 from ayt.studies.report_tangent import Tangent
 from ayt.studies.seed_rounds import SeedRoundsSection
 from ayt.studies.stats import mean_ci
@@ -172,12 +173,17 @@ def _diverged_lines(trials: list[Trial], key: str) -> list[str]:
     bad = [(t, t.divergence(key)) for t in trials]
     bad = [(t, why) for t, why in bad if why]
     if not bad:
+        if direction(key) != MIN:
+            return ["", f"Diverged trials: none (a non-finite loss, {short(key)} more than "
+                    f"{DIVERGED_RISE:.0%} below its first evaluation to the end, or a final {short(key)} under "
+                    f"1/{DIVERGED_FROM_BEST:g} of its best)."]
         return ["", f"Diverged trials: none (a non-finite loss, {short(key)} more than "
                 f"{DIVERGED_RISE:.0%} above its first evaluation to the end, or a final {short(key)} more than "
                 f"{DIVERGED_FROM_BEST:g}× its best)."]
     return ["", f"## Diverged trials ({len(bad)} of {len(trials)})", "",
-            "A trial that failed on a non-finite loss has no final FID and is missing from its group's "
-            f"mean; one whose {short(key)} rose and stayed up is in the mean (it is what that setting did).", ""] + \
+            f"A trial that failed on a non-finite loss has no final {quantity_of(key).label} and is missing from its "
+            f"group's mean; one whose {short(key)} {'rose and stayed up' if direction(key) == MIN else 'fell and stayed down'} "
+            "is in the mean (it is what that setting did).", ""] + \
         [f"- {t.group.label}, seed {t.seed} (`{t.name}`): {why}" for t, why in bad]
 
 
@@ -186,8 +192,9 @@ class Figures(Section):
     numeric axis; listed with every figure an earlier section wrote but did not show itself."""
 
     def write(self, ctx: ReportContext) -> SectionOutput:
-        files = [curve_figure(ctx.trials, key, ctx.out / f"{short(key)}.png", ylabel=_fid_label(key),
-                              title=f"{ctx.plan.name}: {short(key)} (thin: seeds, bold: mean)") for key in CURVES]
+        files = [curve_figure(ctx.trials, key, ctx.out / f"{short(key)}.png", ylabel=label(key),
+                              title=f"{ctx.plan.name}: {short(key)} (thin: seeds, bold: mean)")
+                 for key in curve_keys(ctx.trials, ctx.key)]
         if not is_search(ctx.plan):           # a search draws search_response.png instead
             files += _final_vs_first_axis(ctx.trials, ctx.out, ctx.plan)
         shown = files + [f for _, output in ctx.outputs for f in output.files
@@ -195,12 +202,9 @@ class Figures(Section):
         return SectionOutput(["", "## Figures", ""] + [f"![{Path(f).name}]({Path(f).name})" for f in shown], files)
 
 
-def _fid_label(key: str) -> str:
-    return short(key).replace("_", " ").upper().replace("STEP", "-step")
-
-
 def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
-    """Final FID against the first numeric axis (e.g. batch size), one line per other setting."""
+    """The study metric's final value (each sampler) against the first numeric axis (e.g. batch
+    size), one line per other setting."""
     if not trials:
         return []
     axes = list(trials[0].group.keys)
@@ -210,7 +214,8 @@ def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
     x_key = numeric[0]
     plt = pyplot()
     fig, panels = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, key in zip(panels[0], CURVES):
+    own = quantity_of(plan.metric)
+    for ax, key in zip(panels[0], [k for k in curve_keys(trials, plan.metric) if quantity_of(k) == own]):
         lines: dict[Group, dict[float, list[float]]] = {}
         for t in trials:
             lines.setdefault(t.group.without(x_key), {}).setdefault(float(t.axes[x_key]), []).append(t.final(key))
@@ -228,7 +233,7 @@ def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
         ax.set_ylabel(f"final {short(key)} (mean, 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{plan.name}: final FID vs {x_key}")
+    fig.suptitle(f"{plan.name}: final {own.label} vs {x_key}")
     fig.tight_layout()
     path = out / "final_vs_axis.png"
     fig.savefig(path, dpi=110)
@@ -253,8 +258,8 @@ def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> s
         reached = t.first_reaching(key, target) if target is not None else None
         rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "status": t.status,
                      "stopped_early": t.stopped_early, "iterations": t.curves[key][-1][0] if t.curves.get(key) else 0,
-                     **{f"final_{short(k)}": t.final(k) for k in CURVES},
-                     **{f"best_{short(k)}": t.best(k) for k in CURVES},
+                     **{f"final_{short(k)}": t.final(k) for k in curve_keys(trials, key)},
+                     **{f"best_{short(k)}": t.best(k) for k in curve_keys(trials, key)},
                      "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds,
                      "code_versions": " ".join(t.code_versions), **{f"artifact.{k}": v for k, v in t.artifacts.items()}})
     return write_rows(rows, path)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from ayt.eval.metrics import MIN, direction, sign
 from ayt.eval.tangent import COS, metric_key
 from ayt.metrics import short
 from ayt.studies.report_plots import mean_curve
@@ -41,15 +42,17 @@ def still_falling(ctx: ReportContext) -> list[str]:
         if len(tail) < TAIL_EVALS:
             continue
         (s0, v0), (s1, v1) = tail[0], tail[-1]
-        drop = (v0 - v1) / v0 if v0 > 0 else 0.0
+        drop = sign(ctx.key) * (v0 - v1) / v0 if v0 > 0 else 0.0       # improvement, in the metric's direction
         if drop > FLAT_TOLERANCE:
             slope = np.polyfit([s for s, _ in tail], [v for _, v in tail], 1)[0]   # FID per iteration
             falling.append(f"{group.label or 'the study'} {v0:.1f} → {v1:.1f} ({slope * 100:+.3g} per 100 "
                            f"iterations over iterations {s0}–{s1})")
     if not falling:
         return []
-    return [f"- **Still falling at the end of the budget** ({len(falling)} of {len(ctx.groups)} groups; mean "
-            f"{short(ctx.key)} over the last {TAIL_EVALS} evaluations fell more than {FLAT_TOLERANCE:.0%}): "
+    moved = "fell" if direction(ctx.key) == MIN else "rose"
+    return [f"- **Still {'falling' if moved == 'fell' else 'rising'} at the end of the budget** ({len(falling)} of "
+            f"{len(ctx.groups)} groups; mean {short(ctx.key)} over the last {TAIL_EVALS} evaluations {moved} more "
+            f"than {FLAT_TOLERANCE:.0%}): "
             + "; ".join(falling) + ". Their final values are not where they converge; a longer budget "
             "(`study.budget.amount`) may change the comparison."]
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ayt.eval.metrics import sign, words
 from ayt.studies.group import Group, is_number
 
 
@@ -89,22 +90,24 @@ LEGEND_MAX = 12     # groups a curve figure tells apart by a legend; past that, 
 
 def trial_curves(ax, trials: Sequence, key: str) -> None:
     """Every trial's history `key` against images seen as one thin line, coloured by its last
-    value (a colour bar, no legend; the lowest drawn last, on top): how a search's thousand
-    trials stay readable (and quick to draw)."""
+    value (a colour bar, no legend; the best drawn last, on top: lowest, or highest for a
+    higher-is-better metric): how a search's thousand trials stay readable (and quick to draw)."""
     from matplotlib.collections import LineCollection
     from matplotlib.colors import Normalize
     curves = [np.array([(s * t.batch_size, v) for s, v in t.curves[key]], dtype=float)
               for t in trials if t.curves.get(key)]
     if not curves:
         return
-    curves.sort(key=lambda c: -c[-1, 1])
+    s = sign(key)
+    curves.sort(key=lambda c: -s * c[-1, 1])
     last = np.array([c[-1, 1] for c in curves])
     lo, hi = np.percentile(last, [2, 98])
-    lines = LineCollection(curves, array=last, cmap="viridis_r", norm=Normalize(lo, hi if hi > lo else lo + 1),
+    lines = LineCollection(curves, array=last, cmap="viridis_r" if s > 0 else "viridis",
+                           norm=Normalize(lo, hi if hi > lo else lo + 1),
                            linewidths=0.7, alpha=float(np.clip(6 / np.sqrt(len(curves)), 0.15, 0.8)))
     ax.add_collection(lines)
     ax.autoscale_view()
-    ax.figure.colorbar(lines, ax=ax, label="last value (lower is better)")
+    ax.figure.colorbar(lines, ax=ax, label=f"last value ({words(key)[0]} is better)")
 
 
 def curve_figure(trials: Sequence, key: str, path: Path, title: str, ylabel: str, log_y: bool = True) -> str:

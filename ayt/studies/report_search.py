@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ayt.eval.metrics import MIN, best_index, direction, optuna_direction, sign, words
+from ayt.eval.metrics import ranked as best_first
 from ayt.metrics import short
 from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
@@ -147,7 +149,7 @@ def optuna_study(plan, trials: Sequence[Trial], key: str):
             pass
     axes = search_axes(plan)
     dists = {a.param: distribution(a) for a in axes}
-    study = optuna.create_study(direction="minimize", study_name=getattr(plan, "study_id", None))
+    study = optuna.create_study(direction=optuna_direction(key), study_name=getattr(plan, "study_id", None))
     frozen = []
     for t in trials:
         params = {a.param: value_of(a, t.axes.get(a.key)) for a in axes}
@@ -249,7 +251,8 @@ def history_figure(finals: list[float], key: str, path: Path, title: str, startu
     x = np.arange(1, n + 1)
     y = np.array(finals, dtype=float)
     ok = np.isfinite(y)
-    best = np.fmin.accumulate(np.where(ok, y, np.inf))
+    best = (np.fmin.accumulate(np.where(ok, y, np.inf)) if direction(key) == MIN
+            else np.fmax.accumulate(np.where(ok, y, -np.inf)))
     fig, ax = plt.subplots(figsize=(8, 4.2))
     ax.scatter(x[ok], y[ok], color="tab:blue", linewidths=0, label="trial (final)", **_marks(n))
     shown = np.isfinite(best)
@@ -289,7 +292,7 @@ def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.n
                                sharey=True)
     marks = _marks(len(finals))
     scored = np.where(full, finals, np.nan)
-    best = int(np.nanargmin(scored)) if np.isfinite(scored).any() else None
+    best = best_index(list(scored), key)
     log_y = _log_y(finals)
     for i, axis in enumerate(axes):
         ax = panels[i // cols][i % cols]
@@ -337,7 +340,7 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
     plt = pyplot()
     rng = np.random.default_rng(1)
     ok = np.isfinite(finals)
-    order = np.argsort(-np.where(ok, finals, -np.inf))          # worst first, best last
+    order = np.argsort(-sign(key) * np.where(ok, finals, sign(key) * -np.inf))   # worst first, best last
     order = [i for i in order if ok[i]]
     fig, ax = plt.subplots(figsize=(6.4, 5))
     coords = []
@@ -357,13 +360,14 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
     hi = hi if hi > lo else lo + 1.0
     norm = LogNorm(lo, hi) if lo > 0 and hi / lo > LOG_Y_SPAN else Normalize(lo, hi)
     marks = _marks(len(y))
-    dots = ax.scatter(coords[0], coords[1], c=y, cmap="viridis_r", norm=norm, linewidths=0,
+    dots = ax.scatter(coords[0], coords[1], c=y, cmap="viridis_r" if sign(key) > 0 else "viridis", norm=norm,
+                      linewidths=0,
                       s=max(marks["s"], 10), alpha=max(marks["alpha"], 0.6))
     if len(y):
         ax.scatter([coords[0][-1]], [coords[1][-1]], marker="*", s=160, color="red", edgecolors="black",
                    linewidths=0.6, zorder=5, label="best")
         ax.legend(fontsize=8, loc="best")
-    fig.colorbar(dots, ax=ax, label=f"final {short(key)} (lower is better)")
+    fig.colorbar(dots, ax=ax, label=f"final {short(key)} ({words(key)[0]} is better)")
     ax.set_xlabel(pair[0].key + (" (log)" if pair[0].log else ""))
     ax.set_ylabel(pair[1].key + (" (log)" if pair[1].log else ""))
     ax.set_title(title, fontsize=10)
@@ -440,7 +444,7 @@ class SearchSection(Section):
     @staticmethod
     def _top_lines(axes: list[Axis], order: list[Trial], scored: list[float], key: str,
                    records: dict[str, Any]) -> list[str]:
-        ranked = sorted((i for i, v in enumerate(scored) if math.isfinite(v)), key=lambda i: scored[i])[:TOP_K]
+        ranked = [i for i in best_first(range(len(scored)), scored.__getitem__, key) if math.isfinite(scored[i])][:TOP_K]
         lines = ["", f"Top {len(ranked)} of {sum(map(math.isfinite, scored))} trials with a final {short(key)} "
                  "(parameters at the resolution of their range; # is the trial's place in the search):", "",
                  "| rank | # | trial | final " + short(key) + " | " + " | ".join(a.key for a in axes) + " |",

@@ -1,7 +1,8 @@
-"""The report's group table and what it is computed from: final/best FID with 95% confidence
-intervals across seeds, iterations and images to a target FID, and each group against its
-reference (unpaired and, where seeds are shared, paired: `stats`); the findings are sentences
-from the same comparison records.
+"""The report's group table and what it is computed from: final/best value of every metric the
+trials log (FID, KID, precision, ...) with 95% confidence intervals across seeds, iterations and
+images to a target, and each group against its reference (unpaired and, where seeds are shared,
+paired: `stats`); the findings are sentences from the same comparison records. Which way is
+better is each metric's declaration (`ayt.eval.metrics`), never assumed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ayt.eval.metrics import MIN, direction, label, metric_keys_in, quantity_of, ranked
 from ayt.metrics import FID_KEYS, short
 from ayt.studies.group import Group
 from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
 from ayt.studies.trials import Trial
 
-CURVES = FID_KEYS
+CURVES = FID_KEYS         # the curves of a study that logged none (every trial failed before evaluating)
+
+
+def curve_keys(trials: Sequence[Trial], key: str | None = None) -> list[str]:
+    """The registered metric curves the trials logged (`eval/fid_1step`, `eval/kid_2step`, ...),
+    in the registry's order, with the study metric `key`; FID's where none has any."""
+    found = metric_keys_in({k for t in trials for k in t.curves} | ({key} if key else set()))
+    return found or list(CURVES)
 
 
 def fmt(mean: float, half: float, digits: int = 2) -> str:
@@ -58,7 +67,7 @@ def group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[di
     rows = []
     for group, members in by_group.items():
         row: dict[str, Any] = {"group": group.label, "seeds": len(members)}
-        for k in CURVES:
+        for k in curve_keys(trials, key):
             for what, fn in (("final", Trial.final), ("best", Trial.best)):
                 m, h, _ = mean_ci([fn(t, k) for t in members])
                 row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
@@ -102,9 +111,10 @@ def _compare_with_reference(rows, by_group: dict[Group, list[Trial]], study, key
             continue
         finals = {t.seed: t.final(key) for t in members}
         ref_finals = {t.seed: t.final(key) for t in ref_members}
+        way = direction(key)
         comparisons: dict[str, Comparison] = {
-            "final": unpaired(list(finals.values()), list(ref_finals.values())),
-            "final_paired": paired(finals, ref_finals)}
+            "final": unpaired(list(finals.values()), list(ref_finals.values()), direction=way),
+            "final_paired": paired(finals, ref_finals, direction=way)}
         row["vs_reference"] = comparisons["final"].verdict()
         row["paired_vs_reference"] = comparisons["final_paired"].verdict()
         # Speed on the x-axis that is fair across batch sizes: images seen to the target FID.
@@ -138,7 +148,7 @@ class Column:
     """One column of the report's group table: its header, how a row renders in it, and
     which rows' keys make it appear at all."""
 
-    header: str
+    header: str                                    # "{metric}": the study metric's name (FID, KID, precision)
     render: Any                                    # (row, metric key) -> str
     needs: str | None = None                       # shown only if some row has this key
 
@@ -170,16 +180,15 @@ def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
     return " / ".join(f"{r[prefix + n]:.2f}" if r.get(prefix + n) is not None else "–" for n in names)
 
 
+CURVE_COLUMNS = Column("final and best per curve", None)    # placeholder: `curve_columns` fills it in
+
 TABLE = [
     Column("group", lambda r, key: r["group"]),
     Column("seeds", lambda r, key: r["seeds"]),
     Column("start FID 1-step / 2-step (converged model)",
            lambda r, key: f"{r['converged_fid_1step']:.2f} / {r.get('converged_fid_2step', math.nan):.2f}",
            needs="converged_fid_1step"),
-    Column("final FID 1-step", _stat("final_fid_1step")),
-    Column("final FID 2-step", _stat("final_fid_2step")),
-    Column("best FID 1-step", _stat("best_fid_1step")),
-    Column("best FID 2-step", _stat("best_fid_2step")),
+    CURVE_COLUMNS,
     Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
     Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
            needs="feature_map_label_mse"),
@@ -189,23 +198,38 @@ TABLE = [
            if r.get("feature_map_train_images") is not None else "–", needs="feature_map_train_images"),
     Column("MFD step cosine (" + " / ".join(FM_ERRORS) + ")", lambda r, key: _joined(r, "feature_map_align_", FM_ERRORS),
            needs="feature_map_align_noise"),
-    Column("target FID", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
+    Column("target {metric}", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
            needs="target_fid"),
     Column("iterations to target (reached)",
            lambda r, key: f"{_stat('iters_to_target', 0)(r, key)} ({r.get('reached', 0)}/{r['seeds']})",
            needs="target_fid"),
     Column("images to target", _stat("images_to_target", 0), needs="target_fid"),
     Column("speed-up vs reference", _speedup, needs="target_fid"),
-    Column("final FID vs reference", lambda r, key: r.get("vs_reference", "–"), needs="vs_reference"),
+    Column("final {metric} vs reference", lambda r, key: r.get("vs_reference", "–"), needs="vs_reference"),
     Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
     Column("images to target vs reference", lambda r, key: r.get("speed_vs_reference", "–"), needs="target_fid"),
 ]
 
 
+def curve_columns(rows: list[dict[str, Any]], key: str) -> list[Column]:
+    """The final value of every curve the rows have, then the best of the study metric's quantity
+    at each sampler (a wide table stays readable; groups.csv has every best)."""
+    curves = metric_keys_in({"eval/" + k[len("final_"):-len("_mean")] for r in rows for k in r
+                             if k.startswith("final_") and k.endswith("_mean")})
+    own = quantity_of(key).name
+    best = [k for k in curves if quantity_of(k).name == own]
+    return ([Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in curves]
+            + [Column(f"best {label(k)}", _stat(f"best_{short(k)}")) for k in best])
+
+
 def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
     """The group table in markdown: the columns some row has a value for."""
-    columns = [c for c in TABLE if c.shown(rows)]
-    return (["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    columns = []
+    for column in TABLE:
+        columns += curve_columns(rows, key) if column is CURVE_COLUMNS else [column] if column.shown(rows) else []
+    name = quantity_of(key).label
+    return (["| " + " | ".join(c.header.replace("{metric}", name) for c in columns) + " |",
+             "|" + "---|" * len(columns)]
             + ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in rows])
 
 
@@ -216,9 +240,9 @@ def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
     name = short(key)
     finite = [r for r in groups if math.isfinite(r.get(f"final_{name}_mean", math.nan))]
     if not finite:
-        return ["- No trial produced an FID curve."]
-    best = min(finite, key=lambda r: r[f"final_{name}_mean"])
-    out = [f"- Lowest final {name}: {best['group']} "
+        return [f"- No trial produced a {quantity_of(key).label} curve."]
+    best = ranked(finite, lambda r: r[f"final_{name}_mean"], key)[0]
+    out = [f"- {'Lowest' if direction(key) == MIN else 'Highest'} final {name}: {best['group']} "
            f"({fmt(best[f'final_{name}_mean'], best[f'final_{name}_ci95'])}, {best['seeds']} seeds)."]
     compared = [r for r in groups if r.get("comparisons")]
     labels = {"final": f"final {name} (Welch)", "final_paired": f"final {name} (paired by seed)",

@@ -23,11 +23,12 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 from hydra.core.config_store import ConfigStore
 
 from ayt.errors import ConfigError
+from ayt.eval.metrics import study_metrics
 
 SEARCHES = ("grid", "tpe", "random", "gp")
 SCHEDULERS = ("none", "asha")
 BUDGET_UNITS = ("images", "iterations")
-METRICS = ("fid_1step", "fid_2step")
+METRICS = study_metrics()          # every registered quantity at each sampler (ayt/eval/metrics.py)
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
 PROTOCOLS = ("single", "tune_then_repeat", "search_then_confirm")
 TARGET_SCOPES = ("shared", "per_series")
@@ -150,7 +151,7 @@ class StudySchema:
                                                    "proposes (null: Optuna's 10; grid and random ignore it)",
                                          minimum=1, new=True)
     budget: Budget = spec(doc="training per trial", factory=Budget)
-    metric: str = spec("fid_1step", doc="what Optuna and ASHA minimise (the curve's final value)", choices=METRICS)
+    metric: str = spec("fid_1step", doc="what Optuna and ASHA optimise, in its direction (ayt/eval/metrics.py; listed in eval.metrics) (the curve's final value)", choices=METRICS)
     target: Target = spec(doc="'iterations to reach a target FID' in the report", factory=Target)
     scheduler: str = spec("none", doc="early stopping on the FID curve (time = images seen)", choices=SCHEDULERS)
     asha: Asha = spec(doc="the ASHA scheduler's settings", factory=Asha)

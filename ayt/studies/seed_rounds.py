@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ayt.eval.metrics import direction
 from ayt.errors import ConfigError
 from ayt.studies.group import Group
 from ayt.studies.protocol import parse_group_label
@@ -113,7 +114,7 @@ def decide(trials: Sequence[Any], study: Mapping[str, Any], space: Any, key: str
             continue
         if names and not any(group.matches(n) for n in names):
             continue
-        c = paired(finals, by_group[ref], level)
+        c = paired(finals, by_group[ref], level, direction=direction(key))
         out.append(Decision(group.label, c.n, c, c.significant))
     return out
 

@@ -15,6 +15,7 @@ never "equal".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -56,6 +57,7 @@ class Comparison:
     p_rank: float = math.nan     # paired only: exact Wilcoxon signed-rank p, no normality assumed
     detectable: float = math.nan  # smallest true |difference| this test detects at POWER, at its n
     seeds_needed: int | None = None   # seeds (per group, or pairs) that would detect |estimate| at POWER
+    direction: str = "min"       # the quantity's: min (lower is better) | max (ayt/eval/metrics.py)
 
     @property
     def available(self) -> bool:
@@ -63,10 +65,12 @@ class Comparison:
 
     @property
     def outcome(self) -> str:
-        """better | worse | inconclusive (lower is better) | n/a: what the comparison concludes."""
+        """better | worse | inconclusive | n/a: what the comparison concludes, in the quantity's
+        direction (a negative difference is better where lower is better)."""
         if not self.available:
             return "n/a"
-        return ("better" if self.estimate < 0 else "worse") if self.significant else "inconclusive"
+        lower_wins = self.direction == "min"
+        return ("better" if (self.estimate < 0) == lower_wins else "worse") if self.significant else "inconclusive"
 
     def power_words(self) -> str:
         """What a non-significant result could have seen: "detects ±D at 80% with n=5; ~N seeds
@@ -138,8 +142,14 @@ def seeds_needed(difference: float, unit_sd: float, dof_at, level: float = LEVEL
     return None
 
 
-def unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float = LEVEL) -> Comparison:
-    """Welch's t-interval and test for mean(group) − mean(reference)."""
+def unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float = LEVEL,
+             direction: str = "min") -> Comparison:
+    """Welch's t-interval and test for mean(group) − mean(reference); `direction`: which sign is
+    better (the metric's, `ayt.eval.metrics.direction`)."""
+    return dataclasses.replace(_unpaired(group, reference, level), direction=direction)
+
+
+def _unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float) -> Comparison:
     from scipy import stats
     a, b = finite(group), finite(reference)
     if len(a) < 2 or len(b) < 2:
@@ -160,10 +170,15 @@ def unpaired(group: Sequence[float | None], reference: Sequence[float | None], l
 
 
 def paired(group: Mapping[str, float | None], reference: Mapping[str, float | None],
-           level: float = LEVEL) -> Comparison:
+           level: float = LEVEL, direction: str = "min") -> Comparison:
     """Per-seed differences group − reference: their t-interval and t-test p (the verdict),
     and the exact Wilcoxon signed-rank p beside it (no normality assumed; note that with
-    n ≤ 5 it cannot go below 0.0625 two-sided, so it can only warn, not confirm)."""
+    n ≤ 5 it cannot go below 0.0625 two-sided, so it can only warn, not confirm).
+    `direction`: which sign is better (the metric's)."""
+    return dataclasses.replace(_paired(group, reference, level), direction=direction)
+
+
+def _paired(group: Mapping[str, float | None], reference: Mapping[str, float | None], level: float) -> Comparison:
     from scipy import stats
     seeds = sorted(s for s in group if s in reference and _ok(group[s]) and _ok(reference[s]))
     d = np.asarray([group[s] - reference[s] for s in seeds], dtype=float)

@@ -12,12 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from ayt.eval.metrics import MIN, at_least_as_good, best, direction
 from ayt.metrics import EVAL, TRAIN, TRAIN_SECONDS, VS_IMAGES, short
 from ayt.provenance import CODE_VERSIONS_TAG, tag_list
 from ayt.studies.group import Group
 
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
-# A final FID more than this times the run's best is a divergence too: the first-evaluation rule
+# (a higher-is-better metric: more than 10% below it)
+# A final FID more than this times the run's best is a divergence too (higher-is-better: under
+# its best divided by this): the first-evaluation rule
 # misses a run whose first FID is high (an untrained net's), e.g. critical_batch_sweep's
 # 1223, 335, 1537, …, 915. Twice is a chosen margin, not a measured one: wide enough for an
 # evaluation's noise, and a run that ends there has lost most of what it had reached.
@@ -62,31 +65,46 @@ class Trial:
         return self.curves[key][-1][1] if self.curves.get(key) else math.nan
 
     def best(self, key: str) -> float:
-        return min((v for _, v in self.curves.get(key, [])), default=math.nan)
+        """The best value of the curve, in the metric's direction (ayt/eval/metrics.py)."""
+        return best((v for _, v in self.curves.get(key, [])), key)
 
     def divergence(self, key: str) -> str | None:
         """Why this trial counts as diverged, or None. Diverged: it failed on a non-finite loss,
         its FID rose above its first evaluation by more than DIVERGED_RISE and stayed there
         (the last two evaluations, or the last one when there are only two), or it ended more
-        than DIVERGED_FROM_BEST times above its best."""
+        than DIVERGED_FROM_BEST times above its best. For a higher-is-better metric the same
+        rules run mirrored: fell below its first evaluation, ended under its best / 2."""
         if self.failure and ("non-finite" in self.failure.lower() or "nan" in self.failure.lower()):
             return self.failure.split(":", 1)[-1].strip()[:160] or "non-finite loss"
         curve = [v for _, v in self.curves.get(key, [])]
         if len(curve) < 2:
             return None
         tail = curve[-2:] if len(curve) > 2 else curve[-1:]
+        if direction(key) != MIN:
+            return _fell(key, curve, tail)
         if all(v > curve[0] * (1 + DIVERGED_RISE) for v in tail):
             return f"{short(key)} rose from {curve[0]:.1f} (first evaluation) to {curve[-1]:.1f} and stayed above it"
-        best = min(curve)
-        if curve[-1] > best * DIVERGED_FROM_BEST:
-            peak = max(curve[curve.index(best):])
+        top = min(curve)
+        if curve[-1] > top * DIVERGED_FROM_BEST:
+            peak = max(curve[curve.index(top):])
             rose = f"to {peak:.1f} and ended at {curve[-1]:.1f}" if peak > curve[-1] else f"to {peak:.1f} at the end"
-            return f"{short(key)} rose from its best {best:.1f} {rose}, more than {DIVERGED_FROM_BEST:g}× its best"
+            return f"{short(key)} rose from its best {top:.1f} {rose}, more than {DIVERGED_FROM_BEST:g}× its best"
         return None
 
     def first_reaching(self, key: str, target: float) -> int | None:
-        """First evaluated iteration whose FID is at or below the target (None: never)."""
-        return next((s for s, v in self.curves.get(key, []) if v <= target), None)
+        """First evaluated iteration whose value reaches the target: at or below it (FID), at or
+        above it for a higher-is-better metric (None: never)."""
+        return next((s for s, v in self.curves.get(key, []) if at_least_as_good(v, target, key)), None)
+
+
+def _fell(key: str, curve: list[float], tail: list[float]) -> str | None:
+    """`Trial.divergence`'s rules mirrored for a higher-is-better metric (precision, recall)."""
+    if all(v < curve[0] * (1 - DIVERGED_RISE) for v in tail):
+        return f"{short(key)} fell from {curve[0]:.3g} (first evaluation) to {curve[-1]:.3g} and stayed below it"
+    top = max(curve)
+    if curve[-1] < top / DIVERGED_FROM_BEST:
+        return f"{short(key)} fell from its best {top:.3g} to {curve[-1]:.3g}, under 1/{DIVERGED_FROM_BEST:g} of its best"
+    return None
 
 
 def load_trials(uri: str, parent_run_id: str) -> list[Trial]:

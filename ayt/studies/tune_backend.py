@@ -104,7 +104,7 @@ def optuna_searcher(plan: StudyPlan):
     space, sampler = plan.space, optuna_sampler(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{plan.optuna_db}")
-    return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode="min", sampler=sampler,
+    return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode=plan.mode, sampler=sampler,
                         study_name=plan.study_id, storage=storage)
 
 
@@ -116,7 +116,7 @@ def _scheduler(plan: StudyPlan):
     batches = [int(c.batch_size) for c in plan.trial_configs] or [int(plan.base.batch_size)]
     max_t = plan.space.max_images(batches)
     grace = max_t // plan.space.evals * int(asha.get("grace_evals", 1))
-    return ASHAScheduler(time_attr="images_seen", metric=plan.metric, mode="min", max_t=max_t,
+    return ASHAScheduler(time_attr="images_seen", metric=plan.metric, mode=plan.mode, max_t=max_t,
                          grace_period=grace, reduction_factor=float(asha.get("reduction_factor", 2)))
 
 
@@ -284,7 +284,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
         summary = run_study(sub, progress=progress)
         failed, trials = failed + summary["errors"], trials + sub.space.trial_count()
         per_seed = _tuning_metrics(sub, summary["parent_run_id"], stage.key)
-        best, means = choose_by_seed(per_seed)
+        best, means = choose_by_seed(per_seed, plan.metric)
         if best is None:
             raise StudyError(f"stage 1 of {plan.name}: every trial tuning {stage.key} for {group} failed "
                              f"(report {sub.out_dir / 'report.md'})")
@@ -303,7 +303,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
             failed, trials = failed + done["errors"], trials + ext.space.trial_count()
             for v, by_seed in _tuning_metrics(ext, done["parent_run_id"], stage.key).items():
                 per_seed.setdefault(v, {}).update(by_seed)
-            best, means = choose_by_seed(per_seed)
+            best, means = choose_by_seed(per_seed, plan.metric)
             rounds.append({"round": len(rounds) + 1, "value": value, "side": "low" if value < stage.low else "high",
                            "chosen": best, "study_id": ext.study_id,
                            "report": os.path.relpath(ext.out_dir / "report.md", plan.out_dir)})
@@ -313,7 +313,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
             "per_seed": {str(v): dict(m) for v, m in sorted(per_seed.items())},
             "report": os.path.relpath(sub.out_dir / "report.md", plan.out_dir), "study_id": sub.study_id,
             "extensions": rounds, "stop": stop, "edge": edge_side(list(per_seed), best),
-            "separation": separation(per_seed, best)}
+            "separation": separation(per_seed, best, plan.metric)}
     final = plan_study(plan.module, plan.argv, repeat_edit(tuned))
     write_tuning(final.out_dir / TUNING_FILE, record)
     if progress:
