@@ -35,3 +35,16 @@ def test_nothing_found_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch
     monkeypatch.setattr(services, "bundled_postgres_bin_dir", lambda: None)
     with pytest.raises(services.ServiceError, match=r"pgserver"):
         services.start_postgres(tmp_path)
+
+
+def test_status_lists_the_worker_nodes_reclaim_takes(tmp_path):
+    """`python -m ayt.cluster status` names the provider's live worker nodes, the argument of
+    `reclaim`: launched ones, less those terminated or reclaimed (read from the provider's events)."""
+    from ayt.cluster.provider import record_event
+    from ayt.cluster.rehearsal import RehearsalCluster
+    cluster = RehearsalCluster(temp_dir=tmp_path, gcs_port=1, dashboard_port=2, config={})
+    cluster.state_dir.mkdir(parents=True, exist_ok=True)
+    for event, node in [("launching", "a1"), ("launched", "a1"), ("launched", "b2"), ("launched", "c3"),
+                        ("terminated", "a1"), ("reclaimed", "c3")]:
+        record_event(cluster.state_dir, event, node)
+    assert cluster.worker_nodes() == ["b2"]

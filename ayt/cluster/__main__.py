@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--temp-dir", required=True)
         if name == "reclaim":
-            p.add_argument("node_id")
+            p.add_argument("node_id", help="a worker node's id, as `status` lists them")
     return parser
 
 
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "status":
         print(ray_status(cluster))
+        nodes = cluster.worker_nodes()
+        print("worker nodes (python -m ayt.cluster reclaim --temp-dir DIR NODE_ID takes one): "
+              + (", ".join(nodes) if nodes else "none"))
     elif args.command == "reclaim":
         cluster.reclaim(args.node_id)
         print(f"ayt: node {args.node_id} reclaimed")

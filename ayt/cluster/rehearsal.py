@@ -274,6 +274,16 @@ class RehearsalCluster:
         """What the provider did: launched, terminated (by the autoscaler), reclaimed."""
         return read_events(self.state_dir)
 
+    def worker_nodes(self) -> list[str]:
+        """The provider's ids of the worker nodes running now (what `reclaim` takes), oldest first."""
+        alive: dict[str, None] = {}
+        for event in self.events():
+            if event["event"] == "launched":
+                alive[event["node_id"]] = None
+            elif event["event"] in ("terminated", "reclaimed"):
+                alive.pop(event["node_id"], None)
+        return list(alive)
+
     def reclaim(self, node_id: str, timeout: float = 30.0) -> float:
         """Take the worker node away as a spot reclaim does (the provider SIGKILLs all of it);
         returns when the provider did it (wall-clock time)."""
