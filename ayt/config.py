@@ -3,10 +3,13 @@ work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: 
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -23,26 +26,111 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides; Hydra errors become ConfigError."""
-    GlobalHydra.instance().clear()
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides; Hydra errors become ConfigError,
+    the common mistakes in words that say what to type (`check_overrides`, `_unknown_key`)."""
+    overrides = list(overrides)
+    check_overrides(overrides)
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+        return _compose(overrides, config_name)
     except MissingConfigException as err:
         raise _missing_option_error(err) from None
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown and " not in " in _first_line(err):      # "Key 'los' is not in struct" / "... not in 'TuneStage'"
+            raise _unknown_key(unknown.group(1), overrides, config_name) from None
         # The typed study schema (ayt/studies/schema.py) names the key it rejected: say that key.
         key = str(getattr(err.__cause__, "full_key", None) or getattr(err, "full_key", None) or "")
+        typed = next((o for o in overrides if key and o.lstrip("+~").partition("=")[0] == key), None)
+        if typed and _first_line(err).startswith("Cannot merge"):     # a list where a range is written, ...
+            raise ConfigError(key, f"holds another kind of value; replace it in two steps: type `~{key}` "
+                              f"`+{typed.lstrip('+~')}`") from None
         raise ConfigError(key if key.startswith("study.") else "overrides", _first_line(err)) from None
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            return compose(config_name=config_name, overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
-    return cfg
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Each command-line item is `key=value` (Hydra's grammar), checked before Hydra reads it:
+    a flag (`--out_dir /tmp/x`) and a comma list without brackets (`study.seeds=0,1,2`, which
+    Hydra reads as a sweep) get one line with the form to type."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    for i, item in enumerate(overrides):
+        if item.startswith("-"):
+            name, eq, value = item.lstrip("-").partition("=")
+            after = overrides[i + 1] if i + 1 < len(overrides) else ""
+            if not eq and after and "=" not in after and not after.startswith("-"):
+                value = after
+            raise ConfigError(name or item, f"options are key=value, not flags: type `{name}={value or 'VALUE'}`")
+        try:
+            parsed = parser.parse_override(item)
+        except Exception as err:  # noqa: BLE001 - Hydra's grammar errors: said in one line here
+            if "=" not in item:
+                line = f"{item}=VALUE" if re.fullmatch(r"[\w.]+", item) else f"KEY={item}"
+                raise ConfigError("overrides", f"`{item}` is not key=value: type `{line}` "
+                                  "(e.g. out_dir=/tmp/ayt)") from None
+            raise ConfigError(item.partition("=")[0].lstrip("+~"), f"cannot read `{item}` ({_first_line(err)}); "
+                              "quote a value with spaces or special characters: key='...'") from None
+        if parsed.is_sweep_override():
+            key, _, value = item.partition("=")
+            raise ConfigError(parsed.key_or_group, f"a list needs brackets: type `{key}=[{value}]`")
+
+
+def _unknown_key(key: str, overrides: list[str], config_name: str) -> ConfigError:
+    """`los=mfd`: the nearest known keys (difflib); a new entry of a block that takes any key
+    (`study.axes.lr=...`): the line with the `+` that adds it."""
+    typed = next((o.lstrip("+") for o in overrides if o.lstrip("+~").partition("=")[0] == key), f"{key}=VALUE")
+    from ayt.studies.schema import open_blocks
+    block = next((b for b in open_blocks() if key.startswith(b + ".")), None)
+    if block is not None:
+        what = "axis" if block == "study.axes" else "entry"
+        return ConfigError(key, f"a new {what} of {block} needs a leading +: type `+{typed}`")
+    known = _known_keys([o for o in overrides if o.lstrip("+~").partition("=")[0] != key], config_name)
+    leaf = key.rpartition(".")[2]
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    near += [k for k in known if k.rpartition(".")[2] == leaf and k not in near]    # huber_c -> loss.huber_c
+    if not near:
+        return ConfigError(key, "not a config key; the command's --cfg prints every key")
+    value, named = typed.partition("=")[2], [f"`{k}`" for k in near[:3]]
+    return ConfigError(key, "not a config key; did you mean " + (", ".join(named[:-1]) + " or " if len(named) > 1
+                                                                 else "") + f"{named[-1]}? (`{near[0]}={value}`)")
+
+
+def _known_keys(overrides: list[str], config_name: str) -> list[str]:
+    """Every dotted key of the config the other overrides compose (the bare config if they do
+    not), blocks included, and every config group's name."""
+    cfg = None
+    for attempt in (overrides, [o for o in overrides if o.startswith("+study=")], []):
+        try:
+            cfg = _compose(attempt, config_name)
+            break
+        except Exception:  # noqa: BLE001 - another bad override: fall back to fewer
+            continue
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            keys.append(prefix + str(k))
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+    if cfg is not None:
+        walk(OmegaConf.to_container(cfg, resolve=False), "")
+    from importlib.resources import files
+    groups = [p.name for p in files(CONFIG_MODULE).iterdir() if p.is_dir() and not p.name.startswith("_")]
+    return keys + [g for g in groups if g not in keys]
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
+    if cause is not None and str(cause).strip() not in ("", "None"):
         text = str(cause).strip()
     return " ".join(text.split("\n")[0].split())
 
@@ -312,3 +400,15 @@ def run_name(cfg: DictConfig) -> str:
     if spec["training"].get("init_file") and START_MODES[str(cfg.training.init)].reads_init_file:   # content, not path
         spec["training"]["init_file"] = "sha256:" + file_sha256(spec["training"]["init_file"])
     return f"{cfg.loss.name}-b{cfg.batch_size}-s{cfg.seed}-{config_hash(spec, 8)}"
+
+
+def print_dry_run(text: str) -> int:
+    """Print a dry run's output and return its exit code, 0; a reader that stops early
+    (`--cfg | head`) ends it quietly instead of with a BrokenPipeError traceback."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ayt.config import PATH_FIELDS
 from ayt.errors import ConfigError
 
 TRACKING_TIMEOUT_S = 5.0  # per HTTP request to the tracking server
@@ -82,6 +83,8 @@ def check_locations(cfg: DictConfig, uses_ray: bool = True) -> list[str]:
         lines.append(_check_tracking(uri))
     if uses_ray:
         lines.append(_check_ray_address(cfg.ray.get("address")))
+        lines.append(_check_scaling(cfg))
+        lines.append(_check_capacity_before_ray(cfg))
     for field in FILE_FIELDS:
         value = OmegaConf.select(cfg, field)
         if value and not Path(str(value)).is_file():
@@ -89,8 +92,35 @@ def check_locations(cfg: DictConfig, uses_ray: bool = True) -> list[str]:
     return lines
 
 
-# Weight and checkpoint files a config may name (each must exist before anything starts).
-FILE_FIELDS = ("loss.vgg_weights", "loss.lin_weights", "fid.inception_weights", "training.init_file")
+def local_ray_resources(cfg: DictConfig) -> dict[str, float]:
+    """What a Ray started on this machine will offer, before it starts: the CPUs `ray.init`
+    counts (cgroup limits included) and the CUDA GPUs; any other resource a worker asks for
+    is left unchecked (as if plentiful)."""
+    try:
+        from ray._private.utils import get_num_cpus   # what ray.init counts; private API
+        cpus = float(get_num_cpus())
+    except Exception:  # absent or changed: the CPUs this process may run on
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    import torch
+    offered = {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
+    return {**{k: 1e9 for k in worker_bundle(cfg)}, **offered}
+
+
+def _check_capacity_before_ray(cfg: DictConfig) -> str:
+    """The capacity check `preflight` makes once Ray runs, made before it starts (a dry run
+    stops here): a Ray already running in this process or a cluster joined, as far as it is
+    visible without connecting; a Ray this command would start, from this machine's resources."""
+    import sys
+    ray = sys.modules.get("ray")
+    if (ray is not None and ray.is_initialized()) or _joins_cluster(cfg):
+        resources, autoscaler = _discover_cluster()
+        return _check_capacity(cfg, resources, autoscaler, autoscaler is None and _joins_cluster(cfg))
+    return _check_capacity(cfg, local_ray_resources(cfg), None, running_name="this machine")
+
+
+# Weight, statistics and checkpoint files a config may name (each must exist before anything
+# starts): the path fields ayt.config declares as files.
+FILE_FIELDS = tuple(key for key, kind in PATH_FIELDS.items() if kind == "file")
 RAY_CONNECT_TIMEOUT_S = 3.0
 
 
@@ -309,13 +339,14 @@ def _check_capacity(
     cluster_resources: Mapping[str, float] | None,
     autoscaler_config: Mapping[str, Any] | None,
     may_autoscale_unseen: bool = False,
+    running_name: str = "running cluster",
 ) -> str:
     bundle, workers = worker_bundle(cfg), int(cfg.scaling.num_workers)
     sources: list[tuple[str, list[_NodeGroup], float]] = []
     if cluster_resources is not None:
         # Totals only: the running cluster is judged as if it were one node.
         running = {k: float(v) for k, v in cluster_resources.items()}
-        sources.append(("running cluster", [_NodeGroup("running cluster", running, 1.0, False)], math.inf))
+        sources.append((running_name, [_NodeGroup(running_name, running, 1.0, False)], math.inf))
     if autoscaler_config is not None:
         groups, global_max = _node_groups(autoscaler_config)
         sources.append(("autoscaler", groups, global_max))

@@ -14,14 +14,15 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ayt.config import flatten, load_config, run_name
+from ayt.config import flatten, load_config, print_dry_run, run_name
 from ayt.errors import ConfigError, NonFiniteLossError
 from ayt.metrics import short
 
 USAGE = """usage: python -m ayt.train [--cfg] [key=value ...]
 
 Hydra overrides, e.g. experiment=smoke out_dir=/tmp/ayt loss=pseudo_huber batch_size=32.
-  --cfg     print the resolved, validated config and exit (a dry run)
+  --cfg     make every check the run makes before it starts (paths, addresses, resources),
+            print the resolved config and exit: 0 only when the run would start
 Config groups: dataset, network, schedule, loss, augment, scaling, experiment (see conf/)."""
 
 
@@ -86,6 +87,21 @@ def _train_ray(cfg, artifacts, logger, run_id, progress):
 TRAIN_BACKENDS = {"local": _train_local, "ray": _train_ray}
 
 
+def check_backend(cfg: DictConfig) -> None:
+    """What only the Ray backend reads is refused with the local one (it trains in this process,
+    one worker, no Ray): a cluster address or several workers would be silently ignored."""
+    if cfg.scaling.backend == "ray":
+        return
+    if cfg.ray.get("address"):
+        raise ConfigError("ray.address", f"{cfg.ray.address!r} is set, but scaling.backend="
+                          f"{cfg.scaling.backend} trains in this process without Ray; add scaling.backend=ray to "
+                          "train on that cluster, or drop ray.address")
+    if int(cfg.scaling.num_workers) > 1:
+        raise ConfigError("scaling.num_workers", f"{cfg.scaling.num_workers} workers need Ray Train, but "
+                          f"scaling.backend={cfg.scaling.backend} trains in one process; add scaling.backend=ray, "
+                          "or set scaling.num_workers=1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -95,18 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--cfg"]
     try:
         cfg = load_config(args)
-    except ConfigError as err:
-        print(f"ayt: config error: {err}", file=sys.stderr)
-        return 2
-    if dry_run:
-        print(OmegaConf.to_yaml(cfg))
-        return 0
-    from ayt.preflight import check_locations
-    try:
+        check_backend(cfg)
+        from ayt.preflight import check_locations
         check_locations(cfg, uses_ray=cfg.scaling.backend == "ray")   # every path and address, before any work
     except ConfigError as err:
         print(f"ayt: config error: {err}", file=sys.stderr)
         return 2
+    if dry_run:                          # every check above passed: the run would start
+        return print_dry_run(OmegaConf.to_yaml(cfg))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ayt").setLevel(logging.INFO)
     if cfg.scaling.backend == "ray":

@@ -22,7 +22,7 @@ def test_a_study_by_name_dry_runs_the_plan_its_module_prints(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert study_main("batch_size_sweep", ["--cfg", f"out_dir={tmp_path}", "study.seeds=[0,1]"]) == 0
     assert proc.stdout == capsys.readouterr().out            # python -m ayt.studies.batch_size_sweep
-    assert "study_id: batch_size_sweep-" in proc.stdout and "trials: 16" in proc.stdout
+    assert "study_id: batch_size_sweep-" in proc.stdout and "trials:\n  study: 16\n  total: 16\n" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()             # a dry run starts nothing
 
 

@@ -35,7 +35,7 @@ from ayt.errors import ConfigError
     (["training.ema_decay=1.5"], "training.ema_decay", "< 1"),
     (["schedule.q=1"], "schedule.q", "> 1"),
     (["tracking.uri=ftp://x"], "tracking.uri", "allowed"),
-    (["no_such_key=1"], "overrides", "no_such_key"),
+    (["no_such_key=1"], "no_such_key", "not a config key"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field, words):
     with pytest.raises(ConfigError) as info:

@@ -58,7 +58,7 @@ def test_volatile_keys_are_derived_from_the_declarations():
     ("+study.not_a_field=1", "study.not_a_field", "not a study key"),
     ("+study.budget.per_gpu=1", "study.budget.per_gpu", "not a study key"),
     ("study.budget.amount=abc", "study.budget.amount", "could not be converted"),
-    ("study.budjet=1", "study.budjet", "not in"),
+    ("study.budjet=1", "study.budjet", "did you mean `study.budget`"),
     ("study.metric=fid_10step", "study.metric", "allowed: fid_1step, fid_2step"),
     ("study.asha.reduction_factor=1", "study.asha.reduction_factor", "> 1"),
     ("study.max_failures=-1", "study.max_failures", ">= 0"),

@@ -17,8 +17,9 @@ from ayt.errors import ConfigError
 USAGE = """usage: python -m ayt.studies.{name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
    or: python -m ayt.studies {name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
 
---cfg prints the plan and runs nothing; --report writes the reports of a study that has run
-again from its MLflow runs (nothing trains).
+--cfg makes every check the study makes before its first trial, prints the plan (the trials of
+every stage) and runs nothing; --report writes the reports of a study that has run again from
+its MLflow runs (nothing trains).
 
 Any key=value that is not study.* applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2).
 Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/schema.py declares them):"""
@@ -57,41 +58,40 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
         print(usage(name))
         return 0
     # Imported here, not above: help and a wrong study name answer without loading torch.
-    from ayt.studies.plan import plan_study
+    from ayt.config import print_dry_run
+    from ayt.preflight import check_locations
+    from ayt.studies.plan import plan_study, trial_count
     from ayt.studies.protocol import protocol_name
     from ayt.studies.sampler import search_notes
-    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError, rewrite_reports
+    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError, check_start, rewrite_reports
     dry_run, report_only = "--cfg" in args, "--report" in args
     args = [a for a in args if a not in ("--cfg", "--report")]
     try:
         plan = plan_study(name, args)
-    except ConfigError as err:
-        print(f"ayt: config error: {err}", file=sys.stderr)
-        return 2
-    if dry_run:
-        print(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id, "trials": plan.space.trial_count(),
-                                 "base_overrides": plan.base_overrides}))
-        return 0
-    if report_only:
-        try:
+        if report_only:
             for path in rewrite_reports(plan):
                 print(f"ayt: report {path}")
-        except ConfigError as err:
-            print(f"ayt: config error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    from ayt.preflight import check_locations
-    from ayt.logs import route_logs
-    try:
-        check_locations(plan.base)         # every path and address, before Ray or MLflow
+            return 0
+        # Everything the study checks before its first trial, dry run or not: every path and
+        # address (before Ray or MLflow), then whether its first stage may start here.
+        check_locations(plan.base)
+        notes = [note for note in [check_start(plan.tune_plans[0] if plan.tune_plans else plan)] if note]
     except ConfigError as err:
         print(f"ayt: config error: {err}", file=sys.stderr)
         return 2
+    count = trial_count(plan)
+    notes += search_notes(plan)
+    if dry_run:
+        for note in notes:
+            print(f"ayt: note: {note}", file=sys.stderr)
+        return print_dry_run(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id,
+                                                "trials": count.summary(), "base_overrides": plan.base_overrides}))
+    from ayt.logs import route_logs
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ayt").setLevel(logging.INFO)
     log_file = route_logs(plan.out_dir / "logs" / "study.log", verbose=bool(plan.base.get("verbose")))
-    print(f"ayt: study {plan.study_id}: {plan.space.trial_count()} trials; Ray/Tune logs in {log_file}", flush=True)
-    for note in search_notes(plan):
+    print(f"ayt: study {plan.study_id}: {count.words()}; Ray/Tune logs in {log_file}", flush=True)
+    for note in notes:
         print(f"ayt: note: {note}", flush=True)
     try:
         summary = PROTOCOL_RUNNERS[protocol_name(plan.study)](plan, progress=bool(plan.base.progress))

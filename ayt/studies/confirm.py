@@ -39,19 +39,13 @@ from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_search import value_of
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import fmt
+from ayt.studies.schema import ConfirmStage  # its fields and defaults: declared once
 from ayt.studies.space import CANDIDATE_AXIS, Axis, StudySpace
 from ayt.studies.stats import LEVEL, holm, mean_ci, paired
 from ayt.studies.trials import Trial
 
 CONFIRM_FILE = "confirmation.json"     # what stage 2 was built from, next to its report
 BASELINE = "baseline"
-
-
-@dataclass(frozen=True)
-class ConfirmStage:
-    k: int
-    seeds: tuple[int, ...]
-    baseline: dict[str, Any]             # searched key -> value; {}: the config's defaults
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,8 @@ def parse_confirm(study: Mapping[str, Any], space: StudySpace) -> ConfirmStage:
         if by_key[key].is_group and values is not None and str(value) not in map(str, values):
             raise ConfigError(f"{where}.baseline", f"{key}={value} is not an option of that axis; allowed: "
                               + ", ".join(map(str, values)))
-    return ConfirmStage(k=k, seeds=tuple(seeds), baseline=baseline)
+    # A field the block leaves out takes the schema's default (the one declaration).
+    return ConfirmStage(**{**dict(confirm), "k": k, "seeds": seeds, "baseline": baseline})
 
 
 def baseline_overrides(stage: ConfirmStage) -> list[str]:

@@ -20,10 +20,12 @@ from ayt.eval.metrics import direction as metric_direction
 from ayt.eval.metrics import quantity_of
 from ayt.metrics import eval_key
 from ayt.studies.seed_rounds import check as check_seed_rounds
-from ayt.studies.protocol import check_tuned, groups, parse_tune_stage, protocol_name, tune_edit, tuned_overrides
+from ayt.studies.seed_rounds import enabled as seed_rounds_enabled
+from ayt.studies.protocol import (check_tuned, extension_values, groups, parse_tune_stage, protocol_name,
+                                  tune_edit, tuned_overrides)
 from ayt.studies import schema
 from ayt.studies.confirm import baseline_overrides, is_confirm_protocol, parse_confirm
-from ayt.studies.space import StudySpace, check_axis_keys, parse_space
+from ayt.studies.space import StudySpace, check_axis_keys, check_not_derived, integer_ranges, parse_space
 
 
 # A Ray Train trial's Tune actor only waits on its TorchTrainer, whose workers Ray Train
@@ -143,6 +145,60 @@ def _run_params(cfg: DictConfig) -> dict[str, Any]:
     return run_params(cfg)
 
 
+# ---- how many trials a plan runs ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialCount:
+    """The trials a plan runs per stage, as (at least, at most): they differ where a stage
+    stops early by design (a tuning range's extension rounds, seeds added in rounds, a
+    confirmation of fewer candidates than asked for)."""
+
+    stages: dict[str, tuple[int, int]]
+
+    @property
+    def least(self) -> int:
+        return sum(low for low, _ in self.stages.values())
+
+    @property
+    def most(self) -> int:
+        return sum(high for _, high in self.stages.values())
+
+    def summary(self) -> dict[str, Any]:
+        """Stage -> count (`10 to 20` where it varies), and the total: what `--cfg` prints."""
+        shown = {**self.stages, "total": (self.least, self.most)}
+        return {stage: low if low == high else f"{low} to {high}" for stage, (low, high) in shown.items()}
+
+    def words(self) -> str:
+        """`16 trials`, or `26 to 52 trials (tuning 16, extension rounds 0 to 16, repeat 10 to 20)`."""
+        shown = self.summary()
+        total = shown.pop("total")
+        return f"{total} trials" + ("" if list(shown) == ["study"] else
+                                    " (" + ", ".join(f"{stage} {n}" for stage, n in shown.items()) + ")")
+
+
+def trial_count(plan: StudyPlan) -> TrialCount:
+    """Every stage the plan's protocol runs: tune_then_repeat's tuning, its extension rounds
+    (each grid value past either edge, on every tuning seed, for every group) and its repeat;
+    search_then_confirm's search and confirmation (its best `k` and the baseline on each
+    confirmation seed); seed rounds from the first round's seeds to every seed listed."""
+    space, study = plan.space, plan.study
+    written = space.trial_count()
+    if seed_rounds_enabled(study):
+        first = int(study["seed_rounds"]["first"])
+        main = (written // len(space.seeds) * first, written)
+    else:
+        main = (written, written)
+    if protocol_name(study) == "tune_then_repeat" and plan.tune_plans:
+        stage = parse_tune_stage(study, space)
+        tuning = sum(sub.space.trial_count() for sub in plan.tune_plans)
+        extensions = len(extension_values(stage)) * len(stage.seeds) * len(plan.tune_plans)
+        return TrialCount({"tuning": (tuning, tuning), "extension rounds": (0, extensions), "repeat": main})
+    if is_confirm_protocol(study):
+        stage = parse_confirm(study, space)
+        return TrialCount({"search": main, "confirmation": (2 * len(stage.seeds), (stage.k + 1) * len(stage.seeds))})
+    return TrialCount({"study": main})
+
+
 # ---- per-study hooks ------------------------------------------------------------------------
 
 STUDY_HOOKS: dict[str, Callable[[StudyPlan], None]] = {}
@@ -160,7 +216,7 @@ def study_hook(name: str):
 
 def split_argv(argv: Sequence[str]) -> list[str]:
     """`resume=true` is shorthand for `study.resume=true`."""
-    return [("study." + a) if a.split("=", 1)[0] == "resume" else a for a in argv]
+    return [("study." + a) if a.startswith("resume=") else a for a in argv]
 
 
 def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig], None] | None = None) -> StudyPlan:
@@ -180,6 +236,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     resolved = OmegaConf.to_container(study, resolve=True)
     schema.validate(resolved)                      # every field's own check, once
     space = parse_space(study)
+    _check_not_derived(study, train_args)
     check_tuned(study, space)
     check_seed_rounds(resolved, space)
     base_overrides = []
@@ -192,6 +249,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     base_dir = os.getcwd()
     base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
+    integer_ranges(space, base, lambda key, value: _takes_fractions(base_overrides, base_dir, key, value))
     check_study_metric(str(study.metric), base)
     if str(study.trial_backend) == "in_process" and int(base.scaling.num_workers) != 1:
         raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
@@ -218,6 +276,45 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
             argv = [*argv, f"tracking.experiment={space.name}-tune"]
         plan.tune_plans = [plan_study(name, argv, tune_edit(space, stage, g)) for g in groups(space)]
     return plan
+
+
+def check_study_metric(metric: str, base: DictConfig) -> None:
+    """`study.metric` is logged by a metric the trials evaluate (`eval.metrics`)."""
+    quantity = quantity_of(metric)
+    evaluated = [str(m) for m in base.eval.metrics]
+    if not any(quantity in METRIC_KINDS[m].quantities for m in evaluated):
+        owner = next(name for name, kind in METRIC_KINDS.items() if quantity in kind.quantities)
+        raise ConfigError("study.metric", f"{metric!r} is logged by metric {owner!r}, which eval.metrics "
+                          f"{evaluated} does not evaluate; add it (e.g. eval.metrics=[{', '.join([*evaluated, owner])}]) "
+                          "or rank by one of theirs")
+
+
+def _check_not_derived(study: DictConfig, train_args: Sequence[str]) -> None:
+    """No value, wherever it is given, for a key the study sets on every trial itself
+    (`space.DERIVED_KEYS`: the budget's schedule, the seed, the run name); axes: `parse_space`."""
+    def key_of(item: Any) -> str:
+        return str(item).partition("=")[0].lstrip("+~")
+    for item in study.fixed or []:
+        check_not_derived(key_of(item), "study.fixed")
+    for item in train_args:
+        check_not_derived(key_of(item), key_of(item))
+    for label, values in (study.get("tuned") or {}).items():
+        for key in values or {}:
+            check_not_derived(str(key), f"study.tuned.{label}")
+    for name, settings in (study.get("candidates") or {}).items():
+        for key in settings or {}:
+            check_not_derived(str(key), f"study.candidates.{name}")
+    if protocol_name(study) == "tune_then_repeat":
+        check_not_derived(str(study.protocol.tune.key), "study.protocol.tune.key")
+
+
+def _takes_fractions(base_overrides: Sequence[str], base_dir: str, key: str, value: float) -> bool:
+    """Whether the config's own checks take a fraction for `key` (they name it when they want an integer)."""
+    try:
+        load_config([*base_overrides, f"{key}={value!r}"], base_dir=base_dir)
+    except ConfigError as err:
+        return not (err.field == key and "integer" in err.message)
+    return True
 
 
 def check_study_metric(metric: str, base: DictConfig) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,56 +38,11 @@ from ayt.eval.metrics import MIN, direction, ranked
 from ayt.errors import ConfigError
 from ayt.studies.group import Group
 from ayt.studies.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
+from ayt.studies.schema import TuneStage  # the stage's fields, defaults and grid: declared once
 from ayt.studies.space import StudySpace
 from ayt.studies.stats import paired
 
 TUNING_FILE = "tuning.json"          # stage-1 outcome, next to the stage-2 report
-
-
-@dataclass(frozen=True)
-class TuneStage:
-    """Stage 1 of tune_then_repeat: what is searched, how, and on which seeds."""
-
-    key: str                 # a config key, e.g. lr
-    low: float
-    high: float
-    log: bool
-    search: str              # grid (`points` values, log-spaced if log) | tpe | random (`trials` samples)
-    points: int
-    trials: int
-    seeds: tuple[int, ...]
-    max_extensions: int = 0      # grid rounds past an edge winner
-    floor: float | None = None   # no extension below / above these
-    ceiling: float | None = None
-
-    def grid_values(self) -> list[float]:
-        """`points` values from low to high (geometric if log), at 3 significant digits."""
-        if self.points == 1:
-            return [_round(self.low)]
-        return [self.step(i) for i in range(self.points)]
-
-    def step(self, i: int) -> float:
-        """The grid's i-th value, counted from `low` (negative, or past points - 1: beyond the
-        range by the grid's own ratio or step), at 3 significant digits."""
-        if self.log:
-            return _round(self.low * ((self.high / self.low) ** (1 / (self.points - 1))) ** i)
-        step = (self.high - self.low) / (self.points - 1)
-        value = self.low + step * i
-        return 0.0 if abs(value) < abs(step) * 1e-9 else _round(value)    # 0.2 - 0.2 is 2.8e-17 in floats
-
-    @property
-    def extends(self) -> bool:
-        """Whether an edge winner extends the range: a grid of >= 2 points (a step to repeat)."""
-        return self.search == "grid" and self.points >= 2 and self.max_extensions > 0
-
-    def axis(self) -> Any:
-        if self.search == "grid":
-            return self.grid_values()
-        return {"low": self.low, "high": self.high, "log": self.log}
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.3g}")
 
 
 def protocol_name(study: Mapping[str, Any]) -> str:
@@ -124,13 +78,14 @@ def parse_tune_stage(study: Mapping[str, Any], space: StudySpace) -> TuneStage:
     if space.search != "grid":
         raise ConfigError("study.search", "tune_then_repeat repeats every group of a grid; got search="
                           f"{space.search}")
-    if len(seeds) < 2 and not tune.get("allow_one_seed", False):
+    if len(seeds) < 2 and not tune.get("allow_one_seed", TuneStage.allow_one_seed):
         raise ConfigError(f"{where}.seeds", f"tune_then_repeat needs >= 2 tuning seeds to tell its candidates "
                           f"apart, got {seeds}; e.g. [1000, 1001], or {where}.allow_one_seed=true")
-    return TuneStage(key=key, low=float(low), high=float(high), log=log, search=search, points=int(points),
-                     trials=int(trials), seeds=tuple(int(s) for s in seeds),
-                     max_extensions=int(tune.get("max_extensions", 0)),
-                     floor=None if floor is None else float(floor), ceiling=None if ceiling is None else float(ceiling))
+    # A field the block leaves out takes the schema's default (the one declaration).
+    return TuneStage(**{**dict(tune), "low": float(low), "high": float(high), "log": log, "search": search,
+                        "points": int(points), "trials": int(trials), "seeds": [int(s) for s in seeds],
+                        "floor": None if floor is None else float(floor),
+                        "ceiling": None if ceiling is None else float(ceiling)})
 
 
 def groups(space: StudySpace) -> list[dict[str, Any]]:

@@ -127,13 +127,15 @@ def code_line(trials: Sequence[Trial]) -> str:
 
 
 class GroupTable(Section):
-    """The group table (`report_table.TABLE`) and groups.csv, its rows at full precision."""
+    """The group tables (`report_table.TABLES`: the first fits a screen, the details follow)
+    and groups.csv, their rows at full precision."""
 
     def write(self, ctx: ReportContext) -> SectionOutput:
         lines = ["", "Values are mean ± 95% t-interval half-width across seeds (no ± with one seed). "
-                 "Against the reference: the difference group − reference with its 95% interval and p "
-                 "(Welch t on the seeds of each group; paired t on the seeds both share, with the exact "
-                 "Wilcoxon signed-rank p beside it); significant when the interval excludes 0.", ""]
+                 "Against the reference: the difference group − reference with its 95% interval, paired by "
+                 "seed where the groups share seeds (paired t), else Welch t on the seeds of each group; "
+                 "significant when the interval excludes 0. Both tests with p, the exact Wilcoxon signed-rank p "
+                 "and their power follow the first table; every column is in groups.csv.", ""]
         lines += table_lines(ctx.rows, ctx.key)
         if per_trial_table(ctx):              # a search: its groups are its trials (report_search)
             lines = group_table_note(ctx)

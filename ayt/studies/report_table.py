@@ -180,57 +180,108 @@ def _joined(r: dict[str, Any], prefix: str, names: Sequence[str]) -> str:
     return " / ".join(f"{r[prefix + n]:.2f}" if r.get(prefix + n) is not None else "–" for n in names)
 
 
-CURVE_COLUMNS = Column("final and best per curve", None)    # placeholder: `curve_columns` fills it in
+def _verdict(r: dict[str, Any], key: str) -> str:
+    """The group against its reference in one cell: paired by seed where the seeds allow it, else
+    Welch; the direction, the difference with its 95% interval, the test and n (p, the Wilcoxon p
+    and the power are in the table of both tests)."""
+    found = r.get("comparisons") or {}
+    c = next((c for c in (found.get("final_paired"), found.get("final")) if c is not None and c.available),
+             found.get("final"))
+    if c is None:
+        return r.get("vs_reference", "–")
+    if not c.available:
+        return f"n/a ({c.method})"
+    return f"{c.outcome}: {c.estimate:+.3g} [{c.low:+.3g}, {c.high:+.3g}] ({c.method}, n={c.n})"
 
-TABLE = [
-    Column("group", lambda r, key: r["group"]),
-    Column("seeds", lambda r, key: r["seeds"]),
-    Column("start FID 1-step / 2-step (converged model)",
-           lambda r, key: f"{r['converged_fid_1step']:.2f} / {r.get('converged_fid_2step', math.nan):.2f}",
-           needs="converged_fid_1step"),
-    CURVE_COLUMNS,
-    Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
-    Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
-           needs="feature_map_label_mse"),
-    Column("feature-map held-out R² (geo / clr / deg)", lambda r, key: _joined(r, "feature_map_r2_", FM_FAMILIES),
-           needs="feature_map_r2"),
-    Column("feature-map training images", lambda r, key: f"{r['feature_map_train_images']:,.0f}"
-           if r.get("feature_map_train_images") is not None else "–", needs="feature_map_train_images"),
-    Column("MFD step cosine (" + " / ".join(FM_ERRORS) + ")", lambda r, key: _joined(r, "feature_map_align_", FM_ERRORS),
-           needs="feature_map_align_noise"),
-    Column("target {metric}", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None else "–",
-           needs="target_fid"),
-    Column("iterations to target (reached)",
-           lambda r, key: f"{_stat('iters_to_target', 0)(r, key)} ({r.get('reached', 0)}/{r['seeds']})",
-           needs="target_fid"),
-    Column("images to target", _stat("images_to_target", 0), needs="target_fid"),
-    Column("speed-up vs reference", _speedup, needs="target_fid"),
-    Column("final {metric} vs reference", lambda r, key: r.get("vs_reference", "–"), needs="vs_reference"),
-    Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
-    Column("images to target vs reference", lambda r, key: r.get("speed_vs_reference", "–"), needs="target_fid"),
+
+@dataclass(frozen=True)
+class Table:
+    """One of the report's group tables: its heading (none: the first, under the report's
+    header) and its columns; shown when a column past the group's has a value."""
+
+    heading: str | None
+    columns: list[Column]
+
+
+GROUP = Column("group", lambda r, key: r["group"])
+MAIN_CURVES = Column("final {metric} per sampler", None)     # placeholder: `curve_columns` fills it in
+OTHER_CURVES = Column("every other curve", None)              # placeholder: `curve_columns` fills it in
+
+# The first table fits a screen: what a reader came for (the final value at each sampler and the
+# verdict against the reference). Everything else, in groups.csv too, follows in tables of its own.
+TABLES = [
+    Table(None, [
+        GROUP,
+        Column("seeds", lambda r, key: r["seeds"]),
+        MAIN_CURVES,
+        Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
+        Column("final {metric} vs reference [95% CI]", _verdict, needs="vs_reference"),
+    ]),
+    Table("Best values and every other curve", [GROUP, OTHER_CURVES]),
+    Table("Time to the target", [
+        GROUP,
+        Column("target {metric}", lambda r, key: fmt(r["target_fid"], math.nan) if r.get("target_fid") is not None
+               else "–", needs="target_fid"),
+        Column("iterations to target (reached)",
+               lambda r, key: f"{_stat('iters_to_target', 0)(r, key)} ({r.get('reached', 0)}/{r['seeds']})",
+               needs="target_fid"),
+        Column("images to target", _stat("images_to_target", 0), needs="target_fid"),
+        Column("speed-up vs reference", _speedup, needs="target_fid"),
+        Column("images to target vs reference", lambda r, key: r.get("speed_vs_reference", "–"), needs="target_fid"),
+    ]),
+    Table("Against the reference: both tests, with p and power", [
+        GROUP,
+        Column("final {metric} vs reference (Welch)", lambda r, key: r.get("vs_reference", "–"),
+               needs="paired_vs_reference"),
+        Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
+    ]),
+    Table("Start and feature map", [
+        GROUP,
+        Column("start FID 1-step / 2-step (converged model)",
+               lambda r, key: f"{r['converged_fid_1step']:.2f} / {r.get('converged_fid_2step', math.nan):.2f}"
+               if r.get("converged_fid_1step") is not None else "–", needs="converged_fid_1step"),
+        Column("feature-map label MSE", lambda r, key: fmt(r.get("feature_map_label_mse", math.nan), math.nan, 4),
+               needs="feature_map_label_mse"),
+        Column("feature-map held-out R² (geo / clr / deg)", lambda r, key: _joined(r, "feature_map_r2_", FM_FAMILIES),
+               needs="feature_map_r2"),
+        Column("feature-map training images", lambda r, key: f"{r['feature_map_train_images']:,.0f}"
+               if r.get("feature_map_train_images") is not None else "–", needs="feature_map_train_images"),
+        Column("MFD step cosine (" + " / ".join(FM_ERRORS) + ")",
+               lambda r, key: _joined(r, "feature_map_align_", FM_ERRORS), needs="feature_map_align_noise"),
+    ]),
 ]
+TABLE = [c for table in TABLES for c in table.columns if c is not GROUP or table is TABLES[0]]   # every column once
 
 
-def curve_columns(rows: list[dict[str, Any]], key: str) -> list[Column]:
-    """The final value of every curve the rows have, then the best of the study metric's quantity
-    at each sampler (a wide table stays readable; groups.csv has every best)."""
+def curve_columns(rows: list[dict[str, Any]], key: str) -> tuple[list[Column], list[Column]]:
+    """The final value of the study metric's quantity at each sampler (the first table), and the
+    final of every other curve the rows have with the best of that quantity (a wide table stays
+    readable; groups.csv has every best)."""
     curves = metric_keys_in({"eval/" + k[len("final_"):-len("_mean")] for r in rows for k in r
                              if k.startswith("final_") and k.endswith("_mean")})
     own = quantity_of(key).name
-    best = [k for k in curves if quantity_of(k).name == own]
-    return ([Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in curves]
-            + [Column(f"best {label(k)}", _stat(f"best_{short(k)}")) for k in best])
+    mine = [k for k in curves if quantity_of(k).name == own]
+    return ([Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in mine],
+            [Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in curves if k not in mine]
+            + [Column(f"best {label(k)}", _stat(f"best_{short(k)}")) for k in mine])
 
 
 def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
-    """The group table in markdown: the columns some row has a value for."""
-    columns = []
-    for column in TABLE:
-        columns += curve_columns(rows, key) if column is CURVE_COLUMNS else [column] if column.shown(rows) else []
+    """The group tables in markdown, each with the columns some row has a value for."""
+    main, other = curve_columns(rows, key)
+    filled = {id(MAIN_CURVES): main, id(OTHER_CURVES): other}
     name = quantity_of(key).label
-    return (["| " + " | ".join(c.header.replace("{metric}", name) for c in columns) + " |",
-             "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in rows])
+    lines: list[str] = []
+    for table in TABLES:
+        columns = [c for column in table.columns
+                   for c in filled.get(id(column), [column] if column.shown(rows) else [])]
+        if len(columns) < 2:
+            continue
+        lines += ["", f"### {table.heading}", ""] if table.heading else []
+        lines += (["| " + " | ".join(c.header.replace("{metric}", name) for c in columns) + " |",
+                   "|" + "---|" * len(columns)]
+                  + ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in rows])
+    return lines
 
 
 def findings(groups: list[dict[str, Any]], key: str) -> list[str]:

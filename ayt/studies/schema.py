@@ -92,6 +92,37 @@ class TuneStage:
     floor: Optional[float] = spec(None, doc="no extension tries a value below this (null: none)", new=True)
     ceiling: Optional[float] = spec(None, doc="no extension tries a value above this (null: none)", new=True)
 
+    # What the protocol computes from these fields (ayt/studies/protocol.py runs on this class).
+    def grid_values(self) -> list[float]:
+        """`points` values from low to high (geometric if log), at 3 significant digits."""
+        if self.points == 1:
+            return [_round3(self.low)]
+        return [self.step(i) for i in range(self.points)]
+
+    def step(self, i: int) -> float:
+        """The grid's i-th value, counted from `low` (negative, or past points - 1: beyond the
+        range by the grid's own ratio or step), at 3 significant digits."""
+        if self.log:
+            return _round3(self.low * ((self.high / self.low) ** (1 / (self.points - 1))) ** i)
+        step = (self.high - self.low) / (self.points - 1)
+        value = self.low + step * i
+        return 0.0 if abs(value) < abs(step) * 1e-9 else _round3(value)    # 0.2 - 0.2 is 2.8e-17 in floats
+
+    @property
+    def extends(self) -> bool:
+        """Whether an edge winner extends the range: a grid of >= 2 points (a step to repeat)."""
+        return self.search == "grid" and self.points >= 2 and self.max_extensions > 0
+
+    def axis(self) -> Any:
+        """The tuned key's axis in a stage-1 study: the grid's values, or the range a sampler draws from."""
+        if self.search == "grid":
+            return self.grid_values()
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+def _round3(value: float) -> float:
+    return float(f"{value:.3g}")
+
 
 @dataclass
 class ConfirmStage:
@@ -207,6 +238,12 @@ def fields(schema: type = StudySchema, prefix: str = "") -> Iterator[FieldInfo]:
 def _resolve(annotation: Any) -> Any:
     """Field types are strings under `from __future__ import annotations`."""
     return globals().get(annotation, annotation) if isinstance(annotation, str) else annotation
+
+
+def open_blocks() -> tuple[str, ...]:
+    """The study blocks that take keys the schema does not name (`Dict` fields: study.axes,
+    study.tuned, ...): a new key there is added with Hydra's `+`."""
+    return tuple("study." + f.path for f in fields() if "Dict[" in str(f.type))
 
 
 def volatile_keys() -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -23,6 +23,15 @@ LABEL_PREFIXES = {"batch_size": "b", "seed": "s"}      # the axes a trial label 
 # The axis whose values are named configurations (`study.candidates`: name -> {key: value}):
 # how search_then_confirm runs its best found and a baseline side by side (ayt/studies/confirm.py).
 CANDIDATE_AXIS = "candidate"
+# The keys a study sets on every trial from its budget (`StudySpace.schedule_overrides`).
+SCHEDULE_KEYS = ("training.iterations", "training.eval_every", "training.checkpoint_every", "training.log_every")
+# Every key the study itself sets per trial, with what sets it: a value for one of them given
+# anywhere else (an axis, study.fixed, study.tuned, a command-line override) would be
+# overruled, so planning refuses it (`check_not_derived`).
+DERIVED_KEYS = {**{key: ("study.budget", "set study.budget.amount / evals instead, or run one study per value")
+                   for key in SCHEDULE_KEYS},
+                "seed": ("study.seeds", "list the seeds there, e.g. study.seeds=[0,1,2]"),
+                "name": ("the study id and the trial", "leave it out (study.name names the study)")}
 
 
 @dataclass(frozen=True)
@@ -156,9 +165,8 @@ class StudySpace:
 
     def schedule_overrides(self, batch_size: int) -> list[str]:
         iterations, eval_every = self.schedule(batch_size)
-        return [f"training.iterations={iterations}", f"training.eval_every={eval_every}",
-                f"training.checkpoint_every={eval_every}",
-                f"training.log_every={log_every(eval_every)}"]
+        values = (iterations, eval_every, eval_every, log_every(eval_every))
+        return [f"{key}={value}" for key, value in zip(SCHEDULE_KEYS, values)]
 
     def schedule(self, batch_size: int) -> tuple[int, int]:
         """(iterations, eval_every) for a trial at this batch size."""
@@ -217,8 +225,7 @@ def _axis_nodes(node: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _parse_axis(key: str, spec: Any, search: str) -> Axis:
     where = f"study.axes.{key}"
-    if key == "seed":
-        raise ConfigError(where, "seeds are a repeat axis: set study.seeds instead")
+    check_not_derived(key, where)
     if isinstance(spec, ListConfig):
         values = tuple(OmegaConf.to_container(spec, resolve=True))
         if not values:
@@ -239,6 +246,14 @@ def _parse_axis(key: str, spec: Any, search: str) -> Axis:
             raise ConfigError(where, f"a log range needs low > 0, got {low}")
         return Axis(key, low=low, high=high, log=bool(spec.get("log", False)), integer=bool(spec.get("int", False)))
     raise ConfigError(where, f"must be a list of values or a range {{low, high, log}}, got {spec!r}")
+
+
+def check_not_derived(key: str, where: str) -> None:
+    """Refuse a value for a key the study sets on every trial itself (`DERIVED_KEYS`)."""
+    if key in DERIVED_KEYS:
+        source, instead = DERIVED_KEYS[key]
+        raise ConfigError(where, f"the study sets {key} on every trial from {source}, which would overrule "
+                          f"this value; {instead}")
 
 
 def _candidate_axis(axis: Axis, candidates: Any) -> Axis:
@@ -279,3 +294,21 @@ def _check_key(axis: Axis, base: DictConfig, where: str) -> None:
         raise ConfigError(where, "unknown axis: not a config key; allowed: a config group ("
                           + ", ".join(CONFIG_GROUPS) + ") or an existing dotted key such as batch_size, "
                           "loss.huber_c, augment.geo.p")
+
+
+def integer_ranges(space: StudySpace, base: DictConfig, takes_fractions: Callable[[str, float], bool]) -> None:
+    """A range over an integer key samples integers (`int: true` implied); one whose bounds are
+    not integers is refused (a trial would get 23.4 where 23 was meant). An integer key is one
+    whose value is an integer and that refuses a fraction: `takes_fractions(key, value)` asks
+    the config's own checks."""
+    for i, axis in enumerate(space.axes):
+        if axis.values is not None or axis.integer or axis.is_group:
+            continue
+        value = OmegaConf.select(base, axis.key)
+        if not isinstance(value, int) or isinstance(value, bool) or takes_fractions(axis.key, axis.low + 0.5):
+            continue
+        if not all(float(v).is_integer() for v in (axis.low, axis.high)):
+            raise ConfigError(f"study.axes.{axis.key}", f"{axis.key} is an integer, but the range "
+                              f"[{axis.low}, {axis.high}] is not; type integer bounds, e.g. "
+                              f"{{low: {math.ceil(axis.low)}, high: {math.floor(axis.high)}, int: true}}")
+        space.axes[i] = Axis(axis.key, low=int(axis.low), high=int(axis.high), log=axis.log, integer=True)

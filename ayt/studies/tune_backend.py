@@ -64,13 +64,13 @@ TRIAL_RUNNERS = {"in_process": _train_in_process, "ray_train": _train_with_ray_t
 
 
 def prebuild_artifacts(plan: StudyPlan, progress: bool = True) -> int:
-    """Build each distinct shared artifact once, on the driver, before any trial starts."""
-    from ayt.training.prepare import classifier_spec, ensure_artifacts, feature_map_spec, needs_feature_map, \
-        pretrained_spec
+    """Build each distinct set of shared artifacts once, on the driver, before any trial starts:
+    two trials share a set when every artifact kind they use has the same spec (the kinds, not
+    this function, know which artifacts a config needs)."""
+    from ayt.training.prepare import artifact_specs, ensure_artifacts
     seen: set[str] = set()
     for cfg in plan.trial_configs:
-        key = config_hash([pretrained_spec(cfg), feature_map_spec(cfg) if needs_feature_map(cfg) else None,
-                           classifier_spec(cfg)])
+        key = config_hash(artifact_specs(cfg))
         if key not in seen:
             seen.add(key)
             # No trial runs yet: build with torch's default threads (every core), not the
@@ -130,16 +130,10 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     from ayt.tracking import RunLogger, start_or_resume_run
     from ayt.training.ray_train import connect
 
-    resume = bool(plan.study.get("resume"))
-    exists = TuneOptunaState(plan).experiment_exists()
-    if exists and not resume:
-        raise ConfigError("study.resume", f"study {plan.study_id} already exists under {plan.experiment_path}; "
-                          "pass resume=true to finish it, or change study.name")
-    if resume and not exists:
-        log.info("resume=true but no earlier study %s: starting it", plan.study_id)
+    note = check_start(plan)
+    if note:
+        log.info("%s", note)
     uri = str(plan.base.tracking.uri)
-    if exists:
-        check_code_version(plan, uri)
     connect(plan.base)                            # Ray + preflight, before any artifact or trial
     _set_tune_environment(plan)
     built = prebuild_artifacts(plan, progress=progress)
@@ -230,6 +224,24 @@ def _new_tuner(plan: StudyPlan, trainable, callbacks: list, num_samples: int | N
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=int(plan.study["max_failures"])),
                                   verbose=2 if plan.base.get("verbose") else 0))
+
+
+def check_start(plan: StudyPlan) -> str | None:
+    """What a study checks before its first trial, before Ray starts (a dry run stops here): a
+    study that ran under this out_dir goes on only with resume=true and, unless allowed, on the
+    code it ran on. Returns a note when resume=true finds nothing to resume."""
+    resume = bool(plan.study.get("resume"))
+    exists = TuneOptunaState(plan).experiment_exists()
+    if exists and not resume:
+        raise ConfigError("study.resume", f"study {plan.study_id} already exists under {plan.experiment_path}; "
+                          "pass resume=true to finish it, or change study.name")
+    if exists:
+        check_code_version(plan, str(plan.base.tracking.uri))
+        return None
+    if resume:
+        return (f"resume=true, but study {plan.study_id} has not run under {plan.storage_path}: nothing to "
+                "resume, it starts from its first trial")
+    return None
 
 
 def check_code_version(plan: StudyPlan, uri: str) -> None:
