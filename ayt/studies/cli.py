@@ -14,12 +14,14 @@ from omegaconf import OmegaConf
 from ayt.config import CONFIG_MODULE
 from ayt.errors import ConfigError
 
-USAGE = """usage: python -m ayt.studies.{name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
-   or: python -m ayt.studies {name} [--cfg | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+USAGE = """usage: python -m ayt.studies.{name} [--cfg | --plan | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+   or: python -m ayt.studies {name} [--cfg | --plan | --report] [resume=true] [study.KEY=VALUE ...] [TRAIN_OVERRIDE ...]
 
 --cfg makes every check the study makes before its first trial, prints the plan (the trials of
-every stage) and runs nothing; --report writes the reports of a study that has run again from
-its MLflow runs (nothing trains).
+every stage) and its seed plan, and runs nothing; --plan prints only the seed plan: the seeds
+its comparisons need to detect study.detect at study.endpoint, from study.pilot, and their cost
+(ayt/studies/seed_plan.py); --report writes the reports of a study that has run again from its
+MLflow runs (nothing trains).
 
 Any key=value that is not study.* applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2).
 Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/schema.py declares them):"""
@@ -64,8 +66,8 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     from ayt.studies.protocol import protocol_name
     from ayt.studies.sampler import search_notes
     from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError, check_start, rewrite_reports
-    dry_run, report_only = "--cfg" in args, "--report" in args
-    args = [a for a in args if a not in ("--cfg", "--report")]
+    dry_run, report_only, seeds_only = "--cfg" in args, "--report" in args, "--plan" in args
+    args = [a for a in args if a not in ("--cfg", "--report", "--plan")]
     try:
         plan = plan_study(name, args)
         if report_only:
@@ -81,11 +83,16 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
         return 2
     count = trial_count(plan)
     notes += search_notes(plan)
+    from ayt.studies.seed_plan import plan_seeds
+    if seeds_only:
+        return print_dry_run("\n".join(plan_seeds(plan).lines()))
     if dry_run:
         for note in notes:
             print(f"ayt: note: {note}", file=sys.stderr)
+        seed_plan = "".join(f"# {line}\n" for line in plan_seeds(plan).lines())     # YAML comments: it still parses
         return print_dry_run(OmegaConf.to_yaml({"study": plan.study, "study_id": plan.study_id,
-                                                "trials": count.summary(), "base_overrides": plan.base_overrides}))
+                                                "trials": count.summary(), "base_overrides": plan.base_overrides})
+                             + seed_plan)
     from ayt.logs import route_logs
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ayt").setLevel(logging.INFO)

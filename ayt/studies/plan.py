@@ -19,6 +19,9 @@ from ayt.eval.metrics import METRICS as METRIC_KINDS
 from ayt.eval.metrics import direction as metric_direction
 from ayt.eval.metrics import quantity_of
 from ayt.metrics import eval_key
+from ayt.studies import endpoint as endpoints
+from ayt.studies.endpoint import Endpoint
+from ayt.studies.seed_plan import check as check_pilot
 from ayt.studies.seed_rounds import check as check_seed_rounds
 from ayt.studies.seed_rounds import enabled as seed_rounds_enabled
 from ayt.studies.protocol import (check_tuned, extension_values, groups, parse_tune_stage, protocol_name,
@@ -73,6 +76,17 @@ class StudyPlan:
     def metric(self) -> str:
         """The metric Optuna and ASHA optimise, as trials report it (`eval/fid_1step`)."""
         return eval_key(str(self.study["metric"]))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """How a trial's curve becomes its one score (`study.endpoint`, ayt/studies/endpoint.py)."""
+        return endpoints.of(self.study)
+
+    @property
+    def tune_metric(self) -> str:
+        """What Tune's scheduler and Optuna's sampler rank by: the study metric at its endpoint of
+        the curve so far, as each trial's reports carry it (the metric itself at `final`)."""
+        return self.endpoint.tune_key(self.metric)
 
     @property
     def mode(self) -> str:
@@ -236,6 +250,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     resolved = OmegaConf.to_container(study, resolve=True)
     schema.validate(resolved)                      # every field's own check, once
     space = parse_space(study)
+    endpoints.check(resolved, space.evals)
     _check_not_derived(study, train_args)
     check_tuned(study, space)
     check_seed_rounds(resolved, space)
@@ -247,6 +262,7 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
         base_overrides.append(f"tracking.experiment={space.name}")
     base_overrides += train_args
     base_dir = os.getcwd()
+    check_pilot(resolved, base_dir)                # study.detect, study.pilot: before any work
     base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
     integer_ranges(space, base, lambda key, value: _takes_fractions(base_overrides, base_dir, key, value))

@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 
 from ayt.errors import ConfigError
 from ayt.eval.metrics import study_metrics
+from ayt.studies.endpoint import ENDPOINTS
 
 SEARCHES = ("grid", "tpe", "random", "gp")
 SCHEDULERS = ("none", "asha")
@@ -32,17 +33,27 @@ METRICS = study_metrics()          # every registered quantity at each sampler (
 TRIAL_BACKENDS = ("auto", "in_process", "ray_train")
 PROTOCOLS = ("single", "tune_then_repeat", "search_then_confirm")
 TARGET_SCOPES = ("shared", "per_series")
+ENDPOINT_NAMES = tuple(ENDPOINTS)
 
 
 def spec(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None, minimum: float | None = None,
          above: float | None = None, nonempty: bool = False, defines: bool = True, factory: Any = None,
-         internal: bool = False, new: bool = False) -> Any:
+         internal: bool = False, new: bool = False, legacy: Any = dataclasses.MISSING,
+         only_with: tuple[str, Any] | None = None) -> Any:
     """A schema field: its default and what the type cannot say (see the module docstring).
     `minimum` is inclusive, `above` exclusive; `internal` fields are set by a protocol, not a
     user, and stay out of the study id while unset; `new` fields (added after studies were
-    run) stay out of it while at their default, so every earlier study keeps its id."""
+    run) stay out of it while at their default, so every earlier study keeps its id. A new
+    field whose default for new studies differs from what earlier studies computed names that
+    value as `legacy`: it stays out of the id while at it (an earlier study's yaml pins it). A
+    field that means something only while another has one value, `only_with=(path, value)`,
+    stays out of the id otherwise."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "above": above, "nonempty": nonempty,
-            "defines": defines, "internal": internal, "new": new}
+            "defines": defines, "internal": internal, "new": new or legacy is not dataclasses.MISSING}
+    if legacy is not dataclasses.MISSING:
+        meta["legacy"] = legacy
+    if only_with is not None:
+        meta["only_with"] = only_with
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -132,6 +143,11 @@ class ConfirmStage:
                             factory=lambda: [100, 101, 102, 103, 104], minimum=0, nonempty=True, new=True)
     baseline: Dict[str, Any] = spec(doc="what the best are compared with: searched key -> value ({}: the "
                                         "config's defaults for every searched key)", factory=dict, new=True)
+    # New searches run it; the committed ones (which did not) pin false and keep their ids.
+    baseline_on_search_seeds: bool = spec(True, doc="the baseline runs on the search's own seeds too, so the report "
+                                                    "splits the search-to-confirmation gap into the winner's own drop "
+                                                    "and the seed effect", legacy=False,
+                                          only_with=("protocol.name", "search_then_confirm"))
 
 
 @dataclass
@@ -182,7 +198,22 @@ class StudySchema:
                                                    "proposes (null: Optuna's 10; grid and random ignore it)",
                                          minimum=1, new=True)
     budget: Budget = spec(doc="training per trial", factory=Budget)
-    metric: str = spec("fid_1step", doc="what Optuna and ASHA optimise, in its direction (ayt/eval/metrics.py; listed in eval.metrics) (the curve's final value)", choices=METRICS)
+    metric: str = spec("fid_1step", doc="what Optuna and ASHA optimise, in its direction (ayt/eval/metrics.py; listed "
+                                        "in eval.metrics), each trial's curve scored at study.endpoint", choices=METRICS)
+    # New studies default to last_k (docs/statistics.md says why); every study run before the field
+    # existed scored its trials at `final`, which stays out of the id (their yamls pin it).
+    endpoint: str = spec("last_k", doc="how a trial's curve becomes its one score, everywhere the study ranks or "
+                                       "compares (verdicts, seed rounds, tuning, confirmation, Tune's metric): the last "
+                                       "evaluation, the mean of the last endpoint_k, or the mean over the curve on "
+                                       "images seen (ayt/studies/endpoint.py)", choices=ENDPOINT_NAMES, legacy="final")
+    endpoint_k: Optional[int] = spec(None, doc="evaluations last_k averages, <= study.budget.evals (null: 3, or "
+                                               "every evaluation of a budget with fewer)", minimum=1,
+                                     only_with=("endpoint", "last_k"), new=True)
+    pilot: Optional[str] = spec(None, doc="a finished study's report directory (its curves.csv, trials.csv) whose "
+                                          "seeds' spread at this endpoint plans the seeds (--plan)", defines=False)
+    detect: Optional[str] = spec(None, doc="the difference the comparisons should detect at 80% power, for --plan: a "
+                                           "number (e.g. 5) or a percentage of the reference's score (e.g. 10%)",
+                                 defines=False)
     target: Target = spec(doc="'iterations to reach a target FID' in the report", factory=Target)
     scheduler: str = spec("none", doc="early stopping on the FID curve (time = images seen)", choices=SCHEDULERS)
     asha: Asha = spec(doc="the ASHA scheduler's settings", factory=Asha)
@@ -256,12 +287,15 @@ def identity(study: Mapping[str, Any]) -> dict[str, Any]:
     `study` is left as it is."""
     out = copy.deepcopy({k: v for k, v in study.items() if k not in volatile_keys()})
     for info in fields():
-        unset = None if info.meta.get("internal") else info.default if info.meta.get("new") else ...
+        unset = None if info.meta.get("internal") else info.meta.get("legacy", info.default) \
+            if info.meta.get("new") else ...
         if unset is ...:
             continue
         parent, _, leaf = info.path.rpartition(".")
         node = _get(out, parent) if parent else out
-        if isinstance(node, dict) and leaf in node and node[leaf] == unset:
+        condition = info.meta.get("only_with")
+        meaningless = condition is not None and str(_get(study, condition[0])) != condition[1]
+        if isinstance(node, dict) and leaf in node and (node[leaf] == unset or meaningless):
             node.pop(leaf)
             if parent and not node:                 # a block of only new fields at their defaults
                 grand, _, name = parent.rpartition(".")

@@ -3,14 +3,16 @@ while a comparison it names is still inconclusive.
 
 With `study.seed_rounds.first=3, step=2` and `study.seeds=[0..9]`, round 0 runs seeds 0-2,
 then each named group (`compare`, or every group that has a reference) is compared with its
-reference (`study.target.reference`), final metric paired by seed. If any is inconclusive
-and seeds are left, round 1 adds seeds 3-4, and so on up to every seed listed (the cap).
+reference (`study.target.reference`), its metric at the study's endpoint paired by seed. If any
+is inconclusive and seeds are left, round 1 adds seeds 3-4, and so on up to every seed listed
+(the cap).
 
 Looking after every round and stopping at the first significant result would make "better"
 more likely than the 5% a single test allows, so the rounds decide at a level split over the
 planned looks (Bonferroni: 0.05 / looks), which keeps the chance of any false decision at 5%.
-The report's tables stay at 95% per comparison; the Seed rounds section states the rule,
-how many seeds each comparison used and why it stopped.
+The report's tables and findings state their intervals and p at that level too
+(ayt/studies/decision.py); the Seed rounds section states the rule, how many seeds each
+comparison used and why it stopped.
 
 Each round is an ordinary study on the shared runner under the study's one MLflow parent run
 (round 0 is the study itself, round k its Tune experiment `<study id>-r<k>`), so a resumed
@@ -29,29 +31,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ayt.eval.metrics import direction
 from ayt.errors import ConfigError
+from ayt.studies import decision as decisions
+from ayt.studies.decision import rounds_enabled as enabled, schedule  # noqa: F401  (declared there)
 from ayt.studies.group import Group
 from ayt.studies.protocol import parse_group_label
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.stats import LEVEL, Comparison, paired
+from ayt.studies.stats import Comparison, paired
 
 ROUNDS_FILE = "seed_rounds.json"
-
-
-def enabled(study: Mapping[str, Any]) -> bool:
-    """Whether the study runs its seeds in rounds (never a tuning stage: it has no reference)."""
-    stage = (study.get("protocol") or {}).get("stage")
-    return (study.get("seed_rounds") or {}).get("first") is not None and stage != "tune"
-
-
-def schedule(study: Mapping[str, Any], seeds: Sequence[int]) -> list[tuple[int, ...]]:
-    """The seeds each round adds: `first`, then `step` more, until every seed is used."""
-    rounds = study["seed_rounds"]
-    first, step = int(rounds["first"]), int(rounds["step"])
-    out, used = [tuple(seeds[:first])], first
-    while used < len(seeds):
-        out.append(tuple(seeds[used:used + step]))
-        used += step
-    return out
 
 
 def check(study: Mapping[str, Any], space: Any) -> None:
@@ -99,14 +86,16 @@ class Decision:
     decisive: bool
 
 
-def decide(trials: Sequence[Any], study: Mapping[str, Any], space: Any, key: str, level: float) -> list[Decision]:
-    """Each compared group against its reference, final `key` paired by seed, at `level`."""
+def decide(trials: Sequence[Any], study: Mapping[str, Any], space: Any, key: str, looks: int) -> list[Decision]:
+    """Each compared group against its reference, `key` at the study's endpoint paired by seed,
+    at 95% split over `looks`."""
     reference = {k: str(v) for k, v in study["target"]["reference"].items()}
     names = [parse_group_label(space, label) for label in study["seed_rounds"]["compare"] or []]
+    endpoint = decisions.of(study).endpoint
     by_group: dict[Group, dict[str, float]] = {}
     for t in trials:
         if t.status == "FINISHED":
-            by_group.setdefault(t.group, {})[t.seed] = t.final(key)
+            by_group.setdefault(t.group, {})[t.seed] = t.score(key, endpoint)
     out = []
     for group, finals in by_group.items():
         ref = group.replace(reference)
@@ -114,7 +103,7 @@ def decide(trials: Sequence[Any], study: Mapping[str, Any], space: Any, key: str
             continue
         if names and not any(group.matches(n) for n in names):
             continue
-        c = paired(finals, by_group[ref], level, direction=direction(key))
+        c = paired(finals, by_group[ref], looks=looks, direction=direction(key))
         out.append(Decision(group.label, c.n, c, c.significant))
     return out
 
@@ -124,25 +113,27 @@ def run_in_rounds(plan: Any, fit: Callable[[Any], list], load: Callable[[], list
     named comparison is decisive or the seeds run out; `load` gives the trials so far. Writes
     the record the report's section reads, and returns every round's results."""
     rounds = schedule(plan.study, plan.space.seeds)
-    level = 1 - (1 - LEVEL) / len(rounds)
+    looks = len(rounds)
     results, used, record = [], [], []
     for index, seeds in enumerate(rounds):
         used += seeds
         results += fit(round_plan(plan, index, seeds))
-        decisions = decide(load(), plan.study, plan.space, key, level)
-        open_ = [d.group for d in decisions if not d.decisive]
+        found = decide(load(), plan.study, plan.space, key, looks)
+        open_ = [d.group for d in found if not d.decisive]
         record.append({"round": index, "seeds": list(seeds), "open": open_,
                        "decisions": [{"group": d.group, "seeds": d.seeds, "decisive": d.decisive,
                                       "outcome": d.comparison.outcome, "estimate": d.comparison.estimate,
-                                      "p": d.comparison.p} for d in decisions]})
-        if not decisions or not open_:
+                                      "low": d.comparison.low, "high": d.comparison.high,
+                                      "p": d.comparison.p} for d in found]})
+        if not found or not open_:
             break
     last = record[-1]
     reason = ("no comparison with a reference had finished trials" if not last["decisions"] else
               "every named comparison decisive" if not last["open"] else
               f"seed cap reached ({len(plan.space.seeds)} seeds listed) with {', '.join(last['open'])} still open")
-    write_record(plan.out_dir / ROUNDS_FILE, {"level": level, "looks": len(rounds), "seeds_used": used,
-                                             "rounds": record, "stopped": reason})
+    write_record(plan.out_dir / ROUNDS_FILE, {"level": decisions.of(plan.study).level, "looks": looks,
+                                             "endpoint": decisions.of(plan.study).endpoint.label,
+                                             "seeds_used": used, "rounds": record, "stopped": reason})
     return results
 
 
@@ -160,16 +151,21 @@ class SeedRoundsSection(Section):
     def write(self, ctx: ReportContext) -> SectionOutput:
         record = json.loads((ctx.out / ROUNDS_FILE).read_text())
         looks, level = record["looks"], record["level"]
+        endpoint = record.get("endpoint", "final")      # a record from before study.endpoint: the final evaluation
         lines = ["## Seed rounds", "",
                  f"Seeds were added in rounds ({', '.join(str(len(r['seeds'])) for r in record['rounds'])} seeds) "
-                 f"while a named comparison was inconclusive. Each round decides at the {level:.2%} level "
-                 f"(95% split over the {looks} planned looks, Bonferroni), so stopping at the first decisive "
-                 "round keeps the chance of any false decision at 5%; the tables above use 95% per comparison.",
+                 f"while a named comparison was inconclusive at endpoint `{endpoint}`. Each round decides at the "
+                 f"{level:.1%} level (95% split over the {looks} planned looks, Bonferroni), so stopping at the first "
+                 f"decisive round keeps the chance of any false decision at 5%; the comparisons above state their "
+                 f"intervals at {level:.1%} and their p multiplied by {looks} for the same reason.",
                  "", f"Stopped after round {record['rounds'][-1]['round']}: {record['stopped']}.", "",
-                 "| group vs reference | seeds | outcome at the rounds' level | estimate | p |", "|---|---|---|---|---|"]
+                 f"| group vs reference | seeds | outcome at the rounds' level | estimate [{level:.1%} interval] | "
+                 f"p ×{looks} looks |", "|---|---|---|---|---|"]
         for d in record["rounds"][-1]["decisions"]:
             outcome = d["outcome"] if d["decisive"] else "inconclusive"
             estimate = f"{d['estimate']:+.3g}" if math.isfinite(d["estimate"]) else "–"
-            p = f"{d['p']:.2g}" if math.isfinite(d["p"]) else "–"
+            if math.isfinite(d.get("low", math.nan)) and math.isfinite(d.get("high", math.nan)):
+                estimate += f" [{d['low']:+.3g}, {d['high']:+.3g}]"
+            p = f"{min(1.0, d['p'] * looks):.2g}" if math.isfinite(d["p"]) else "–"
             lines.append(f"| {d['group']} | {d['seeds']} | {outcome} | {estimate} | {p} |")
         return SectionOutput(lines + [""], [str(ctx.out / ROUNDS_FILE)], {"seed_rounds": record})

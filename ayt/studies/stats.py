@@ -10,7 +10,13 @@ Every comparison also states its power: the smallest true difference its own tes
 detect at 80% power (two-sided, the observed SD, its n: the noncentral t), and how many seeds
 would detect the difference it observed. A comparison that is not significant is therefore
 "inconclusive", with the number that says whether it could have seen the effect at all,
-never "equal".
+never "equal". The observed SD is itself uncertain at a handful of seeds (at n = 5 its 95%
+range is ×0.60–2.87), so beside that difference stands the one the test detects if the true SD is
+at the upper end of that range (`sd_upper_factor`: chi-square).
+
+A study that looks at its comparisons more than once (seed rounds: after every round) decides at
+95% split over its looks (Bonferroni); its comparisons are made with `looks`, so their interval
+is at that level and their p is multiplied by the looks (compared with 0.05 as any other).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 
 LEVEL = 0.95
 POWER = 0.80
+SD_BOUND = 0.95               # the SD's own interval whose upper end the second detectable difference uses
 MAX_SEEDS = 10_000            # seeds_needed gives up beyond this (the effect is ~0 next to the noise)
 
 
@@ -58,6 +65,14 @@ class Comparison:
     detectable: float = math.nan  # smallest true |difference| this test detects at POWER, at its n
     seeds_needed: int | None = None   # seeds (per group, or pairs) that would detect |estimate| at POWER
     direction: str = "min"       # the quantity's: min (lower is better) | max (ayt/eval/metrics.py)
+    detectable_upper: float = math.nan  # `detectable` if the true SD is at the upper end of its SD_BOUND interval
+    level: float = LEVEL         # the interval's level: 1 - (1 - LEVEL) / looks
+    looks: int = 1               # how many times the study looked at this comparison (p is multiplied by it)
+
+    @property
+    def p_decision(self) -> float:
+        """p at the study's decision level: Bonferroni over its looks, compared with 1 − LEVEL."""
+        return min(1.0, self.p * self.looks) if math.isfinite(self.p) else self.p
 
     @property
     def available(self) -> bool:
@@ -78,6 +93,11 @@ class Comparison:
         if not math.isfinite(self.detectable):
             return ""
         words = f"detects ±{self.detectable:.3g} at {POWER:.0%} power with n={self.n}"
+        if self.looks > 1:
+            words += f" (at {self.level:.1%}, its {self.looks} looks)"
+        if math.isfinite(self.detectable_upper):
+            words += (f" (±{self.detectable_upper:.3g} if the seeds' true SD is at the top of its {SD_BOUND:.0%} "
+                      f"range, {self.detectable_upper / self.detectable:.2f}× the one observed)")
         if self.estimate == 0:
             return words + "; no number of seeds detects the observed 0"
         if self.seeds_needed is None:
@@ -96,6 +116,10 @@ class Comparison:
             rank = f", Wilcoxon p={self.p_rank:.2g}" + (f" (its floor at n={self.n})"
                                                           if self.p_rank <= floor * (1 + 1e-9) else "")
         power = f"; {self.power_words()}" if self.outcome == "inconclusive" and self.power_words() else ""
+        if self.looks > 1:             # decided over several looks: the interval and p at that level
+            return (f"{outcome}: {self.estimate:+.3g} [{self.low:+.3g}, {self.high:+.3g}] ({self.level:.1%} "
+                    f"interval), p={self.p_decision:.2g} (×{self.looks} looks, Bonferroni){rank} "
+                    f"({self.method}, n={self.n}){power}")
         return (f"{outcome}: {self.estimate:+.3g} [{self.low:+.3g}, {self.high:+.3g}], "
                 f"p={self.p:.2g}{rank} ({self.method}, n={self.n}){power}")
 
@@ -123,6 +147,20 @@ def detectable_difference(se: float, dof: float, level: float = LEVEL, power: fl
     return float(brentq(lambda d: t_test_power(d, se, dof, level) - power, 0.0, high, xtol=se * 1e-6))
 
 
+def sd_upper_factor(dof: float, bound: float = SD_BOUND) -> float:
+    """How far above the observed SD the upper end of its two-sided `bound` interval lies:
+    √(dof / χ²_{(1−bound)/2, dof}) (×2.87 at 4 degrees of freedom, ×1.83 at 9)."""
+    from scipy import stats
+    if not dof > 0:
+        return math.nan
+    return math.sqrt(dof / stats.chi2.ppf((1 - bound) / 2, dof))
+
+
+def decision_level(looks: int, level: float = LEVEL) -> float:
+    """The level each of `looks` looks decides at, so that any false decision stays at 1 − level."""
+    return 1 - (1 - level) / max(1, int(looks))
+
+
 def seeds_needed(difference: float, unit_sd: float, dof_at, level: float = LEVEL,
                  power: float = POWER) -> int | None:
     """Smallest n whose test detects |difference| at `power` (None beyond MAX_SEEDS), for a test
@@ -143,39 +181,43 @@ def seeds_needed(difference: float, unit_sd: float, dof_at, level: float = LEVEL
 
 
 def unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float = LEVEL,
-             direction: str = "min") -> Comparison:
+             direction: str = "min", looks: int = 1) -> Comparison:
     """Welch's t-interval and test for mean(group) − mean(reference); `direction`: which sign is
-    better (the metric's, `ayt.eval.metrics.direction`)."""
-    return dataclasses.replace(_unpaired(group, reference, level), direction=direction)
+    better (the metric's, `ayt.eval.metrics.direction`); at `level` split over `looks`."""
+    return dataclasses.replace(_unpaired(group, reference, decision_level(looks, level)), direction=direction,
+                               looks=looks)
 
 
 def _unpaired(group: Sequence[float | None], reference: Sequence[float | None], level: float) -> Comparison:
     from scipy import stats
     a, b = finite(group), finite(reference)
     if len(a) < 2 or len(b) < 2:
-        return Comparison(method=_too_few(len(a), len(b)), n=min(len(a), len(b)))
+        return Comparison(method=_too_few(len(a), len(b)), n=min(len(a), len(b)), level=level)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     diff = float(a.mean() - b.mean())
     se = math.sqrt(va + vb)
     if se == 0:
-        return Comparison("Welch t", diff, diff, diff, 0.0 if diff else 1.0, min(len(a), len(b)), diff != 0)
+        return Comparison("Welch t", diff, diff, diff, 0.0 if diff else 1.0, min(len(a), len(b)), diff != 0,
+                          level=level)
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + level / 2, dof) * se)
     p = float(2 * stats.t.sf(abs(diff) / se, dof))
     sa2, sb2 = a.var(ddof=1), b.var(ddof=1)          # n seeds in each group at the observed SDs:
     dof_at = (lambda n: (n - 1) * (sa2 + sb2) ** 2 / (sa2 ** 2 + sb2 ** 2)) if sa2 + sb2 > 0 else (lambda n: n - 1)
+    detectable = detectable_difference(se, dof, level)
     return Comparison("Welch t", diff, diff - half, diff + half, p, min(len(a), len(b)), p < 1 - level,
-                      detectable=detectable_difference(se, dof, level),
-                      seeds_needed=seeds_needed(diff, math.sqrt(sa2 + sb2), dof_at, level))
+                      detectable=detectable, seeds_needed=seeds_needed(diff, math.sqrt(sa2 + sb2), dof_at, level),
+                      detectable_upper=detectable * sd_upper_factor(dof), level=level)
 
 
 def paired(group: Mapping[str, float | None], reference: Mapping[str, float | None],
-           level: float = LEVEL, direction: str = "min") -> Comparison:
+           level: float = LEVEL, direction: str = "min", looks: int = 1) -> Comparison:
     """Per-seed differences group − reference: their t-interval and t-test p (the verdict),
     and the exact Wilcoxon signed-rank p beside it (no normality assumed; note that with
     n ≤ 5 it cannot go below 0.0625 two-sided, so it can only warn, not confirm).
-    `direction`: which sign is better (the metric's)."""
-    return dataclasses.replace(_paired(group, reference, level), direction=direction)
+    `direction`: which sign is better (the metric's); at `level` split over `looks`."""
+    return dataclasses.replace(_paired(group, reference, decision_level(looks, level)), direction=direction,
+                               looks=looks)
 
 
 def _paired(group: Mapping[str, float | None], reference: Mapping[str, float | None], level: float) -> Comparison:
@@ -183,18 +225,19 @@ def _paired(group: Mapping[str, float | None], reference: Mapping[str, float | N
     seeds = sorted(s for s in group if s in reference and _ok(group[s]) and _ok(reference[s]))
     d = np.asarray([group[s] - reference[s] for s in seeds], dtype=float)
     if len(d) < 2:
-        return Comparison(method=f"paired: {len(d)} shared seed(s), need ≥ 2", n=len(d))
+        return Comparison(method=f"paired: {len(d)} shared seed(s), need ≥ 2", n=len(d), level=level)
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
         return Comparison("paired t", mean, mean, mean, 0.0 if mean else 1.0, len(d), mean != 0,
-                          1.0 if mean == 0 else float(2 * 0.5 ** len(d)))
+                          1.0 if mean == 0 else float(2 * 0.5 ** len(d)), level=level)
     se = sd / math.sqrt(len(d))
     half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * se)
     p = float(2 * stats.t.sf(abs(mean) / se, len(d) - 1))
     rank = float(stats.wilcoxon(d, alternative="two-sided", method="exact" if len(d) <= 25 else "auto").pvalue)
+    detectable = detectable_difference(se, len(d) - 1, level)
     return Comparison("paired t", mean, mean - half, mean + half, p, len(d), p < 1 - level, rank,
-                      detectable=detectable_difference(se, len(d) - 1, level),
-                      seeds_needed=seeds_needed(mean, sd, lambda n: n - 1, level))
+                      detectable=detectable, seeds_needed=seeds_needed(mean, sd, lambda n: n - 1, level),
+                      detectable_upper=detectable * sd_upper_factor(len(d) - 1), level=level)
 
 
 def holm(ps: Sequence[float]) -> list[float]:

@@ -15,6 +15,7 @@ from typing import Iterable
 from ayt.eval.metrics import MIN, at_least_as_good, best, direction
 from ayt.metrics import EVAL, TRAIN, TRAIN_SECONDS, VS_IMAGES, short
 from ayt.provenance import CODE_VERSIONS_TAG, tag_list
+from ayt.studies.endpoint import Endpoint
 from ayt.studies.group import Group
 
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
@@ -63,6 +64,11 @@ class Trial:
 
     def final(self, key: str) -> float:
         return self.curves[key][-1][1] if self.curves.get(key) else math.nan
+
+    def score(self, key: str, endpoint: Endpoint) -> float:
+        """The trial's one number at the study's endpoint (ayt/studies/endpoint.py): what every
+        verdict, ranking and choice of the study reads."""
+        return endpoint.score(self.curves.get(key) or [])
 
     def best(self, key: str) -> float:
         """The best value of the curve, in the metric's direction (ayt/eval/metrics.py)."""
