@@ -158,11 +158,18 @@ def _ray_rows(record: dict[str, Any]) -> list[Row]:
 def _fid_rows(record: dict[str, Any]) -> list[Row]:
     r, config = record["results"], record["config"]
     cached, uncached = r["cached"], r["uncached"]
+    sampling = cached.get("generation", cached.get("sampling"))        # records before the probe split it
     figure = (f"{cached['total']['median_s']:.1f} s with cached reference statistics, "
               f"{uncached['total']['median_s']:.1f} s uncached; sampling "
-              f"{_pct(cached['sampling']['median_s'] / cached['total']['median_s'])} of it; "
+              f"{_pct(sampling['median_s'] / cached['total']['median_s'])} of it; "
               f"{_pct(r['fid_fraction_of_wall'], 1)} of the wall time at eval_every {r['eval_every']}")
-    return [(f"FID evaluation ({config['num_samples']} samples, 1- and 2-step)", figure, "–", "–")]
+    rows = [(f"FID evaluation ({config['num_samples']} samples, 1- and 2-step)", figure, "–", "–")]
+    if "workers" in r:
+        w = r["workers"]
+        rows.append(("The same evaluation on 2 Ray Train workers vs 1",
+                     f"{w['2']['total']['median_s']:.2f} s vs {w['1']['total']['median_s']:.2f} s: "
+                     f"{_x(w['ratio_2_over_1'])}", "–", "–"))
+    return rows
 
 
 def _roofline_rows(record: dict[str, Any]) -> list[Row]:
