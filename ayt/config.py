@@ -220,12 +220,14 @@ def _flag(cfg: DictConfig, key: str) -> None:
 
 
 def _validate_device(cfg: DictConfig) -> None:
-    import torch
+    from ayt.gpu import cuda_available, require_cuda
     device = str(cfg.device)
     if not DEVICE_PATTERN.match(device):
         raise ConfigError("device", f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda") and not torch.cuda.is_available() and not cfg.scaling.use_gpu:
+    if device.startswith("cuda") and not cuda_available() and not cfg.scaling.use_gpu:
         raise ConfigError("device", f"{device!r} requested but this machine has no CUDA GPU; use device=auto or cpu")
+    if cfg.scaling.backend == "local":      # the plain loop trains here: this GPU must do the precision natively
+        require_cuda(cfg, device, "device")
 
 
 def _validate_training(cfg: DictConfig) -> None:
@@ -331,6 +333,13 @@ def _validate_tracking(cfg: DictConfig) -> None:
                           "file:/abs/path, a database URI")
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment", "must be a non-empty name")
+    if not isinstance(cfg.tracking.system_metrics, bool):
+        raise ConfigError("tracking.system_metrics", f"must be true or false, got {cfg.tracking.system_metrics!r}")
+    _number(cfg, "tracking.system_metrics_interval_s", low=0, low_open=True)
+    import importlib.util
+    if cfg.tracking.system_metrics and importlib.util.find_spec("psutil") is None:
+        raise ConfigError("tracking.system_metrics", "true needs psutil for MLflow's CPU and memory metrics "
+                          "(pip install psutil), or set tracking.system_metrics=false")
 
 
 def _validate_data(cfg: DictConfig) -> None:

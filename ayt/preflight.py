@@ -52,6 +52,9 @@ def preflight(
     both are None they are discovered: the running Ray (if initialised), ``~/ray_bootstrap_config.yaml``
     on a ``ray up`` head, or the node groups the autoscaler reported to Ray.
 
+    With ``scaling.use_gpu`` and a discovered, running Ray, one task on a GPU node reports
+    whether torch can use CUDA there (``_check_worker_cuda``).
+
     Raises ``PreflightError`` (naming the field) at the first failed check.
     """
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -61,12 +64,42 @@ def preflight(
     lines.append(_check_writable("cache_dir", cfg.get("cache_dir"), cfg, "cache", uri_ok=False))
     lines.append(_check_tracking(cfg.tracking.get("uri")))
     may_autoscale_unseen = False
-    if cluster_resources is None and autoscaler_config is None:
+    discovered = cluster_resources is None and autoscaler_config is None
+    if discovered:
         cluster_resources, autoscaler_config = _discover_cluster()
         # A cluster we joined may have an autoscaler whose node types we cannot see.
         may_autoscale_unseen = autoscaler_config is None and _joins_cluster(cfg)
-    lines.append(_check_capacity(cfg, cluster_resources, autoscaler_config, may_autoscale_unseen))
-    return lines
+    capacity = _check_capacity(cfg, cluster_resources, autoscaler_config, may_autoscale_unseen)
+    if cfg.scaling.use_gpu and discovered and _ray_running():
+        lines.append(_check_worker_cuda(cfg, cluster_resources, autoscaler_config))
+    return lines + [capacity]
+
+
+def _ray_running() -> bool:
+    import sys
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _check_worker_cuda(cfg: DictConfig, cluster_resources: Mapping[str, float] | None,
+                       autoscaler_config: Mapping[str, Any] | None) -> str:
+    """Ray counts a node's GPUs whether or not its torch can use them: a task holding one
+    worker's GPUs asks torch there (`ayt.gpu`). It waits for a GPU node the autoscaler starts
+    (up to ray.worker_start_timeout_s) only where the autoscaler's node types are visible."""
+    from ayt.gpu import GPUUnavailableError, check_cuda, probe_cuda
+    gpus = worker_bundle(cfg).get("GPU", 0.0)
+    up_now = float((cluster_resources or {}).get("GPU", 0.0)) >= gpus
+    if not up_now and autoscaler_config is None:
+        return "scaling.use_gpu: no GPU node is up yet (not checked here; each worker checks at its start)"
+    timeout = float(cfg.ray.worker_start_timeout_s)
+    report = probe_cuda(cfg, gpus, timeout)
+    if report is None:
+        return (f"scaling.use_gpu: no GPU node took the probe within ray.worker_start_timeout_s={timeout:g} s "
+                "(not checked here; each worker checks at its start)")
+    try:
+        return check_cuda(report, cfg)
+    except GPUUnavailableError as err:
+        raise PreflightError(err.field, err.message) from None
 
 
 def check_locations(cfg: DictConfig, uses_ray: bool = True) -> list[str]:

@@ -71,11 +71,13 @@ def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
 
 def _train_local(cfg, artifacts, logger, run_id, progress):
     """The plain single-process loop (no Ray): the reference the Ray path is measured against."""
+    from ayt.system_metrics import system_metrics
     from ayt.training.loop import WorkerContext, train_consistency
     from ayt.training.prepare import configure_torch
     ckpt_dir = Path(cfg.out_dir) / "runs" / run_name(cfg) / "checkpoints"
     ctx = WorkerContext(configure_torch(cfg), checkpoint_dir=ckpt_dir)
-    return train_consistency(cfg, artifacts, ctx, sink=logger, progress=progress)
+    with system_metrics(cfg.tracking, run_id):
+        return train_consistency(cfg, artifacts, ctx, sink=logger, progress=progress)
 
 
 def _train_ray(cfg, artifacts, logger, run_id, progress):

@@ -123,3 +123,92 @@ def test_scaling_cluster_worker_fits_the_gpu_node_types(launcher):
     (workers,) = yaml.safe_load(RAYJOB.read_text())["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert float(limits["cpu"]) >= bundle.CPU and int(limits["nvidia.com/gpu"]) >= bundle.GPU
+
+
+# --- GPU workers against their instance types ---------------------------------------------
+# The instance types the cluster configs name, from AWS's instance-type pages: vCPUs, memory
+# (GiB), GPUs, and the pods EKS allows on one (its ENI limit), which sizes the kubelet's share.
+NODE_TYPES = {
+    "g5.xlarge": {"cpu": 4, "memory_gib": 16, "gpus": 1, "gpu": "A10G", "max_pods": 58},
+}
+# What a pod of a GPU node type cannot have, besides the kubelet's share: the daemonsets every
+# EKS GPU node runs (aws-node 25m, kube-proxy 100m CPU; their memory, the NVIDIA device plugin's).
+DAEMONSET_CPU_M, DAEMONSET_MEMORY_MIB = 125, 256
+
+
+def _quantity_mib(text) -> float:
+    """A Kubernetes memory quantity (16Gi, 512Mi, 1G, bytes) in MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 ** 2, "K": 1e3 / 2 ** 20, "M": 1e6 / 2 ** 20,
+             "G": 1e9 / 2 ** 20, "T": 1e12 / 2 ** 20}
+    text = str(text)
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * units[unit]
+    return float(text) / 2 ** 20
+
+
+def _cpu_m(text) -> float:
+    text = str(text)
+    return float(text[:-1]) if text.endswith("m") else float(text) * 1000
+
+
+def _eks_allocatable(node: dict) -> tuple[float, float]:
+    """(CPU millicores, memory MiB) a node offers pods: its capacity less the EKS AMI's
+    kube-reserved (CPU: 6% of the first core, 1% of the second, 0.5% of the next two, 0.25% of
+    the rest; memory: 255 MiB + 11 MiB per pod it may hold), the 100 MiB eviction threshold
+    and the daemonsets."""
+    cores = node["cpu"]
+    reserved_m = 60 + 10 * (cores > 1) + 5 * min(max(cores - 2, 0), 2) + 2.5 * max(cores - 4, 0)
+    memory = node["memory_gib"] * 1024 - (255 + 11 * node["max_pods"]) - 100 - DAEMONSET_MEMORY_MIB
+    return cores * 1000 - reserved_m - DAEMONSET_CPU_M, memory
+
+
+def _launcher_gpu_worker(launcher: dict) -> tuple[str, dict]:
+    spec = launcher["available_node_types"]["gpu_worker"]
+    return spec["node_config"]["InstanceType"], spec["resources"]
+
+
+def _rayjob_gpu_worker() -> tuple[str, dict]:
+    (workers,) = yaml.safe_load(RAYJOB.read_text())["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pod = workers["template"]["spec"]
+    return pod["nodeSelector"]["node.kubernetes.io/instance-type"], pod["containers"][0]["resources"]
+
+
+def test_launcher_gpu_worker_fits_its_instance_type(launcher):
+    """The autoscaler plans with the declared resources: more than the instance has means
+    placements that never run; the scaling=cluster worker must fit what is declared."""
+    instance, declared = _launcher_gpu_worker(launcher)
+    node = NODE_TYPES[instance]
+    assert declared.get("CPU", 0) <= node["cpu"] and declared.get("GPU", 0) <= node["gpus"]
+    assert declared.get("memory", 0) <= node["memory_gib"] * 2 ** 30
+    bundle = _compose(["scaling=cluster"]).scaling.resources_per_worker
+    assert all(declared.get(k, 0) >= v for k, v in bundle.items())
+
+
+def test_rayjob_gpu_worker_pod_fits_its_node_type():
+    """A pod whose requests exceed what its node type offers pods stays Pending forever (24Gi
+    on a 16 GiB g5.xlarge did); limits equal requests (a Guaranteed pod, whose CPU limit is
+    what Ray counts), and the scaling=cluster worker must fit what Ray counts."""
+    instance, resources = _rayjob_gpu_worker()
+    node = NODE_TYPES[instance]
+    cpu_m, memory_mib = _eks_allocatable(node)
+    requests, limits = resources["requests"], resources["limits"]
+    assert requests == limits
+    assert _cpu_m(requests["cpu"]) <= cpu_m, (requests["cpu"], cpu_m)
+    assert _quantity_mib(requests["memory"]) <= memory_mib, (requests["memory"], memory_mib)
+    assert int(requests["nvidia.com/gpu"]) <= node["gpus"]
+    bundle = _compose(["scaling=cluster"]).scaling.resources_per_worker
+    assert _cpu_m(limits["cpu"]) >= bundle.CPU * 1000 and int(limits["nvidia.com/gpu"]) >= bundle.GPU
+
+
+def test_both_cluster_configs_use_one_gpu_instance_type(launcher):
+    """The same role on the same machine: a study sized on one config runs on the other."""
+    assert _launcher_gpu_worker(launcher)[0] == _rayjob_gpu_worker()[0]
+
+
+def test_the_allocatable_arithmetic_refuses_what_never_schedules():
+    """The check above can fail: the requests this config had (4 CPUs, 24Gi) and a full node's
+    worth (4 CPUs, 16Gi) do not fit a g5.xlarge's pods; 3 CPUs and 12Gi do."""
+    cpu_m, memory_mib = _eks_allocatable(NODE_TYPES["g5.xlarge"])
+    assert _quantity_mib("24Gi") > memory_mib and _quantity_mib("16Gi") > memory_mib and _cpu_m("4") > cpu_m
+    assert _quantity_mib("12Gi") <= memory_mib and _cpu_m("3") <= cpu_m

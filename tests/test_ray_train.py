@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -155,3 +156,59 @@ def test_gpu_request_on_cpu_cluster_is_a_clear_error(ray_session, shared_out_dir
     err = capsys.readouterr().err
     assert "scaling.use_gpu" in err
     assert not (shared_out_dir / "ray" / "wants-gpu").exists()
+
+
+def test_gpu_workers_whose_torch_cannot_use_cuda_fail_before_training(shared_out_dir, capsys):
+    """Ray counts a GPU its workers' torch cannot use (here a node given a GPU resource on a
+    machine without one: Ray sets CUDA_VISIBLE_DEVICES, torch finds no CUDA). The preflight's
+    probe on that node stops the run in one line, exit 2, before any artifact or worker; a fit
+    started without it (a GPU node the preflight could not see yet) says the same."""
+    import ray
+
+    from ayt.gpu import GPUUnavailableError
+    from ayt.training.prepare import Artifacts
+    from ayt.training.ray_train import build_trainer, config_errors_from_workers
+    ray.shutdown()                  # the session's Ray has no GPU; this one has one torch cannot use
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        args = SMOKE + [f"out_dir={shared_out_dir}", "scaling.use_gpu=true", "ray.max_failures=0"]
+        capsys.readouterr()
+        assert main(args + ["name=fake-gpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ayt: config error: scaling.use_gpu: true asks for a GPU"), err
+        assert "cannot use CUDA" in err[0] and "CUDA_VISIBLE_DEVICES='0'" in err[0]
+        assert not (shared_out_dir / "ray" / "fake-gpu").exists()
+        # Ray Train's NCCL process group fails to start on such a worker; the fit names the field.
+        cfg = load_config(args)
+        with pytest.raises(GPUUnavailableError) as refused:
+            with config_errors_from_workers(cfg):
+                build_trainer(cfg, Artifacts(), None, "fake-gpu-fit", progress=False).fit()
+        assert refused.value.field == "scaling.use_gpu"
+    finally:
+        ray.shutdown()              # the ray_session fixture starts the session's Ray again
+
+
+def test_two_workers_from_scratch_hold_the_same_weights_and_ema(ray_session, shared_out_dir):
+    """init=scratch with a Fourier embedding (a random buffer DDP no longer broadcasts): after
+    the first step every rank's network and EMA are bit-identical (each rank writes their
+    digests into the checkpoint). Mutation caught: the EMA copied before the DDP wrap while
+    each rank builds its network from its own dropout seed. The same run logs MLflow's system
+    metrics from each rank (tracking.system_metrics)."""
+    import json
+    name = "same-ema"
+    args = ["experiment=smoke", "progress=false", f"out_dir={shared_out_dir}", f"name={name}",
+            "scaling.backend=ray", "scaling.num_workers=2", "training.init=scratch", "loss=pseudo_huber",
+            "network.embedding=fourier", "batch_size=16", "training.iterations=2", "training.checkpoint_every=1",
+            "training.eval_every=2", "fid.num_samples=50", "diagnostics.tangent.enabled=false",
+            "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.5"]
+    assert main(args) == 0
+    checkpoint = shared_out_dir / "ray" / name / "iter_000000001"
+    ranks = [json.loads((checkpoint / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
+    assert ranks[0]["net_sha256"] == ranks[1]["net_sha256"]
+    client, runs = _run(shared_out_dir, name)
+    metrics = runs[0].data.metrics
+    for rank in (0, 1):
+        assert f"system/rank{rank}/cpu_utilization_percentage" in metrics, sorted(metrics)
+        assert f"system/rank{rank}/system_memory_usage_megabytes" in metrics

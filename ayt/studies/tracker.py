@@ -12,6 +12,7 @@ only what is new.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +106,24 @@ class StudyTracker(Callback):
         reason = error_line(trial)
         logger.set_tags({"ayt.failure": reason})
         logger.finish("FAILED")
+
+
+def find_child_run(uri: str, parent_run_id: str, trial_id: str, timeout_s: float = 60.0) -> str | None:
+    """The child run the driver's tracker keeps for Tune trial `trial_id`, as the trial's own
+    process finds it (to log its system metrics there). The tracker makes it when Tune starts
+    the trial, so the trial may look first: wait up to `timeout_s`; None if it never appears."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`ayt.trial_id` = '{trial_id}'"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 def error_line(trial) -> str:

@@ -32,31 +32,41 @@ class StudyError(RuntimeError):
     """A study cannot go on (not a config problem): the reason, in one line."""
 
 
-def run_trial(config: dict[str, Any], plan: StudyPlan) -> None:
+def run_trial(config: dict[str, Any], plan: StudyPlan, parent_run_id: str | None = None) -> None:
     """The Tune function trainable. Its config is resolved against the driver's directory, so
-    it finds the artifacts the driver built and writes where the tracker looks."""
+    it finds the artifacts the driver built and writes where the tracker looks; with
+    `tracking.system_metrics` it logs them into its child run of `parent_run_id`."""
     from ray import tune
 
     from ayt.training.prepare import ensure_artifacts
-    cfg = plan.trial_config(config, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    cfg = plan.trial_config(config, trial_id)
     artifacts = ensure_artifacts(cfg, progress=False)       # cached: built before the study, or once here
-    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts)
+    run_id = None
+    if cfg.tracking.system_metrics and parent_run_id:
+        from ayt.studies.tracker import find_child_run
+        run_id = find_child_run(str(cfg.tracking.uri), parent_run_id, trial_id)
+        if run_id is None:
+            log.warning("trial %s: no MLflow child run appeared; its system metrics are not logged", trial_id)
+    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts, run_id)
 
 
-def _train_in_process(cfg: DictConfig, artifacts) -> None:
+def _train_in_process(cfg: DictConfig, artifacts, run_id: str | None) -> None:
     from ayt.training.tune_trial import train_in_trial
-    train_in_trial(cfg, artifacts)
+    train_in_trial(cfg, artifacts, run_id)
 
 
-def _train_with_ray_train(cfg: DictConfig, artifacts) -> None:
+def _train_with_ray_train(cfg: DictConfig, artifacts, run_id: str | None) -> None:
     """One TorchTrainer per trial. Worker reports reach Tune through TuneReportCallback; the
     trial's stable name lets a retried or restored trial resume from its last Ray Train
     checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ayt.training.ray_train import build_trainer, raise_if_failed
-    trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    from ayt.training.ray_train import build_trainer, config_errors_from_workers, raise_if_failed
+    trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()],
+                            metrics_run_id=run_id)
+    with config_errors_from_workers(cfg):
+        trainer.fit()
     raise_if_failed(cfg, run_name(cfg))
 
 
@@ -172,7 +182,8 @@ def _fit(plan: StudyPlan, parent_id: str, tracker, console) -> list:
     """One Tune experiment of the study (the study itself, or one of its seed rounds): a new
     Tuner, or the saved one restored; its results."""
     from ray import tune
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, parent_run_id=parent_id),
+                                    plan.trial_resources())
     state = TuneOptunaState(plan)
     if not state.experiment_exists():
         return list(_new_tuner(plan, trainable, callbacks=[tracker, console]).fit())

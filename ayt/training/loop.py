@@ -4,6 +4,7 @@ and every worker calls the same `ConsistencyStep`. Side effects happen on rank 0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -144,14 +145,20 @@ def build_training(cfg: DictConfig, artifacts: Artifacts, ctx: WorkerContext, da
     """Networks, optimizer, loss and step for one worker (pretrained weights loaded); the step
     calls the gradient hooks of `diagnostics` (None: those of `cfg`, for a step on its own)."""
     device = ctx.device
-    net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
-    start_mode(cfg).initialise(net, artifacts.pretrained)     # the cached start, if the mode has one
+    # Every rank builds the same network from the run's seed: DDP broadcasts rank 0's
+    # parameters but not its buffers (DDP_OPTIONS), and the per-rank dropout streams seeded
+    # before this must not reach the weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        net = build_denoiser(cfg.network, cfg.edm, data.resolution, data.channels)
+        start_mode(cfg).initialise(net, artifacts.pretrained)     # the cached start, if the mode has one
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    ema = EMA(net, decay=float(cfg.training.ema_decay), halflife_kimg=cfg.training.ema_halflife_kimg)
     net.train()
     wrapped = ctx.prepare_model(net)
+    # The EMA starts from the weights DDP trains (rank 0's, after the wrap's broadcast).
+    ema = EMA(unwrap(wrapped), decay=float(cfg.training.ema_decay), halflife_kimg=cfg.training.ema_halflife_kimg)
     if cfg.compile:
         # Random numbers drawn as in eager mode (not by Inductor's own kernels): the RNG replay
         # that gives the target and the prediction one dropout mask (step.dropout_replay) then
@@ -312,8 +319,8 @@ def _maybe_fail(cfg: DictConfig, it: int, ctx: WorkerContext) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: RunState,
                     ctx: WorkerContext, extra: dict | None = None, diagnostics: Diagnostics | None = None) -> None:
-    """Rank 0 writes networks/optimizer/counters; every rank writes its RNG state and the
-    state of its diagnostics."""
+    """Rank 0 writes networks/optimizer/counters; every rank writes its RNG state, the
+    state of its diagnostics, and where it ran with digests of its network and EMA."""
     directory = Path(directory)
     if ctx.is_chief:
         torch.save({
@@ -326,7 +333,18 @@ def save_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, state: 
     torch.save(rng_state(ctx.device), directory / f"rng_rank{ctx.rank}.pt")
     if diagnostics is not None:
         diagnostics.save(directory, ctx.rank)
-    (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps(ctx.describe()))
+    # Each rank's weights by digest: equal on every rank as long as DDP keeps them in step.
+    digests = {"net_sha256": state_digest(unwrap(step.net)), "ema_sha256": state_digest(step.ema.model)}
+    (directory / f"worker_rank{ctx.rank}.json").write_text(json.dumps({**ctx.describe(), **digests}))
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_checkpoint(directory: str | os.PathLike, step: ConsistencyStep, ctx: WorkerContext,

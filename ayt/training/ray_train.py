@@ -4,12 +4,13 @@ a `RayWorkerContext` (DDP through `prepare_model`, sharded data through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -20,15 +21,24 @@ from ray.train.torch import TorchTrainer
 
 from ayt.config import run_name
 from ayt.environ import environ
-from ayt.errors import NonFiniteLossError
+from ayt.errors import ConfigError, NonFiniteLossError
+from ayt.gpu import GPUUnavailableError, check_training_device
 from ayt.eval.metrics import logged_keys
 from ayt.metrics import EVAL_SECONDS, TRAIN_SECONDS
 from ayt.preflight import preflight
 from ayt.provenance import CODE_VERSION, code_version
+from ayt.system_metrics import system_metrics
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# DistributedDataParallel options: the denoiser's buffers (the embedding's frequencies) are
+# fixed at construction, which every rank seeds alike (`build_training`), so broadcasting them
+# before each forward is wasted; gradients as views of the all-reduce buckets save a copy.
+DDP_OPTIONS = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+# torch's words when Ray Train's NCCL process group (use_gpu) starts where torch has no CUDA:
+# no GPU visible to it, or a CPU-only build. Such a worker group fails before any of our code runs.
+NCCL_WITHOUT_CUDA = ("ProcessGroupNCCL is only supported with GPUs", "Distributed package doesn't have NCCL built in")
 
 
 class RayWorkerContext(WorkerContext):
@@ -40,7 +50,7 @@ class RayWorkerContext(WorkerContext):
                          world_size=context.get_world_size())
 
     def prepare_model(self, net: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(net, move_to_device=self.device)
+        return ray.train.torch.prepare_model(net, move_to_device=self.device, parallel_strategy_kwargs=DDP_OPTIONS)
 
     def prepare_loader(self, loader):
         return ray.train.torch.prepare_data_loader(loader, move_to_device=True)
@@ -94,12 +104,16 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = OmegaConf.create(config["cfg"])
     configure_torch(cfg)
     ctx = RayWorkerContext()
+    # Ray gave this worker a GPU (use_gpu): a torch that cannot use it would train on the CPU, silently.
+    check_training_device(cfg, ctx.device)
     sink = None
     if ctx.is_chief and config.get("run_id"):
         from ayt.tracking import RunLogger     # mlflow: only the chief worker of a tracked run logs
         sink = RunLogger(cfg.tracking.uri, config["run_id"])
     try:
-        train_consistency(cfg, config["artifacts"], ctx, sink=sink, progress=config.get("progress", True))
+        with system_metrics(cfg.tracking, config.get("metrics_run_id") or config.get("run_id"), ctx.rank,
+                            ctx.world_size):
+            train_consistency(cfg, config["artifacts"], ctx, sink=sink, progress=config.get("progress", True))
     except NonFiniteLossError as err:
         # Not a worker failure to retry: the run ends with the reason. Ray Train's Result
         # carries the metrics of the last *checkpoint* only, so rank 0 also leaves the reason
@@ -114,6 +128,31 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 FAILURE_FILE = "ayt_failure.json"
+
+
+@contextlib.contextmanager
+def config_errors_from_workers(cfg: DictConfig) -> Iterator[None]:
+    """Raise the ConfigError behind a failed fit, so the command says it in one line and exits 2:
+    a worker that refused its config (a GPU its torch cannot use, a precision its GPU lacks)
+    fails the fit with Ray's WorkerGroupError around it; a GPU worker group that could not even
+    start (NCCL needs CUDA) fails it with a ControllerError that quotes torch."""
+    try:
+        yield
+    except ray.train.WorkerGroupError as err:
+        for failure in err.worker_failures.values():
+            cause = failure
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise type(cause)(cause.field, cause.message) from None
+        raise
+    except ray.train.ControllerError as err:
+        if cfg.scaling.use_gpu and any(words in str(err) for words in NCCL_WITHOUT_CUDA):
+            raise GPUUnavailableError("scaling.use_gpu", "true, but torch in Ray Train's GPU workers cannot use CUDA "
+                                      "(their NCCL process group did not start); check the nodes' NVIDIA driver "
+                                      "(nvidia-smi) and install a CUDA build of torch it supports, or set "
+                                      "scaling.use_gpu=false") from None
+        raise
 
 
 def raise_if_failed(cfg: DictConfig, name: str) -> None:
@@ -167,13 +206,16 @@ def scaling_config(cfg: DictConfig) -> ScalingConfig:
 
 
 def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, name: str,
-                  progress: bool = True, callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for the run `name`; the same name and storage path resume it."""
+                  progress: bool = True, callbacks: list | None = None,
+                  metrics_run_id: str | None = None) -> TorchTrainer:
+    """A TorchTrainer for the run `name`; the same name and storage path resume it. Rank 0
+    logs to MLflow run `run_id`; every rank its system metrics to `metrics_run_id` (default:
+    `run_id`; a study trial's child run, whose metrics its driver logs)."""
     os.environ[START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s)
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "artifacts": artifacts.to_dict(),
-                           "run_id": run_id, "progress": progress},
+                           "run_id": run_id, "metrics_run_id": metrics_run_id, "progress": progress},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=str(cfg.ray.storage_path),
@@ -186,7 +228,8 @@ def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, nam
 def train_with_ray(cfg: DictConfig, artifacts: Artifacts, logger, run_id: str, progress: bool = True) -> dict:
     """`scaling.backend=ray`: fit the TorchTrainer (after `connect`); the rank-0 worker
     writes the MLflow run."""
-    result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
+    with config_errors_from_workers(cfg):
+        result = build_trainer(cfg, artifacts, run_id, run_name(cfg), progress).fit()
     raise_if_failed(cfg, run_name(cfg))
     metrics = result.metrics or {}
     curves = {key: [[s, v] for s, v in logger.history(key)] for key in logged_keys(cfg.eval.metrics)}

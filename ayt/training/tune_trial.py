@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from ayt.gpu import check_training_device
 from ayt.provenance import CODE_VERSION, NODE_ID, RESUMED_FROM, code_version
+from ayt.system_metrics import system_metrics
 from ayt.training.loop import RunState, WorkerContext, train_consistency
 from ayt.training.prepare import Artifacts, configure_torch
 
@@ -60,10 +62,13 @@ class TuneTrialContext(WorkerContext):
         return True
 
 
-def train_in_trial(cfg: DictConfig, artifacts: Artifacts) -> dict[str, Any]:
-    """Train the trial `cfg` in this process. A non-finite loss raises: the trial fails, and
-    the error's last line (the reason) becomes its MLflow run's `ayt.failure` tag."""
+def train_in_trial(cfg: DictConfig, artifacts: Artifacts, run_id: str | None = None) -> dict[str, Any]:
+    """Train the trial `cfg` in this process (its system metrics into MLflow run `run_id`, the
+    trial's child run). A non-finite loss, or a GPU the config asks for that torch here cannot
+    use, raises: the trial fails, and the error's last line (the reason) becomes its MLflow
+    run's `ayt.failure` tag."""
     device = configure_torch(cfg)
+    check_training_device(cfg, device)
     if not cfg.get("cpu_threads"):
         # As many torch threads as CPUs the trial reserved (Ray Train does the same for its
         # workers): two 1-CPU trials with torch's default threads each on 2 cores oversubscribe
@@ -73,4 +78,5 @@ def train_in_trial(cfg: DictConfig, artifacts: Artifacts) -> dict[str, Any]:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             torch.set_num_threads(max(1, int(cpus)))
-    return train_consistency(cfg, artifacts, TuneTrialContext(device), progress=False)
+    with system_metrics(cfg.tracking, run_id):
+        return train_consistency(cfg, artifacts, TuneTrialContext(device), progress=False)
