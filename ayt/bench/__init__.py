@@ -13,7 +13,9 @@ timed quantity the median and spread (IQR, min, max) over the repeats. `which` i
               w.r.t. the prediction, and the speed ratio
   ray         the same small trial through Ray Train (1 worker) and through the plain loop;
               a Tune study of small trials against the same trials in a Python loop
-  fid         one FID evaluation (1- and 2-step) against the training time between two of them
+  fid         one evaluation (1- and 2-step samples, every configured metric) and its cost split
+              (generation, extraction, statistics), on 1 and on 2 Ray Train workers (ratio, same
+              run), against the training time between two evaluations
   roofline    the step's achieved FLOP/s against a matmul peak measured in the same process
   front_door  the README's `python -m ayt.studies.batch_size_sweep` from an empty out_dir, in a
               subprocess: wall time and the share of core time spent in training + FID
