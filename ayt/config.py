@@ -226,8 +226,11 @@ def _validate_device(cfg: DictConfig) -> None:
         raise ConfigError("device", f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if device.startswith("cuda") and not cuda_available() and not cfg.scaling.use_gpu:
         raise ConfigError("device", f"{device!r} requested but this machine has no CUDA GPU; use device=auto or cpu")
-    if cfg.scaling.backend == "local":      # the plain loop trains here: this GPU must do the precision natively
-        require_cuda(cfg, device, "device")
+    if cfg.scaling.backend == "local":      # the plain loop trains here: this GPU must work and do the precision
+        if cfg.scaling.use_gpu and device == "auto":
+            require_cuda(cfg, "cuda", "scaling.use_gpu")
+        else:
+            require_cuda(cfg, device, "device")
 
 
 def _validate_training(cfg: DictConfig) -> None:

@@ -84,6 +84,17 @@ def test_a_plain_run_refuses_bf16_on_a_gpu_without_it_before_any_work(monkeypatc
     assert refused.value.field == "precision"
 
 
+def test_a_plain_run_asking_for_a_gpu_without_cuda_fails_before_any_work(tmp_path, capsys):
+    """scaling.use_gpu=true on the plain loop (device=auto) would otherwise train on the CPU."""
+    assert not torch.cuda.is_available()
+    out = tmp_path / "out"
+    assert main(["scaling.use_gpu=true", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ayt: config error: scaling.use_gpu: true asks for a GPU"), err
+    assert not out.exists()
+    assert load_config(["scaling.use_gpu=true", "device=cpu", f"out_dir={out}"]).device == "cpu"   # said plainly
+
+
 def test_a_tune_trial_asking_for_a_gpu_its_torch_cannot_use_fails_naming_the_field(tmp_path):
     """The check a study trial makes in its own process, before it loads anything: the trial
     fails, and its error's last line (its MLflow run's `ayt.failure` tag) names the field."""
