@@ -123,7 +123,8 @@ def test_search_then_confirm_reruns_the_best_and_the_baseline_on_fresh_seeds(ray
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=confirm-huber", "study.search=random", "study.startup_trials=null",
             "study.num_samples=3", "study.scheduler=none", "study.protocol.confirm.k=2",
-            "study.protocol.confirm.seeds=[5,6]", "study.budget.amount=640", "study.max_concurrent_trials=2", *TINY]
+            "study.protocol.confirm.seeds=[5,6]", "study.budget.amount=640", "study.max_concurrent_trials=2",
+            "study.protocol.confirm.baseline_on_search_seeds=true", *TINY]
     assert study_main("huber_sweep", args) == 0
     printed = capsys.readouterr().out
     assert "ayt: stage 2:" in printed and "best1 = " in printed
@@ -158,9 +159,14 @@ def test_search_then_confirm_reruns_the_best_and_the_baseline_on_fresh_seeds(ray
     # Resumed: both stages are found finished; nothing runs twice.
     assert study_main("huber_sweep", [*args, "resume=true"]) == 0
     assert len(children("confirm-huber")[0]) == 3 and len(children("confirm-huber-confirm")[0]) == 6
-    assert len(children("confirm-huber-confirm")[1]) == 1
+    # The baseline on the search's own seed, between the stages: the gap splits into seed and selection.
+    on_search_seed, _ = children("confirm-huber-baseline")
+    assert [(r.data.params["axis.seed"], r.data.params["loss.huber_c"]) for r in on_search_seed] == [("0", "0.0")]
+    assert record["baseline_search_seeds"] == {"0": pytest.approx(stand_in({"loss.huber_c": "0.0"}))}
+    assert len(children("confirm-huber-confirm")[1]) == 1 and len(children("confirm-huber-baseline")[0]) == 1
     # --report writes both stages' reports again from MLflow, training nothing.
     (out / "confirm-huber-confirm" / "report.md").unlink()
+    assert "Split of that gap: the baseline itself scored" in report
     assert study_main("huber_sweep", [*args, "--report"]) == 0
     assert "| best1 |" in (out / "confirm-huber-confirm" / "report.md").read_text()
     assert len(children("confirm-huber")[0]) == 3 and len(children("confirm-huber-confirm")[0]) == 6

@@ -9,7 +9,16 @@ seed's luck), and a search alone never says whether it beats the defaults. So:
                      ASHA stopped early was scored at a lower fidelity) and the baseline
                      (`confirm.baseline`: searched key -> value, or the config's defaults) each
                      on `confirm.seeds`, paired by seed: trials that share a seed share the data
-                     order, the noise, the t draws and the FID noise set.
+                     order, the noise, the t draws and the FID noise set;
+  between them       the baseline on the search's own seeds (`<name>-baseline`, unless
+                     `confirm.baseline_on_search_seeds` is false), so the gap between the
+                     winner's search score and its confirmation mean splits into the seed
+                     effect (the baseline's own change from the search seeds to the
+                     confirmation seeds) and the winner's own drop (the rest: how much of its
+                     lead over the baseline was its seed's luck, the winner's curse).
+
+Every trial is scored at the study's endpoint (ayt/studies/endpoint.py): the search's ranking,
+the candidates' search scores, the verdicts.
 
 Stage 2 is an ordinary grid study on the shared runner, named `<name>-confirm`, with one axis,
 `candidate`, whose values are named configurations (`study.candidates`, ayt.studies.space);
@@ -31,12 +40,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from ayt.errors import ConfigError
 from ayt.eval.metrics import better as better_than
 from ayt.eval.metrics import direction, ranked, words
+from ayt.errors import ConfigError
 from ayt.metrics import short
 from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_search import value_of
+from ayt.studies.endpoint import Endpoint
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.report_table import fmt
 from ayt.studies.schema import ConfirmStage  # its fields and defaults: declared once
@@ -54,6 +64,7 @@ class Candidate:
     settings: dict[str, Any]             # config key -> value (full precision)
     trial: str | None = None             # the search trial it came from
     search_final: float | None = None    # its final metric there (one seed)
+    search_score: float | None = None    # its score there at the study's endpoint
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,6 +74,11 @@ def is_confirm_protocol(study: Mapping[str, Any]) -> bool:
 
 def confirm_name(name: str) -> str:
     return f"{name}-confirm"
+
+
+def baseline_name(name: str) -> str:
+    """The stage that runs the baseline on the search's own seeds."""
+    return f"{name}-baseline"
 
 
 def parse_confirm(study: Mapping[str, Any], space: StudySpace) -> ConfirmStage:
@@ -104,14 +120,15 @@ def baseline_overrides(stage: ConfirmStage) -> list[str]:
                 settings=((BASELINE, tuple(stage.baseline.items())),)).overrides(BASELINE)
 
 
-def choose_candidates(trials: Sequence[Trial], space: StudySpace, key: str, k: int) -> list[Candidate]:
+def choose_candidates(trials: Sequence[Trial], space: StudySpace, key: str, k: int,
+                      endpoint: Endpoint = Endpoint("final")) -> list[Candidate]:
     """The search's best `k` distinct configurations among the trials that ran the whole budget
-    with a finite final metric, best first (`best1`, ...)."""
+    with a finite score at `endpoint`, best first (`best1`, ...)."""
     finished = sorted((t for t in trials if t.status != "FAILED" and not t.stopped_early
-                       and math.isfinite(t.final(key))), key=lambda t: t.name)
+                       and math.isfinite(t.score(key, endpoint))), key=lambda t: t.name)
     out: list[Candidate] = []
     seen: set[tuple] = set()
-    for t in ranked(finished, lambda t: t.final(key), key):      # best first in the metric's direction
+    for t in ranked(finished, lambda t: t.score(key, endpoint), key):    # best first in the metric's direction
         settings = {a.key: value_of(a, t.axes.get(a.key)) for a in space.axes}
         if any(v is None for v in settings.values()):
             continue
@@ -119,7 +136,7 @@ def choose_candidates(trials: Sequence[Trial], space: StudySpace, key: str, k: i
         if marker in seen:
             continue
         seen.add(marker)
-        out.append(Candidate(f"best{len(out) + 1}", settings, t.name, t.final(key)))
+        out.append(Candidate(f"best{len(out) + 1}", settings, t.name, t.final(key), t.score(key, endpoint)))
         if len(out) == k:
             break
     return out
@@ -143,13 +160,33 @@ def confirm_edit(space: StudySpace, stage: ConfirmStage, candidates: Sequence[Ca
     return edit
 
 
+def baseline_edit(space: StudySpace, stage: ConfirmStage) -> Callable[[DictConfig], None]:
+    """The baseline on the search's own seeds: a grid of one candidate, no early stopping, no
+    reference (it is compared in the confirmation's report, with what the search found)."""
+    def edit(study: DictConfig) -> None:
+        study.name = baseline_name(space.name)
+        study.search = "grid"
+        study.axes = {CANDIDATE_AXIS: [BASELINE]}
+        study.candidates = {BASELINE: dict(stage.baseline)}
+        study.seeds = list(space.seeds)
+        study.num_samples, study.startup_trials = None, None
+        study.scheduler = "none"
+        study.target.fid, study.target.reference = None, None
+        study.protocol.name, study.protocol.stage = "single", "baseline"
+    return edit
+
+
 def write_confirmation(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def confirmation_record(search_plan: Any, stage: ConfirmStage, candidates: Sequence[Candidate],
-                        confirm_dir: Path, searched: int) -> dict[str, Any]:
+                        confirm_dir: Path, searched: int, baseline_search: Mapping[str, float] | None = None,
+                        baseline_plan: Any = None) -> dict[str, Any]:
+    """What stage 2 was built from (confirmation.json): the search, its candidates with their
+    search scores, and the baseline's scores on the search seeds (`baseline_search`: seed ->
+    score, from the stage `baseline_plan` ran)."""
     import os
 
     from omegaconf import OmegaConf
@@ -158,8 +195,12 @@ def confirmation_record(search_plan: Any, stage: ConfirmStage, candidates: Seque
             "search_trials": searched, "search_report": os.path.relpath(search_plan.out_dir / "report.md", confirm_dir),
             "metric": str(search_plan.study["metric"]), "k": stage.k, "seeds": list(stage.seeds),
             "baseline": dict(stage.baseline),
-            "candidates": [{"name": c.name, "settings": c.settings, "trial": c.trial, "search_final": c.search_final}
-                           for c in candidates]}
+            "endpoint": search_plan.endpoint.label,
+            "candidates": [{"name": c.name, "settings": c.settings, "trial": c.trial, "search_final": c.search_final,
+                            "search_score": c.search_score} for c in candidates],
+            **({"baseline_search_seeds": dict(baseline_search),
+                "baseline_search_report": os.path.relpath(baseline_plan.out_dir / "report.md", confirm_dir)}
+               if baseline_search is not None else {})}
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -204,6 +245,8 @@ class ConfirmSection(Section):
 
     def applies(self, ctx: ReportContext) -> bool:
         study = ctx.plan.study
+        if (study.get("protocol") or {}).get("stage") == "baseline":    # the baseline on the search seeds
+            return False
         return bool(study.get("candidates")) or is_confirm_protocol(study)
 
     def write(self, ctx: ReportContext) -> SectionOutput:
@@ -214,12 +257,15 @@ class ConfirmSection(Section):
             return SectionOutput(["", "## Confirmation", "",
                                   f"Protocol search_then_confirm: the best {confirm['k']} configurations that ran the "
                                   f"whole budget and the baseline ({_settings_text(confirm.get('baseline') or {})}) "
-                                  f"run again on seeds {list(confirm['seeds'])}, which this search did not use: "
-                                  f"[{link}]({link})."])
+                                  f"run again on seeds {list(confirm['seeds'])}, which this search did not use"
+                                  + (f", and the baseline on this search's seeds {list(ctx.plan.space.seeds)} "
+                                     f"([{baseline_name(ctx.plan.name)}](../{baseline_name(ctx.plan.name)}/report.md))"
+                                     if confirm.get("baseline_on_search_seeds") else "")
+                                  + f": [{link}]({link})."])
         return self._verdicts(ctx)
 
     def _verdicts(self, ctx: ReportContext) -> SectionOutput:
-        key, study = ctx.key, ctx.plan.study
+        key, study, endpoint = ctx.key, ctx.plan.study, ctx.decision.endpoint
         record_path = ctx.out / CONFIRM_FILE
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         source = {c["name"]: c for c in record.get("candidates", [])}
@@ -227,7 +273,7 @@ class ConfirmSection(Section):
         for t in ctx.trials:
             name = t.group.get(CANDIDATE_AXIS)
             if name is not None and t.status != "FAILED":
-                by_candidate.setdefault(name, {})[t.seed] = t.final(key)
+                by_candidate.setdefault(name, {})[t.seed] = t.score(key, endpoint)
         order = [n for n in study["candidates"] if n in by_candidate]
         by_candidate = {n: by_candidate[n] for n in order}
         found = verdicts(by_candidate, key=key)
@@ -235,23 +281,26 @@ class ConfirmSection(Section):
         report = record.get("search_report")
         lines = ["", "## Confirmation: the best found against the baseline, on fresh seeds", "",
                  f"The search ({f'[{report}]({report}), ' if report else ''}{searched} trials on seeds "
-                 f"{record.get('search_seeds', '?')}) chose the configurations below by their final {short(key)}; "
+                 f"{record.get('search_seeds', '?')}) chose the configurations below by their {short(key)} at "
+                 f"endpoint `{record.get('endpoint', 'final')}`; "
                  f"each runs here beside the baseline on seeds {list(ctx.plan.space.seeds)}, which the search did "
                  "not use, paired by seed. Verdicts: paired t-interval of candidate − baseline; p adjusted by Holm "
                  f"over the {len(found)} comparisons; better or worse only when the adjusted p < {1 - LEVEL:.2f}.",
-                 "", f"| candidate | settings | in the search (one seed) | here: final {short(key)} | "
+                 "", f"| candidate | settings | in the search (one seed) | here: {endpoint.label} {short(key)} | "
                  "− baseline, paired [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
         m, h, n = mean_ci(list(by_candidate.get(BASELINE, {}).values()))
         settings = study["candidates"].get(BASELINE) or {}
         shown = _settings_text(settings) if settings else "defaults" + (
             ": " + _settings_text(record["defaults"]) if record.get("defaults") else "")
-        lines.append(f"| {BASELINE} | {shown} | – | "
-                     f"{fmt(m, h)} (n={n}) | reference | – | – |")
+        base_search = {str(s): v for s, v in (record.get("baseline_search_seeds") or {}).items()}
+        lines.append(f"| {BASELINE} | {shown} | "
+                     + (", ".join(f"{v:.2f}" for v in base_search.values()) if base_search else "–")
+                     + f" | {fmt(m, h)} (n={n}) | reference | – | – |")
         records = []
         for v in found:
             c, info = v.comparison, source.get(v.candidate, {})
             m, h, n = mean_ci(list(by_candidate[v.candidate].values()))
-            searched_at = info.get("search_final")
+            searched_at = info.get("search_score", info.get("search_final"))
             diff = (f"{c.estimate:+.2f} [{c.low:+.2f}, {c.high:+.2f}]" if c.available else "–")
             lines.append(f"| {v.candidate} | {_settings_text(study['candidates'].get(v.candidate, {}))} | "
                          + (f"{searched_at:.2f} (`{info.get('trial')}`)" if searched_at is not None else "–")
@@ -260,8 +309,11 @@ class ConfirmSection(Section):
             records.append({"candidate": v.candidate, "settings": study["candidates"].get(v.candidate, {}),
                             "search_final": searched_at, "confirm_mean": m, "confirm_ci95": h, "n": n,
                             "diff": c.estimate, "diff_low": c.low, "diff_high": c.high, "p": c.p,
-                            "p_holm": v.p_holm, "verdict": v.words})
-        lines += [""] + self._plain_words(records, key)
+                            "p_holm": v.p_holm, "verdict": v.words, "endpoint": endpoint.label})
+        baseline = {"confirm_mean": mean_ci(list(by_candidate.get(BASELINE, {}).values())),
+                    "search": [v for v in base_search.values() if math.isfinite(v)],
+                    "report": record.get("baseline_search_report")}
+        lines += [""] + self._plain_words(records, key, baseline)
         files = []
         if found:
             files.append(paired_figure(by_candidate, found, key, ctx.out / "confirm.png",
@@ -271,7 +323,7 @@ class ConfirmSection(Section):
                              {"confirmation": records})
 
     @staticmethod
-    def _plain_words(records: list[dict[str, Any]], key: str) -> list[str]:
+    def _plain_words(records: list[dict[str, Any]], key: str, baseline: Mapping[str, Any] | None = None) -> list[str]:
         if not records:
             return ["No candidate has a finished trial to compare."]
         best = records[0]
@@ -280,16 +332,51 @@ class ConfirmSection(Section):
         out.append("- " + (f"Better than the baseline on fresh seeds: {', '.join(better)}." if better else
                            "No candidate is better than the baseline on fresh seeds at this number of seeds."))
         if best["search_final"] is not None and math.isfinite(best["confirm_mean"]):
-            out.append(f"- The search's best (best1) scored {best['search_final']:.2f} on its one search seed; on "
-                       f"the confirmation seeds it averages {best['confirm_mean']:.2f}"
-                       + (f" ({best['confirm_mean'] - best['search_final']:+.2f}, as the winner's curse predicts: "
-                          f"its search score was chosen for being {words(key)[0][:-2]})"
-                          if better_than(best["search_final"], best["confirm_mean"], key) else "") + ".")
+            out += gap_words(best["search_final"], best["confirm_mean"], (baseline or {}).get("search") or [],
+                             (baseline or {}).get("confirm_mean", (math.nan, math.nan, 0)), key)
         widths = [r["diff_high"] - r["diff_low"] for r in records if math.isfinite(r["diff_high"])]
         if widths:
             out.append(f"- The paired intervals are {min(widths):.1f}–{max(widths):.1f} {short(key)} wide: a "
                        "difference much smaller than that cannot be told from zero with these seeds.")
         return out
+
+
+def gap_words(search: float, confirmed: float, baseline_search: Sequence[float],
+              baseline_confirmed: tuple[float, float, int], key: str) -> list[str]:
+    """The search's best scored `search` on its seed(s) and averages `confirmed` on the fresh ones.
+    With the baseline on the search seeds too, that gap is split: the seed effect (the baseline's
+    own change between the two sets of seeds) and the winner's own drop (the rest: the change of
+    its lead over the baseline); each is worded from its sign and size, in the metric's direction."""
+    gap = confirmed - search
+    first = (f"- The search's best (best1) scored {search:.2f} on its search seed; on the confirmation seeds it "
+             f"averages {confirmed:.2f} ({gap:+.2f}).")
+    base_mean, base_half, base_n = baseline_confirmed
+    if not baseline_search or not math.isfinite(base_mean):
+        curse = (f" The baseline did not run on the search seed, so this gap mixes selection (the winner's curse: "
+                 f"its search score was chosen for being {words(key)[0][:-2]}) with the difference between the seeds; "
+                 "the two cannot be told apart here." if better_than(search, confirmed, key) else "")
+        return [first + curse]
+    seed_effect = base_mean - float(np.mean(baseline_search))
+    own = gap - seed_effect
+    lead_search = search - float(np.mean(baseline_search))
+    lead_confirmed = confirmed - base_mean
+    within = (f" ±{base_half:.2f}" if math.isfinite(base_half) else "") + f" (the baseline's 95% interval, n={base_n})"
+    split = (f"- Split of that gap: the baseline itself scored {float(np.mean(baseline_search)):.2f} on the search "
+             f"seed and {base_mean:.2f} on the confirmation seeds, a seed effect of {seed_effect:+.2f}{within}; the "
+             f"rest, {own:+.2f}, is best1's own {'drop' if better_than(0.0, own, key) else 'change'}: its difference "
+             f"from the baseline went from {lead_search:+.2f} on the search seed to {lead_confirmed:+.2f} on fresh "
+             "seeds.")
+    lost = better_than(0.0, own, key)                     # its lead over the baseline shrank
+    if not lost:
+        reading = "best1 kept its lead over the baseline: no sign of the winner's curse; the gap is the seeds."
+    elif abs(seed_effect) > abs(own):
+        side = words(key)[1] if better_than(0.0, seed_effect, key) else words(key)[0]
+        reading = (f"most of the gap is the seeds (the baseline itself scores {side} on the confirmation seeds); "
+                   "the winner's curse accounts for the smaller part.")
+    else:
+        reading = ("most of the gap is the winner's curse: best1's search score owed more to its seed than the "
+                   "baseline's did.")
+    return [first, split + " " + reading[0].upper() + reading[1:]]
 
 
 def paired_figure(by_candidate: Mapping[str, Mapping[int, float]], found: Sequence[Verdict], key: str, path: Path,

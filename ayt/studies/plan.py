@@ -209,7 +209,9 @@ def trial_count(plan: StudyPlan) -> TrialCount:
         return TrialCount({"tuning": (tuning, tuning), "extension rounds": (0, extensions), "repeat": main})
     if is_confirm_protocol(study):
         stage = parse_confirm(study, space)
-        return TrialCount({"search": main, "confirmation": (2 * len(stage.seeds), (stage.k + 1) * len(stage.seeds))})
+        base = len(space.seeds) if stage.baseline_on_search_seeds else 0
+        return TrialCount({"search": main, **({"baseline on the search seeds": (base, base)} if base else {}),
+                           "confirmation": (2 * len(stage.seeds), (stage.k + 1) * len(stage.seeds))})
     return TrialCount({"study": main})
 
 

@@ -42,6 +42,8 @@ from ayt.metrics import short
 from ayt.provenance import git_commit, short_version
 from ayt.studies.confirm import ConfirmSection
 from ayt.studies.critical_batch import CriticalBatchSection
+from ayt.studies import endpoint as endpoints
+from ayt.studies.endpoint import Endpoint
 from ayt.studies.group import Group, is_number
 from ayt.studies.protocol import TUNING_FILE
 from ayt.studies.protocol import report_lines as protocol_lines
@@ -84,6 +86,8 @@ class Header(Section):
             f"- budget: {plan.space.budget_amount} {plan.space.budget_unit} per trial, "
             f"{plan.space.evals} FID evaluations; seeds {plan.space.seeds}; search {plan.space.search}; "
             f"scheduler {plan.study['scheduler']}",
+            f"- decided at {ctx.decision.words()}: every verdict, ranking and choice below scores each trial "
+            "by it (fixed in the study config before it ran)",
             f"- trials: {len(trials)} ({sum(t.status == 'FINISHED' for t in trials)} finished, "
             f"{sum(t.stopped_early for t in trials)} stopped early, {sum(t.status == 'FAILED' for t in trials)} failed); "
             f"consistency training {worker_minutes:.1f} worker-minutes"
@@ -131,12 +135,16 @@ class GroupTable(Section):
     and groups.csv, their rows at full precision."""
 
     def write(self, ctx: ReportContext) -> SectionOutput:
+        decision = ctx.decision
+        level = (f"{decision.level:.1%} interval (95% split over the {decision.looks} looks of the seed rounds, "
+                 f"its p multiplied by {decision.looks})" if decision.looks > 1 else "95% interval")
         lines = ["", "Values are mean ± 95% t-interval half-width across seeds (no ± with one seed). "
-                 "Against the reference: the difference group − reference with its 95% interval, paired by "
+                 f"Against the reference: the difference group − reference in each trial's score at endpoint "
+                 f"`{decision.endpoint.label}`, with its {level}, paired by "
                  "seed where the groups share seeds (paired t), else Welch t on the seeds of each group; "
                  "significant when the interval excludes 0. Both tests with p, the exact Wilcoxon signed-rank p "
                  "and their power follow the first table; every column is in groups.csv.", ""]
-        lines += table_lines(ctx.rows, ctx.key)
+        lines += table_lines(ctx.rows, ctx.key, decision)
         if per_trial_table(ctx):              # a search: its groups are its trials (report_search)
             lines = group_table_note(ctx)
         if ctx.plan.skipped:
@@ -162,7 +170,7 @@ class Findings(Section):
         return not per_trial_table(ctx)
 
     def write(self, ctx: ReportContext) -> SectionOutput:
-        return SectionOutput(["", "## Findings (computed)", ""] + findings(ctx.rows, ctx.key))
+        return SectionOutput(["", "## Findings (computed)", ""] + findings(ctx.rows, ctx.key, ctx.decision))
 
 
 class Diverged(Section):
@@ -205,8 +213,8 @@ class Figures(Section):
 
 
 def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
-    """The study metric's final value (each sampler) against the first numeric axis (e.g. batch
-    size), one line per other setting."""
+    """The study metric's score at its endpoint (each sampler) against the first numeric axis
+    (e.g. batch size), one line per other setting."""
     if not trials:
         return []
     axes = list(trials[0].group.keys)
@@ -216,11 +224,12 @@ def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
     x_key = numeric[0]
     plt = pyplot()
     fig, panels = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    own = quantity_of(plan.metric)
+    own, endpoint = quantity_of(plan.metric), endpoints.of(plan.study)
     for ax, key in zip(panels[0], [k for k in curve_keys(trials, plan.metric) if quantity_of(k) == own]):
         lines: dict[Group, dict[float, list[float]]] = {}
         for t in trials:
-            lines.setdefault(t.group.without(x_key), {}).setdefault(float(t.axes[x_key]), []).append(t.final(key))
+            lines.setdefault(t.group.without(x_key), {}).setdefault(float(t.axes[x_key]), []).append(
+                t.score(key, endpoint))
         for rest, points in lines.items():
             xs = sorted(points)
             stats = [mean_ci(points[x]) for x in xs]
@@ -232,10 +241,10 @@ def _final_vs_first_axis(trials: list[Trial], out: Path, plan) -> list[str]:
         else:
             ax.set_xscale("symlog", linthresh=min((x for x in xs_all if x > 0), default=1.0))
         ax.set_xlabel(x_key)
-        ax.set_ylabel(f"final {short(key)} (mean, 95% CI)")
+        ax.set_ylabel(f"{endpoint.label} {short(key)} (mean, 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{plan.name}: final {own.label} vs {x_key}")
+    fig.suptitle(f"{plan.name}: {endpoint.label} {own.label} vs {x_key}")
     fig.tight_layout()
     path = out / "final_vs_axis.png"
     fig.savefig(path, dpi=110)
@@ -247,19 +256,23 @@ class Data(Section):
     """trials.csv and curves.csv."""
 
     def write(self, ctx: ReportContext) -> SectionOutput:
-        files = [_write_trials_csv(ctx.trials, ctx.targets, ctx.key, ctx.out / "trials.csv"),
+        files = [_write_trials_csv(ctx.trials, ctx.targets, ctx.key, ctx.out / "trials.csv", ctx.decision.endpoint),
                  _write_curves_csv(ctx.trials, ctx.out / "curves.csv")]
         return SectionOutput(["", "## Data", "", "`trials.csv` (one row per trial), `curves.csv` (every evaluation), "
                               "`groups.csv` (the table above with full precision).", ""], files)
 
 
-def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path) -> str:
+def _write_trials_csv(trials: list[Trial], tgt: dict, key: str, path: Path, endpoint: Endpoint | None = None) -> str:
+    """One row per trial; with an endpoint other than the final value, each curve's score at it
+    (`last_3_fid_1step`) before its final and best."""
+    scored = [] if endpoint is None or endpoint.name == "final" else curve_keys(trials, key)
     rows = []
     for t in trials:
         target = tgt.get(t.group)
         reached = t.first_reaching(key, target) if target is not None else None
         rows.append({"run": t.name, **{f"axis.{k}": v for k, v in t.axes.items()}, "status": t.status,
                      "stopped_early": t.stopped_early, "iterations": t.curves[key][-1][0] if t.curves.get(key) else 0,
+                     **{f"{endpoint.label}_{short(k)}": t.score(k, endpoint) for k in scored},
                      **{f"final_{short(k)}": t.final(k) for k in curve_keys(trials, key)},
                      **{f"best_{short(k)}": t.best(k) for k in curve_keys(trials, key)},
                      "target_fid": target, "iters_to_target": reached, "train_seconds": t.train_seconds,

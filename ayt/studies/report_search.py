@@ -34,6 +34,7 @@ import numpy as np
 from ayt.eval.metrics import MIN, best_index, direction, optuna_direction, sign, words
 from ayt.eval.metrics import ranked as best_first
 from ayt.metrics import short
+from ayt.studies import decision as decisions
 from ayt.studies.report_plots import pyplot, save_figure
 from ayt.studies.report_section import ReportContext, Section, SectionOutput
 from ayt.studies.sampler import optuna_sampler, startup_trials
@@ -148,6 +149,7 @@ def optuna_study(plan, trials: Sequence[Trial], key: str):
         except KeyError:          # the file holds no study of that name
             pass
     axes = search_axes(plan)
+    endpoint = decisions.of(plan.study).endpoint              # what the search ranked by
     dists = {a.param: distribution(a) for a in axes}
     study = optuna.create_study(direction=optuna_direction(key), study_name=getattr(plan, "study_id", None))
     frozen = []
@@ -155,7 +157,7 @@ def optuna_study(plan, trials: Sequence[Trial], key: str):
         params = {a.param: value_of(a, t.axes.get(a.key)) for a in axes}
         if any(v is None for v in params.values()):
             continue
-        value = t.final(key)
+        value = t.score(key, endpoint)
         ok = t.status != "FAILED" and math.isfinite(value)
         frozen.append(optuna.trial.create_trial(
             params=params, distributions=dists, value=value if ok else None,
@@ -244,7 +246,8 @@ def binned_median(xs: np.ndarray, ys: np.ndarray, log: bool, bins: int | None = 
     return np.array(mx), np.array(my)
 
 
-def history_figure(finals: list[float], key: str, path: Path, title: str, startup: int | None) -> str:
+def history_figure(finals: list[float], key: str, path: Path, title: str, startup: int | None,
+                   ep: str = "final") -> str:
     """Final metric per trial in proposal order (dots) and the best so far (a line)."""
     plt = pyplot()
     n = len(finals)
@@ -254,7 +257,7 @@ def history_figure(finals: list[float], key: str, path: Path, title: str, startu
     best = (np.fmin.accumulate(np.where(ok, y, np.inf)) if direction(key) == MIN
             else np.fmax.accumulate(np.where(ok, y, -np.inf)))
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    ax.scatter(x[ok], y[ok], color="tab:blue", linewidths=0, label="trial (final)", **_marks(n))
+    ax.scatter(x[ok], y[ok], color="tab:blue", linewidths=0, label=f"trial ({ep})", **_marks(n))
     shown = np.isfinite(best)
     ax.step(x[shown], best[shown], where="post", color="tab:red", linewidth=1.8, label="best so far")
     if startup and startup < n:
@@ -262,7 +265,7 @@ def history_figure(finals: list[float], key: str, path: Path, title: str, startu
     if _log_y(y[ok]):
         ax.set_yscale("log")
     ax.set_xlabel("trial (in the order the search proposed them)")
-    ax.set_ylabel(f"final {short(key)}")
+    ax.set_ylabel(f"{ep} {short(key)}")
     failed = int((~ok).sum())
     ax.set_title(title + (f" ({failed} failed, not shown)" if failed else ""), fontsize=10)
     ax.grid(alpha=0.3, which="both")
@@ -277,7 +280,7 @@ def _categorical_positions(axis: Axis, values: Sequence[Any], rng) -> tuple[np.n
 
 
 def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.ndarray, key: str, path: Path,
-                    title: str, stopped: np.ndarray | None = None) -> str:
+                    title: str, stopped: np.ndarray | None = None, ep: str = "final") -> str:
     """One panel per parameter: final metric against its value (log x on a log range) with a
     binned-median trend; a categorical parameter as a box per value with its trials jittered.
     Trials ASHA stopped early (`stopped`) were scored at a lower fidelity: drawn as grey rings,
@@ -322,7 +325,7 @@ def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.n
             ax.set_yscale("log")
         ax.set_xlabel(axis.key + (" (log)" if axis.log else ""))
         if i % cols == 0:
-            ax.set_ylabel(f"final {short(key)}")
+            ax.set_ylabel(f"{ep} {short(key)}")
         ax.grid(alpha=0.3, which="both")
         if i == 0:
             _legend(ax, fontsize=7, loc="best")
@@ -333,7 +336,7 @@ def response_figure(axes: list[Axis], points: list[dict[str, Any]], finals: np.n
 
 
 def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], finals: np.ndarray, key: str,
-                       path: Path, title: str) -> str:
+                       path: Path, title: str, ep: str = "final") -> str:
     """The two parameters against each other, each trial a dot coloured by its final metric
     (the best drawn last, on top; colours clipped to the 2nd-98th percentile)."""
     from matplotlib.colors import LogNorm, Normalize
@@ -367,7 +370,7 @@ def interaction_figure(pair: tuple[Axis, Axis], points: list[dict[str, Any]], fi
         ax.scatter([coords[0][-1]], [coords[1][-1]], marker="*", s=160, color="red", edgecolors="black",
                    linewidths=0.6, zorder=5, label="best")
         ax.legend(fontsize=8, loc="best")
-    fig.colorbar(dots, ax=ax, label=f"final {short(key)} ({words(key)[0]} is better)")
+    fig.colorbar(dots, ax=ax, label=f"{ep} {short(key)} ({words(key)[0]} is better)")
     ax.set_xlabel(pair[0].key + (" (log)" if pair[0].log else ""))
     ax.set_ylabel(pair[1].key + (" (log)" if pair[1].log else ""))
     ax.set_title(title, fontsize=10)
@@ -392,14 +395,16 @@ class SearchSection(Section):
         plan, key, out = ctx.plan, ctx.key, ctx.out
         axes = search_axes(plan)
         order = proposal_order(ctx.trials)
-        scored = [t.final(key) if t.status != "FAILED" else math.nan for t in order]
+        endpoint = ctx.decision.endpoint     # every trial scored at the study's endpoint, as the search ranked it
+        ep = endpoint.label
+        scored = [t.score(key, endpoint) if t.status != "FAILED" else math.nan for t in order]
         lines = ["", f"## Search ({plan.space.search}, {len(order)} trials)", ""]
         records: dict[str, Any] = {"search": plan.space.search, "trials": len(order)}
         lines += self._sampler_lines(plan, records)
 
-        lines += self._top_lines(axes, order, scored, key, records)
+        lines += self._top_lines(axes, order, scored, key, records, ep)
         files = [history_figure(scored, key, out / "search_history.png",
-                                f"{plan.name}: final {short(key)} per trial, best so far", records.get("startup"))]
+                                f"{plan.name}: {ep} {short(key)} per trial, best so far", records.get("startup"), ep)]
         lines += ["", "![search_history.png](search_history.png)"]
 
         ranked = self._importance_lines(plan, order, key, axes, lines, records)
@@ -411,9 +416,9 @@ class SearchSection(Section):
         if len(keep):
             early = f", {int(stopped.sum())} stopped early: grey rings" if stopped.any() else ""
             files.append(response_figure(axes, points, finals, key, out / "search_response.png",
-                                         f"{plan.name}: final {short(key)} against each parameter\n"
+                                         f"{plan.name}: {ep} {short(key)} against each parameter\n"
                                          f"({len(keep)} trials{early}; red: binned median / box median of "
-                                         "whole-budget trials)", stopped))
+                                         "whole-budget trials)", stopped, ep))
             lines += ["", "![search_response.png](search_response.png)"]
             if len(axes) >= 2:
                 by_param = {a.param: a for a in axes}
@@ -421,7 +426,7 @@ class SearchSection(Section):
                 files.append(interaction_figure(pair, points, finals, key, out / "search_interaction.png",
                                                 f"{plan.name}: {pair[0].key} × {pair[1].key} "
                                                 f"({'the two most important' if len(ranked) >= 2 else 'the first two'} "
-                                                "parameters)"))
+                                                "parameters)", ep))
                 lines += ["", "![search_interaction.png](search_interaction.png)"]
         return SectionOutput(lines, files, {"search": records})
 
@@ -443,11 +448,11 @@ class SearchSection(Section):
 
     @staticmethod
     def _top_lines(axes: list[Axis], order: list[Trial], scored: list[float], key: str,
-                   records: dict[str, Any]) -> list[str]:
+                   records: dict[str, Any], ep: str = "final") -> list[str]:
         ranked = [i for i in best_first(range(len(scored)), scored.__getitem__, key) if math.isfinite(scored[i])][:TOP_K]
-        lines = ["", f"Top {len(ranked)} of {sum(map(math.isfinite, scored))} trials with a final {short(key)} "
+        lines = ["", f"Top {len(ranked)} of {sum(map(math.isfinite, scored))} trials with a {ep} {short(key)} "
                  "(parameters at the resolution of their range; # is the trial's place in the search):", "",
-                 "| rank | # | trial | final " + short(key) + " | " + " | ".join(a.key for a in axes) + " |",
+                 f"| rank | # | trial | {ep} " + short(key) + " | " + " | ".join(a.key for a in axes) + " |",
                  "|" + "---|" * (4 + len(axes))]
         top = []
         for rank, i in enumerate(ranked, 1):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ayt.studies import decision as decisions
+from ayt.studies.decision import Decision
 from ayt.studies.group import Group
 from ayt.studies.report_table import group_rows, targets
 from ayt.studies.trials import Trial
@@ -48,6 +50,11 @@ class ReportContext:
     started_ms: int | None = None               # the study's parent run start (its wall-clock)
     ended_ms: int | None = None                 # its end, when it has ended (a report rewritten later)
     outputs: list[tuple["Section", SectionOutput]] = field(default_factory=list)   # the sections written so far
+
+    @property
+    def decision(self) -> Decision:
+        """The study's endpoint and the level its comparisons are made at (ayt/studies/decision.py)."""
+        return decisions.of(self.plan.study)
 
     @property
     def key(self) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ayt.eval.metrics import MIN, direction, label, metric_keys_in, quantity_of, ranked
 from ayt.metrics import FID_KEYS, short
+from ayt.studies import decision as decisions
 from ayt.studies.group import Group
 from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
 from ayt.studies.trials import Trial
@@ -41,8 +42,8 @@ def _reference(study: dict[str, Any]) -> dict[str, str]:
 
 
 def targets(trials: list[Trial], study: dict[str, Any], key: str) -> dict[Group, float | None]:
-    """Target FID per group: `study.target.fid`, or the mean final FID of the reference group
-    (the same group with `study.target.reference` values substituted)."""
+    """Target FID per group: `study.target.fid`, or the reference group's mean score at the
+    study's endpoint (the same group with `study.target.reference` values substituted)."""
     target = study.get("target") or {}
     groups = {t.group for t in trials}
     if target.get("fid") is not None:
@@ -50,9 +51,10 @@ def targets(trials: list[Trial], study: dict[str, Any], key: str) -> dict[Group,
     reference = _reference(study)
     if not reference:
         return {g: None for g in groups}
+    endpoint = decisions.of(study).endpoint
     finals: dict[Group, list[float]] = {}
     for t in trials:
-        finals.setdefault(t.group, []).append(t.final(key))
+        finals.setdefault(t.group, []).append(t.score(key, endpoint))
     out = {}
     for g in groups:
         ref = g.replace(reference)
@@ -61,14 +63,21 @@ def targets(trials: list[Trial], study: dict[str, Any], key: str) -> dict[Group,
 
 
 def group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[dict[str, Any]]:
+    """One row per group: each curve's final and best (and its score at the study's endpoint,
+    `<endpoint>_<curve>_mean`, when that is not the final value), artifacts, divergence, time to
+    the target, and its comparisons with the reference."""
     by_group: dict[Group, list[Trial]] = {}
     for t in trials:
         by_group.setdefault(t.group, []).append(t)
+    endpoint = decisions.of(study).endpoint
+    scored = [("final", Trial.final), ("best", Trial.best)]
+    if endpoint.name != "final":
+        scored.insert(0, (endpoint.label, lambda t, k: t.score(k, endpoint)))
     rows = []
     for group, members in by_group.items():
         row: dict[str, Any] = {"group": group.label, "seeds": len(members)}
         for k in curve_keys(trials, key):
-            for what, fn in (("final", Trial.final), ("best", Trial.best)):
+            for what, fn in scored:
                 m, h, _ = mean_ci([fn(t, k) for t in members])
                 row[f"{what}_{short(k)}_mean"], row[f"{what}_{short(k)}_ci95"] = m, h
         for name in ARTIFACT_KEYS:         # artifact metadata (artifact.* params), averaged over seeds
@@ -94,11 +103,14 @@ def group_rows(trials: list[Trial], tgt: dict, key: str, study: dict) -> list[di
 
 def _compare_with_reference(rows, by_group: dict[Group, list[Trial]], study, key, tgt) -> None:
     """Each group against its reference (the same group with `study.target.reference`
-    substituted): final FID unpaired (Welch) and paired by seed, and images seen to the
-    target FID. The records go in `row["comparisons"]`; the CSV gets their verdicts."""
+    substituted): the score at the study's endpoint unpaired (Welch) and paired by seed, at the
+    level the study decides at (its seed rounds' looks), and images seen to the target FID. The
+    records go in `row["comparisons"]` ("final", "final_paired": the study's score); the CSV gets
+    their verdicts."""
     reference = _reference(study)
     if not reference:
         return
+    decision = decisions.of(study)
     index = {group: (row, members) for (group, members), row in zip(by_group.items(), rows)}
     for (group, members), row in zip(by_group.items(), rows):
         ref = group.replace(reference)
@@ -109,12 +121,12 @@ def _compare_with_reference(rows, by_group: dict[Group, list[Trial]], study, key
         if other is row:
             row["vs_reference"] = "reference"
             continue
-        finals = {t.seed: t.final(key) for t in members}
-        ref_finals = {t.seed: t.final(key) for t in ref_members}
+        finals = {t.seed: t.score(key, decision.endpoint) for t in members}
+        ref_finals = {t.seed: t.score(key, decision.endpoint) for t in ref_members}
         way = direction(key)
         comparisons: dict[str, Comparison] = {
-            "final": unpaired(list(finals.values()), list(ref_finals.values()), direction=way),
-            "final_paired": paired(finals, ref_finals, direction=way)}
+            "final": unpaired(list(finals.values()), list(ref_finals.values()), direction=way, looks=decision.looks),
+            "final_paired": paired(finals, ref_finals, direction=way, looks=decision.looks)}
         row["vs_reference"] = comparisons["final"].verdict()
         row["paired_vs_reference"] = comparisons["final_paired"].verdict()
         # Speed on the x-axis that is fair across batch sizes: images seen to the target FID.
@@ -191,7 +203,8 @@ def _verdict(r: dict[str, Any], key: str) -> str:
         return r.get("vs_reference", "–")
     if not c.available:
         return f"n/a ({c.method})"
-    return f"{c.outcome}: {c.estimate:+.3g} [{c.low:+.3g}, {c.high:+.3g}] ({c.method}, n={c.n})"
+    level = f" ({c.level:.1%} interval: {c.looks} looks)" if c.looks > 1 else ""
+    return f"{c.outcome}: {c.estimate:+.3g} [{c.low:+.3g}, {c.high:+.3g}]{level} ({c.method}, n={c.n})"
 
 
 @dataclass(frozen=True)
@@ -204,7 +217,7 @@ class Table:
 
 
 GROUP = Column("group", lambda r, key: r["group"])
-MAIN_CURVES = Column("final {metric} per sampler", None)     # placeholder: `curve_columns` fills it in
+MAIN_CURVES = Column("{endpoint} {metric} per sampler", None)     # placeholder: `curve_columns` fills it in
 OTHER_CURVES = Column("every other curve", None)              # placeholder: `curve_columns` fills it in
 
 # The first table fits a screen: what a reader came for (the final value at each sampler and the
@@ -215,7 +228,7 @@ TABLES = [
         Column("seeds", lambda r, key: r["seeds"]),
         MAIN_CURVES,
         Column("diverged", lambda r, key: r.get("diverged") or "0", needs="diverged"),
-        Column("final {metric} vs reference [95% CI]", _verdict, needs="vs_reference"),
+        Column("{endpoint} {metric} vs reference [{level} CI]", _verdict, needs="vs_reference"),
     ]),
     Table("Best values and every other curve", [GROUP, OTHER_CURVES]),
     Table("Time to the target", [
@@ -231,7 +244,7 @@ TABLES = [
     ]),
     Table("Against the reference: both tests, with p and power", [
         GROUP,
-        Column("final {metric} vs reference (Welch)", lambda r, key: r.get("vs_reference", "–"),
+        Column("{endpoint} {metric} vs reference (Welch)", lambda r, key: r.get("vs_reference", "–"),
                needs="paired_vs_reference"),
         Column("paired by seed", lambda r, key: r.get("paired_vs_reference", "–"), needs="paired_vs_reference"),
     ]),
@@ -253,22 +266,27 @@ TABLES = [
 TABLE = [c for table in TABLES for c in table.columns if c is not GROUP or table is TABLES[0]]   # every column once
 
 
-def curve_columns(rows: list[dict[str, Any]], key: str) -> tuple[list[Column], list[Column]]:
-    """The final value of the study metric's quantity at each sampler (the first table), and the
-    final of every other curve the rows have with the best of that quantity (a wide table stays
-    readable; groups.csv has every best)."""
+def curve_columns(rows: list[dict[str, Any]], key: str, endpoint: str = "final") -> tuple[list[Column], list[Column]]:
+    """The study metric's quantity at each sampler scored at the study's `endpoint` label (the
+    first table), and the final of every other curve the rows have with the best of that
+    quantity (and its final, when the endpoint is another; a wide table stays readable;
+    groups.csv has every best)."""
     curves = metric_keys_in({"eval/" + k[len("final_"):-len("_mean")] for r in rows for k in r
                              if k.startswith("final_") and k.endswith("_mean")})
     own = quantity_of(key).name
     mine = [k for k in curves if quantity_of(k).name == own]
-    return ([Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in mine],
-            [Column(f"final {label(k)}", _stat(f"final_{short(k)}")) for k in curves if k not in mine]
+    return ([Column(f"{endpoint} {label(k)}", _stat(f"{endpoint}_{short(k)}")) for k in mine],
+            [Column(f"final {label(k)}", _stat(f"final_{short(k)}"))
+             for k in curves if k not in mine or endpoint != "final"]
             + [Column(f"best {label(k)}", _stat(f"best_{short(k)}")) for k in mine])
 
 
-def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
-    """The group tables in markdown, each with the columns some row has a value for."""
-    main, other = curve_columns(rows, key)
+def table_lines(rows: list[dict[str, Any]], key: str, decision: Any = None) -> list[str]:
+    """The group tables in markdown, each with the columns some row has a value for; `decision`
+    (ayt/studies/decision.py) names the endpoint and the level in the headers."""
+    endpoint = decision.endpoint.label if decision is not None else "final"
+    level = f"{decision.level:.1%}" if decision is not None and decision.looks > 1 else "95%"
+    main, other = curve_columns(rows, key, endpoint)
     filled = {id(MAIN_CURVES): main, id(OTHER_CURVES): other}
     name = quantity_of(key).label
     lines: list[str] = []
@@ -278,25 +296,27 @@ def table_lines(rows: list[dict[str, Any]], key: str) -> list[str]:
         if len(columns) < 2:
             continue
         lines += ["", f"### {table.heading}", ""] if table.heading else []
-        lines += (["| " + " | ".join(c.header.replace("{metric}", name) for c in columns) + " |",
+        lines += (["| " + " | ".join(c.header.replace("{metric}", name).replace("{endpoint}", endpoint)
+                                     .replace("{level}", level) for c in columns) + " |",
                    "|" + "---|" * len(columns)]
                   + ["| " + " | ".join(c.cell(r, key) for c in columns) + " |" for r in rows])
     return lines
 
 
-def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
+def findings(groups: list[dict[str, Any]], key: str, decision: Any = None) -> list[str]:
     """Plain sentences from the comparison records: the best group, every significant
     difference, every inconclusive one with what it could have detected, and what is missing
-    when nothing can be tested."""
+    when nothing can be tested; each names the study's endpoint (`decision`, default final)."""
     name = short(key)
-    finite = [r for r in groups if math.isfinite(r.get(f"final_{name}_mean", math.nan))]
+    ep = decision.endpoint.label if decision is not None else "final"
+    finite = [r for r in groups if math.isfinite(r.get(f"{ep}_{name}_mean", math.nan))]
     if not finite:
         return [f"- No trial produced a {quantity_of(key).label} curve."]
-    best = ranked(finite, lambda r: r[f"final_{name}_mean"], key)[0]
-    out = [f"- {'Lowest' if direction(key) == MIN else 'Highest'} final {name}: {best['group']} "
-           f"({fmt(best[f'final_{name}_mean'], best[f'final_{name}_ci95'])}, {best['seeds']} seeds)."]
+    best = ranked(finite, lambda r: r[f"{ep}_{name}_mean"], key)[0]
+    out = [f"- {'Lowest' if direction(key) == MIN else 'Highest'} {ep} {name}: {best['group']} "
+           f"({fmt(best[f'{ep}_{name}_mean'], best[f'{ep}_{name}_ci95'])}, {best['seeds']} seeds)."]
     compared = [r for r in groups if r.get("comparisons")]
-    labels = {"final": f"final {name} (Welch)", "final_paired": f"final {name} (paired by seed)",
+    labels = {"final": f"{ep} {name} (Welch)", "final_paired": f"{ep} {name} (paired by seed)",
               "images_to_target": "images to target"}
     for r in compared:
         significant = [f"{labels[what]} {c.verdict('faster', 'slower') if what == 'images_to_target' else c.verdict()}"
@@ -315,6 +335,8 @@ def findings(groups: list[dict[str, Any]], key: str) -> list[str]:
         out.append("- No comparison with the reference can be tested: "
                    + (next(iter(compared[0]["comparisons"].values())).method) + ".")
     elif not any(c.significant for r in compared for c in r["comparisons"].values()):
-        out.append("- No difference from the reference group is significant at 95%: each is inconclusive, "
+        level = (f"{decision.level:.1%} (95% split over the {decision.looks} looks of the seed rounds)"
+                 if decision is not None and decision.looks > 1 else "95%")
+        out.append(f"- No difference from the reference group is significant at {level}: each is inconclusive, "
                    "with the difference it could detect above.")
     return out

@@ -16,8 +16,8 @@ from ayt.artifacts import config_hash
 from ayt.config import flatten, run_name
 from ayt.errors import ConfigError
 from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version, tag_list
-from ayt.studies.confirm import (CONFIRM_FILE, choose_candidates, confirm_edit, confirmation_record, parse_confirm,
-                                 write_confirmation)
+from ayt.studies.confirm import (CONFIRM_FILE, baseline_edit, choose_candidates, confirm_edit, confirmation_record,
+                                 parse_confirm, write_confirmation)
 from ayt.studies.plan import StudyPlan, plan_study
 from ayt.studies.protocol import TUNING_FILE, choose_by_seed, parse_tune_stage, repeat_edit, write_tuning
 from ayt.studies import seed_rounds
@@ -48,15 +48,16 @@ def run_trial(config: dict[str, Any], plan: StudyPlan, parent_run_id: str | None
         run_id = find_child_run(str(cfg.tracking.uri), parent_run_id, trial_id)
         if run_id is None:
             log.warning("trial %s: no MLflow child run appeared; its system metrics are not logged", trial_id)
-    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts, run_id)
+    # Each report carries the study metric at its endpoint of the curve so far: what Tune ranks by.
+    TRIAL_RUNNERS[plan.trial_backend](cfg, artifacts, run_id, plan.endpoint.reporter([plan.metric]))
 
 
-def _train_in_process(cfg: DictConfig, artifacts, run_id: str | None) -> None:
+def _train_in_process(cfg: DictConfig, artifacts, run_id: str | None, scores=None) -> None:
     from ayt.training.tune_trial import train_in_trial
-    train_in_trial(cfg, artifacts, run_id)
+    train_in_trial(cfg, artifacts, run_id, scores=scores)
 
 
-def _train_with_ray_train(cfg: DictConfig, artifacts, run_id: str | None) -> None:
+def _train_with_ray_train(cfg: DictConfig, artifacts, run_id: str | None, scores=None) -> None:
     """One TorchTrainer per trial. Worker reports reach Tune through TuneReportCallback; the
     trial's stable name lets a retried or restored trial resume from its last Ray Train
     checkpoint."""
@@ -64,7 +65,7 @@ def _train_with_ray_train(cfg: DictConfig, artifacts, run_id: str | None) -> Non
 
     from ayt.training.ray_train import build_trainer, config_errors_from_workers, raise_if_failed
     trainer = build_trainer(cfg, artifacts, None, run_name(cfg), progress=False, callbacks=[TuneReportCallback()],
-                            metrics_run_id=run_id)
+                            metrics_run_id=run_id, scores=scores)
     with config_errors_from_workers(cfg):
         trainer.fit()
     raise_if_failed(cfg, run_name(cfg))
@@ -114,7 +115,7 @@ def optuna_searcher(plan: StudyPlan):
     space, sampler = plan.space, optuna_sampler(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{plan.optuna_db}")
-    return OptunaSearch(space=space.define_by_run, metric=plan.metric, mode=plan.mode, sampler=sampler,
+    return OptunaSearch(space=space.define_by_run, metric=plan.tune_metric, mode=plan.mode, sampler=sampler,
                         study_name=plan.study_id, storage=storage)
 
 
@@ -126,7 +127,7 @@ def _scheduler(plan: StudyPlan):
     batches = [int(c.batch_size) for c in plan.trial_configs] or [int(plan.base.batch_size)]
     max_t = plan.space.max_images(batches)
     grace = max_t // plan.space.evals * int(asha.get("grace_evals", 1))
-    return ASHAScheduler(time_attr="images_seen", metric=plan.metric, mode=plan.mode, max_t=max_t,
+    return ASHAScheduler(time_attr="images_seen", metric=plan.tune_metric, mode=plan.mode, max_t=max_t,
                          grace_period=grace, reduction_factor=float(asha.get("reduction_factor", 2)))
 
 
@@ -349,11 +350,12 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
 
 
 def _tuning_metrics(sub: StudyPlan, parent_run_id: str, key: str) -> dict[float, dict[str, float]]:
-    """A tuning round's final metric per tried value and tuning seed, from its MLflow runs."""
+    """A tuning round's metric at the study's endpoint per tried value and tuning seed, from its
+    MLflow runs (the winner is chosen by it)."""
     out: dict[float, dict[str, float]] = {}
     for trial in load_trials(str(sub.base.tracking.uri), parent_run_id):
         if key in trial.axes:
-            out.setdefault(float(trial.axes[key]), {})[trial.seed] = trial.final(sub.metric)
+            out.setdefault(float(trial.axes[key]), {})[trial.seed] = trial.score(sub.metric, sub.endpoint)
     return out
 
 
@@ -379,21 +381,32 @@ def _check_extension_values(plan: StudyPlan, stage: Any, labels: dict[str, Any])
 
 
 def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
-    """Stage 1: the search as written; stage 2: its best `confirm.k` and the baseline on the
-    confirmation seeds (ayt/studies/confirm.py says why). Every stage resumes like any study."""
+    """Stage 1: the search as written; then the baseline on the search's seeds (unless
+    `confirm.baseline_on_search_seeds` is false); stage 2: its best `confirm.k` and the baseline
+    on the confirmation seeds (ayt/studies/confirm.py says why). Every stage resumes like any study."""
     stage = parse_confirm(plan.study, plan.space)
     uri = str(plan.base.tracking.uri)
     # A stage starting is an event: its line shows with or without the progress bar.
     print(f"ayt: stage 1: search {plan.study_id} ({plan.space.trial_count()} trials)", flush=True)
     searched = run_study(plan, progress=progress)
     trials = load_trials(uri, searched["parent_run_id"])
-    candidates = choose_candidates(trials, plan.space, plan.metric, stage.k)
+    candidates = choose_candidates(trials, plan.space, plan.metric, stage.k, plan.endpoint)
     if not candidates:
         raise StudyError(f"stage 1 of {plan.name}: no trial ran the whole budget with a finite "
                          f"{plan.study['metric']} (report {plan.out_dir / 'report.md'}); nothing to confirm")
+    baseline_plan = baseline_search = None
+    if stage.baseline_on_search_seeds:
+        baseline_plan = plan_study(plan.module, plan.argv, baseline_edit(plan.space, stage))
+        print(f"ayt: the baseline on the search seeds {list(plan.space.seeds)}: {baseline_plan.study_id}", flush=True)
+        ran = run_study(baseline_plan, progress=progress)
+        searched["errors"] += ran["errors"]
+        searched["trials"] += ran["trials"]
+        baseline_search = {t.seed: t.score(plan.metric, plan.endpoint)
+                           for t in load_trials(uri, ran["parent_run_id"]) if t.status != "FAILED"}
     final = plan_study(plan.module, plan.argv, confirm_edit(plan.space, stage, candidates))
     write_confirmation(final.out_dir / CONFIRM_FILE,
-                       confirmation_record(plan, stage, candidates, final.out_dir, len(trials)))
+                       confirmation_record(plan, stage, candidates, final.out_dir, len(trials), baseline_search,
+                                           baseline_plan))
     print(f"ayt: stage 2: {final.study_id} runs the best {len(candidates)} and the baseline on seeds "
           f"{list(stage.seeds)}: " + "; ".join(f"{c.name} = {c.trial}" for c in candidates), flush=True)
     summary = run_study(final, progress=progress)
@@ -429,7 +442,10 @@ def rewrite_reports(plan: StudyPlan) -> list[str]:
         stage = parse_confirm(plan.study, plan.space)
         experiment = client.get_experiment_by_name(str(plan.base.tracking.experiment))
         parent = find_run(client, experiment.experiment_id, plan.study_id)
-        candidates = choose_candidates(load_trials(uri, parent.info.run_id), plan.space, plan.metric, stage.k)
+        candidates = choose_candidates(load_trials(uri, parent.info.run_id), plan.space, plan.metric, stage.k,
+                                       plan.endpoint)
+        if stage.baseline_on_search_seeds:
+            written.append(rewrite(plan_study(plan.module, plan.argv, baseline_edit(plan.space, stage))))
         written.append(rewrite(plan_study(plan.module, plan.argv, confirm_edit(plan.space, stage, candidates))))
     return written
 

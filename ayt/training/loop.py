@@ -50,6 +50,10 @@ class MetricSink(Protocol):
 class WorkerContext:
     """A single process: no DDP, checkpoints in a local directory (kept: the last two)."""
 
+    # Metrics each report adds from the curves so far (eval key -> [[iteration, value]]): how a
+    # study's endpoint reaches Tune's scheduler and searcher (ayt/studies/endpoint.py); None: none.
+    scores: Callable[[dict[str, list]], dict[str, float]] | None = None
+
     def __init__(self, device: torch.device, checkpoint_dir: str | os.PathLike | None = None,
                  rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
@@ -218,7 +222,8 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
         # Finished before whoever watched it died (a study driver killed before it saw the last
         # report): report the final result again so the restarted run ends where it ended.
         final = {key: curve[-1][1] for key, curve in state.curves.items() if curve and curve[-1][0] == it}
-        ctx.report({**final, "iteration": it, "images_seen": it * int(cfg.batch_size), **state.timings()})
+        ctx.report({**final, **(ctx.scores(state.curves) if ctx.scores else {}), "iteration": it,
+                    "images_seen": it * int(cfg.batch_size), **state.timings()})
     bar = tqdm(total=total, initial=it, desc=f"consistency ({cfg.loss.name}, b{cfg.batch_size})",
                disable=not (progress and ctx.is_chief), mininterval=2.0)
     tick = time.perf_counter()
@@ -256,6 +261,8 @@ def train_consistency(cfg: DictConfig | dict, artifacts: Artifacts | dict, ctx: 
                         bar.set_postfix(loss=metrics.get(LOSS), **{metric_label(first): f"{measured[first]:.3g}"})
                     state.eval_seconds += time.perf_counter() - now
                 state.iteration = it
+                if evaluate and ctx.scores is not None:
+                    metrics.update(ctx.scores(state.curves))
                 metrics.update(iteration=it, images_seen=it * int(cfg.batch_size), **state.timings())
                 if sink is not None and ctx.is_chief:
                     sink.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=it)

@@ -104,6 +104,7 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = OmegaConf.create(config["cfg"])
     configure_torch(cfg)
     ctx = RayWorkerContext()
+    ctx.scores = config.get("scores")
     # Ray gave this worker a GPU (use_gpu): a torch that cannot use it would train on the CPU, silently.
     check_training_device(cfg, ctx.device)
     sink = None
@@ -124,7 +125,8 @@ def train_worker(config: dict[str, Any]) -> None:
             with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{FAILURE_FILE}") as f:
                 f.write(json.dumps({"iteration": err.iteration, "reason": str(err)}).encode())
         ray.train.report({"failure": str(err), "failed_iteration": err.iteration,
-                          **{key: float("nan") for key in logged_keys(cfg.eval.metrics)}})
+                          **{key: float("nan") for key in [*logged_keys(cfg.eval.metrics),
+                                                           *getattr(ctx.scores, "keys", [])]}})
 
 
 FAILURE_FILE = "ayt_failure.json"
@@ -207,15 +209,17 @@ def scaling_config(cfg: DictConfig) -> ScalingConfig:
 
 def build_trainer(cfg: DictConfig, artifacts: Artifacts, run_id: str | None, name: str,
                   progress: bool = True, callbacks: list | None = None,
-                  metrics_run_id: str | None = None) -> TorchTrainer:
+                  metrics_run_id: str | None = None, scores: Callable | None = None) -> TorchTrainer:
     """A TorchTrainer for the run `name`; the same name and storage path resume it. Rank 0
     logs to MLflow run `run_id`; every rank its system metrics to `metrics_run_id` (default:
-    `run_id`; a study trial's child run, whose metrics its driver logs)."""
+    `run_id`; a study trial's child run, whose metrics its driver logs). Rank 0's reports also
+    carry `scores` of the curves so far (a study's endpoint: `WorkerContext.scores`)."""
     os.environ[START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s)
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "artifacts": artifacts.to_dict(),
-                           "run_id": run_id, "metrics_run_id": metrics_run_id, "progress": progress},
+                           "run_id": run_id, "metrics_run_id": metrics_run_id, "progress": progress,
+                           "scores": scores},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=str(cfg.ray.storage_path),

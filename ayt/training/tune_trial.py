@@ -62,11 +62,13 @@ class TuneTrialContext(WorkerContext):
         return True
 
 
-def train_in_trial(cfg: DictConfig, artifacts: Artifacts, run_id: str | None = None) -> dict[str, Any]:
+def train_in_trial(cfg: DictConfig, artifacts: Artifacts, run_id: str | None = None,
+                   scores: Callable | None = None) -> dict[str, Any]:
     """Train the trial `cfg` in this process (its system metrics into MLflow run `run_id`, the
     trial's child run). A non-finite loss, or a GPU the config asks for that torch here cannot
     use, raises: the trial fails, and the error's last line (the reason) becomes its MLflow
-    run's `ayt.failure` tag."""
+    run's `ayt.failure` tag. Each report also carries `scores` of the curves so far (a study's
+    endpoint: `WorkerContext.scores`)."""
     device = configure_torch(cfg)
     check_training_device(cfg, device)
     if not cfg.get("cpu_threads"):
@@ -79,4 +81,6 @@ def train_in_trial(cfg: DictConfig, artifacts: Artifacts, run_id: str | None = N
         if cpus:
             torch.set_num_threads(max(1, int(cpus)))
     with system_metrics(cfg.tracking, run_id):
-        return train_consistency(cfg, artifacts, TuneTrialContext(device), progress=False)
+        ctx = TuneTrialContext(device)
+        ctx.scores = scores
+        return train_consistency(cfg, artifacts, ctx, progress=False)
