@@ -8,8 +8,10 @@ For contributors who change what is logged: run a study, then
 
 It starts `mlflow server` on a free 127.0.0.1 port, opens the experiment (it must land on the
 runs table, not MLflow 3's GenAI view: see `ayt.tracking.EXPERIMENT_KIND`), checks that the
-parent run and its children are listed, opens one child's model metrics and checks that its
-FID chart renders, and writes a PNG of each page. Exit code 0 when every check passes.
+parent run and its children are listed, opens one child's model metrics and checks that a chart
+renders for every evaluation metric it logged (FID, KID, precision, recall, ...: whatever
+`eval.metrics` listed) and every diagnostic, and writes a PNG of each page. Exit code 0 when
+every check passes.
 """
 
 from __future__ import annotations
@@ -110,10 +112,13 @@ def check(store: Path, experiment: str, out: Path, chromium: str) -> list[str]:
                 charts = page.locator("canvas, svg.main-svg, .js-plotly-plot").count()
                 if charts == 0:
                     problems.append("no chart element rendered on the child's metrics page")
-                # The diagnostics a run logged must each have a chart: MLflow renders charts lazily
-                # (below the fold they are not in the page yet), so filter with its search box.
+                # Every evaluation metric and diagnostic a run logged must each have a chart: MLflow
+                # renders charts lazily (below the fold they are not in the page yet), so filter
+                # with its search box.
+                from ayt.eval.metrics import is_metric_key
                 search = page.get_by_placeholder("Search metric charts")
-                for key in DIAGNOSTIC_METRICS:
+                logged = sorted(k for k in child.data.metrics if is_metric_key(k))
+                for key in [*logged, *DIAGNOSTIC_METRICS]:
                     if key not in child.data.metrics:
                         continue
                     name = key.rsplit("/", 1)[-1]
