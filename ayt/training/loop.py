@@ -375,6 +375,7 @@ def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunStat
     """Sample grids (the last evaluation's images), a curve PNG per metric quantity
     (`fid_curve.png`, ...) and the final EMA weights under out_dir/runs/<name>/."""
     from ayt.eval.plots import save_curves, save_sample_grid   # matplotlib: rank 0 draws once, at the end
+    from ayt.eval.metrics import MIN, parse_key
     out = Path(cfg.out_dir) / "runs" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if probe.last is None:          # no evaluation in this process (a finished run started again)
@@ -396,4 +397,3 @@ def write_final_artifacts(cfg: DictConfig, step: ConsistencyStep, state: RunStat
     if sink is not None:
         sink.log_artifacts(paths)
     return paths
-    from ayt.eval.metrics import MIN, parse_key
