@@ -1,6 +1,13 @@
 """Shared test set-up: no Ray token auth, one local Ray per session. The test process keeps
 torch's default threads (it builds the shared artifacts while nothing else runs); Ray gives
-each worker as many threads as CPUs it reserved."""
+each worker as many threads as CPUs it reserved.
+
+`AYT_TEST_TORCH_THREADS=N python -m pytest` runs the test process at N torch threads: other
+kernels and summation orders, so the shared artifacts it builds (pretrained denoiser, feature
+map, FID classifier) and every trial trained from them come out at other numbers. No test may
+depend on those numbers; running the suite at 1 and at 2 threads is how that is checked.
+Modules that ask for `one_torch_thread` keep 1; Ray trials keep one thread per reserved CPU.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +26,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+TEST_THREADS = os.environ.get("AYT_TEST_TORCH_THREADS")
+
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if TEST_THREADS:
+        import torch
+        torch.set_num_threads(int(TEST_THREADS))
+
+
+def pytest_report_header(config):
+    if TEST_THREADS:
+        return f"torch threads in the test process: {TEST_THREADS} (AYT_TEST_TORCH_THREADS)"
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +58,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stand_in_metric(monkeypatch):
+    """Install `value(params) -> float` (params: the trial's MLflow run params, the flattened
+    config: `loss`, `lr`, `seed`, ...) as every FID the study driver reads back from MLflow, so
+    a protocol decides on a case the test constructs, on every machine: seed rounds, tuning and
+    its edge extension, confirmation candidates. The trials still train on the real Ray, report
+    to Tune and log their real FIDs to MLflow (what the report's tables show); only the
+    driver's view (`ayt.studies.tune_backend.load_trials`, in this process) is replaced: every
+    evaluation of a trial's FID curves reads `value`, so it is the trial's score at any endpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from ayt.metrics import FID_KEYS
+    from ayt.studies import tune_backend
+    real = tune_backend.load_trials
+
+    def install(value):
+        def load(uri, parent_run_id):
+            trials = real(uri, parent_run_id)
+            client = MlflowClient(uri)
+            for trial in trials:
+                stand_in = float(value(client.get_run(trial.run_id).data.params))
+                for key in FID_KEYS:
+                    if trial.curves.get(key):
+                        trial.curves[key] = [(step, stand_in) for step, _ in trial.curves[key]]
+            return trials
+        monkeypatch.setattr(tune_backend, "load_trials", load)
+    return install
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 stops when its comparison is decisive or its seeds run out; every option is refused before
 any work, naming the field. The rounds run through the real `run_in_rounds` on a real plan;
 only the training is replaced by a synthetic FID per seed (no Ray), so what is tested is the
-decision, the record and the report section."""
+decision, the record and the report section. The real-Ray test trains for real and decides on
+a stand-in FID, so the case it tests happens on every machine."""
 
 from __future__ import annotations
 
@@ -110,14 +111,19 @@ def test_seed_rounds_leave_the_ids_of_studies_without_them_alone(tmp_path):
         _plan(tmp_path, "study.seeds=[0,1,2]", "study.seed_rounds.first=2").study_id
 
 
-def test_seed_rounds_on_real_ray_add_a_round_and_a_resume_reruns_nothing(ray_session, shared_out_dir):
-    """Two losses on 3 seeds, first round 2: at the rounds' level (97.5%) two paired seeds cannot
-    decide, so round 1 adds seed 2 and the cap ends it. Then resume=true: every round is restored,
-    no trial reruns, no MLflow run is added. Mutation caught: a round keyed by the study's own id
+def test_seed_rounds_on_real_ray_add_a_round_and_a_resume_reruns_nothing(ray_session, shared_out_dir,
+                                                                          stand_in_metric):
+    """Two losses on 3 seeds, first round 2, trained on the real Ray and logged to MLflow; the
+    driver decides on a stand-in FID the test sets (pseudo-Huber 100 + seed, MFD that ± 5 by
+    seed parity: a paired difference of +5, -5, +5, so open on any seeds, on every machine):
+    round 1 adds seed 2 and the cap ends it. Then resume=true: every round is restored, no
+    trial reruns, no MLflow run is added. Mutation caught: a round keyed by the study's own id
     (its Tune experiment restored instead of run: seed 2 never trains)."""
     from mlflow.tracking import MlflowClient
 
     from ayt.studies.runner import study_main
+    stand_in_metric(lambda p: 100 + int(p["seed"]) + (0 if p["loss"] == "pseudo_huber" else
+                                                      5 if int(p["seed"]) % 2 == 0 else -5))
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=rounds", "study.axes.batch_size=[16]", "study.axes.loss=[pseudo_huber,mfd]",
             "study.seeds=[0,1,2]", "study.seed_rounds.first=2", "study.seed_rounds.step=1", "study.budget.amount=320",
@@ -136,6 +142,8 @@ def test_seed_rounds_on_real_ray_add_a_round_and_a_resume_reruns_nothing(ray_ses
     assert all(r.info.status == "FINISHED" for r in first.values())
     record = json.loads((out / "rounds" / seed_rounds.ROUNDS_FILE).read_text())
     assert [r["seeds"] for r in record["rounds"]] == [[0, 1], [2]] and record["stopped"].startswith("seed cap")
+    assert [(d["group"], d["estimate"], d["p"]) for d in record["rounds"][0]["decisions"]] == \
+        [("batch_size=16, loss=mfd", 0.0, 1.0)]                               # decided on the stand-in
     assert "## Seed rounds" in (out / "rounds" / "report.md").read_text()
 
     assert study_main("batch_size_sweep", [*args, "resume=true"]) == 0

@@ -292,7 +292,7 @@ def choose(values: Mapping[float, Sequence[float]], metric: str = "fid") -> tupl
 
 def choose_by_seed(per_seed: Mapping[float, Mapping[str, float]],
                    metric: str = "fid") -> tuple[float | None, dict[float, float]]:
-    """`choose` over a round's record: value -> {tuning seed: final metric}."""
+    """`choose` over a round's record: value -> {tuning seed: its score at the study's endpoint}."""
     return choose({v: list(m.values()) for v, m in per_seed.items()}, metric)
 
 
@@ -311,8 +311,9 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
     record = json.loads(path.read_text())
     key = record.get("key", "the tuned key")
     lowest = "lowest" if direction(record.get("metric") or "fid") == MIN else "highest"
+    endpoint = record.get("endpoint", "final")          # a record from before study.endpoint: the final value
     lines = ["## Protocol: tune, then repeat", "",
-             f"Each group runs at its own best `{key}`, chosen in stage 1 by the {lowest} mean final "
+             f"Each group runs at its own best `{key}`, chosen in stage 1 by the {lowest} mean {endpoint} "
              f"{record.get('metric', 'FID')} on tuning seeds {record.get('seeds', '?')} (not the seeds above), "
              f"{record.get('search', '?')} search over [{record.get('low', '?')}, {record.get('high', '?')}]"
              f"{' (log scale)' if record.get('log') else ''}, on this study's budget"
@@ -320,7 +321,8 @@ def report_lines(study: Mapping[str, Any], out_dir: Path) -> list[str]:
                 f"{record['max_extensions']} round(s) (`study.protocol.tune.max_extensions`)"
                 if "max_extensions" in record else "")
              + ". The groups are therefore compared at their own best settings, not at one shared value.", "",
-             f"| group | chosen {key} | stage-1 mean final FID per {key} (tried) | stage-1 report |", "|---|---|---|---|"]
+             f"| group | chosen {key} | stage-1 mean {endpoint} FID per {key} (tried) | stage-1 report |",
+             "|---|---|---|---|"]
     edges: list[str] = []
     notes: list[str] = []
     for group, values in study["tuned"].items():

@@ -297,6 +297,7 @@ def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, An
     tuned: dict[str, dict[str, float]] = {}
     record: dict[str, Any] = {"key": stage.key, "low": stage.low, "high": stage.high, "log": stage.log,
                               "search": stage.search, "seeds": list(stage.seeds), "metric": str(plan.study["metric"]),
+                              "endpoint": plan.endpoint.label,
                               "max_extensions": stage.max_extensions, "floor": stage.floor, "ceiling": stage.ceiling,
                               "groups": {}}
     failed = trials = 0
