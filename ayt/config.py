@@ -93,6 +93,8 @@ def _unknown_key(key: str, overrides: list[str], config_name: str) -> ConfigErro
         what = "axis" if block == "study.axes" else "entry"
         return ConfigError(key, f"a new {what} of {block} needs a leading +: type `+{typed}`")
     known = _known_keys([o for o in overrides if o.lstrip("+~").partition("=")[0] != key], config_name)
+    if key in known:              # a block that starts empty ({}): Hydra adds to it only with a +
+        return ConfigError(key, f"sets a block that starts empty, which needs a leading +: type `+{typed}`")
     leaf = key.rpartition(".")[2]
     near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
     near += [k for k in known if k.rpartition(".")[2] == leaf and k not in near]    # huber_c -> loss.huber_c

@@ -40,6 +40,8 @@ def _one_line(capsys) -> str:
     ("study", ["study.axes.lr=[1e-4,1e-3]"], "study.axes.lr", "type `+study.axes.lr=[1e-4,1e-3]`"),
     ("study", ["study.seedz=[0,1]"], "study.seedz", "did you mean `study.seeds`?"),
     ("train", ["training.log_everyy=5"], "training.log_everyy", "did you mean `training.log_every`"),
+    ("study", ["study.protocol.name=search_then_confirm", "study.protocol.confirm.baseline={lr: 1e-3}"],
+     "study.protocol.confirm.baseline", "type `+study.protocol.confirm.baseline={lr: 1e-3}`"),
 ])
 def test_a_newcomers_mistake_is_one_line_saying_what_to_type(tmp_path, capsys, entry, args, field, to_type):
     """Mutations caught: dropping `check_overrides` (Hydra's "LexerNoViableAltException" and
