@@ -122,14 +122,14 @@ def test_training_without_the_policy_applied_is_refused(tmp_path):
             train_consistency(cfg, {}, WorkerContext(torch.device("cpu")))
 
 
-def test_every_precision_is_documented_in_the_config_and_the_readme():
+def test_every_precision_is_documented_in_the_config_and_the_gpu_docs():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     yaml_line = next(line for line in (root / "conf" / "config.yaml").read_text().splitlines()
                      if line.startswith("precision:"))
-    readme = (root / "README.md").read_text()
+    docs = (root / "docs" / "gpu.md").read_text()
     for name in PRECISIONS:
-        assert name in yaml_line and f"`precision={name}`" in readme
+        assert name in yaml_line and f"`precision={name}`" in docs
 
 
 def test_cli_refuses_an_unknown_precision_with_one_line(tmp_path):

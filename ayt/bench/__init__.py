@@ -21,7 +21,12 @@ timed quantity the median and spread (IQR, min, max) over the repeats. `which` i
               subprocess: wall time and the share of core time spent in training + FID
   report_scale  the study report (every section) of a 1,000-trial search study from a sqlite
               MLflow store and its Optuna storage (synthetic trials; target <= 30 s on 2 cores)
+  numerics    bf16 (and tf32) against strict fp32 on cifar10_paper's network at q = 256: per
+              t-bin cosine of D(x_t,t) - D(x_r,r) and of the losses' gradients (ayt/bench/numerics.py)
   all         every one of the above
+  gpu         (not in all) one CUDA GPU, <= 5 min: step time, TFLOP/s, MFU and peak memory for
+              fp32/tf32/bf16 x compile at cifar10_paper's network and batch 128, one 10k-sample
+              FID evaluation; exits 2 without CUDA; imports neither Ray, MLflow nor Optuna
 
 Timing: warm-up calls first, then `--repeats` timed calls; when several variants are
 compared they run interleaved (round-robin), so a change of machine load hits all of them
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ayt.bench.registry import ALL, BENCHMARKS, MODULES, Options, benchmark, get_benchmark
+from ayt.bench.registry import ALL, BENCHMARKS, EXTRA, MODULES, Options, benchmark, get_benchmark
 
 # The harness imports torch: imported on first call, so the CLI parses its flags without it.
 
@@ -55,4 +60,4 @@ def write_records(records: list[dict[str, Any]], path) -> None:
     write(records, path)
 
 
-__all__ = ["ALL", "BENCHMARKS", "MODULES", "Options", "benchmark", "get_benchmark", "run_benchmark", "write_records"]
+__all__ = ["ALL", "BENCHMARKS", "EXTRA", "MODULES", "Options", "benchmark", "get_benchmark", "run_benchmark", "write_records"]

@@ -1,4 +1,4 @@
-"""The CLI: `python -m ayt.bench [step|switches|mfd|ray|fid|roofline|front_door|all] [--out FILE]`."""
+"""The CLI: `python -m ayt.bench [step|switches|mfd|ray|fid|roofline|front_door|report_scale|numerics|all|gpu] [--out FILE]`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import shlex
 import sys
 
 import ayt.bench as bench
-from ayt.bench import ALL, Options
+from ayt.bench import ALL, EXTRA, Options
+from ayt.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], Options, str | None]:
     parser = argparse.ArgumentParser(prog="python -m ayt.bench", description=bench.__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["all"], choices=[*ALL, "all"], metavar="which",
-                        help=f"benchmarks to run: {', '.join(ALL)} or all (default)")
+    parser.add_argument("which", nargs="*", default=["all"], choices=[*ALL, *EXTRA, "all"], metavar="which",
+                        help=f"benchmarks to run: {', '.join(ALL)} or all (default); {', '.join(EXTRA)} "
+                             "(a CUDA GPU; not in all)")
     parser.add_argument("--out", help="also write the records here: FILE.json one JSON list, else JSON lines")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=Options.repeats, help="timed calls per variant")
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     which, opts, out = parse_args(sys.argv[1:] if argv is None else argv)
     records = []
     for name in which:
-        record = run_benchmark(name, opts)
+        try:
+            record = run_benchmark(name, opts)
+        except ConfigError as err:        # a benchmark that cannot run here (gpu without CUDA): one line
+            print(f"ayt.bench {name}: {err}", file=sys.stderr)
+            return 2
         records.append(record)
         print(json.dumps(record), flush=True)
         print(f"ayt.bench {name}: {record.get('headline', '')} ({record['wall_s']:.0f} s)", file=sys.stderr,

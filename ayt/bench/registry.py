@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 BENCHMARKS: dict[str, Callable[["Options"], dict[str, Any]]] = {}
-ALL = ("step", "switches", "mfd", "ray", "fid", "roofline", "front_door", "report_scale")
+ALL = ("step", "switches", "mfd", "ray", "fid", "roofline", "front_door", "report_scale", "numerics")
+# Benchmarks `all` leaves out: `gpu` needs a CUDA GPU (and exits 2 without one).
+EXTRA = ("gpu",)
 
 # The module that registers each benchmark (imported on first use: `ray` would shadow the
 # package of the same name, so its module is `ray_overhead`).
 MODULES = {"step": "step", "switches": "switches", "mfd": "mfd", "ray": "ray_overhead", "fid": "fid",
-           "roofline": "roofline", "front_door": "front_door", "report_scale": "report_scale"}
+           "roofline": "roofline", "front_door": "front_door", "report_scale": "report_scale",
+           "numerics": "numerics", "gpu": "gpu"}
 
 
 def benchmark(name: str):

@@ -192,9 +192,49 @@ def _front_door_rows(record: dict[str, Any]) -> list[Row]:
     return [("front door: the batch-size sweep from an empty out_dir", figure, *_targets(record))]
 
 
+def _numerics_rows(record: dict[str, Any]) -> list[Row]:
+    """One row per compared precision: its worst t-bin mean cosine against fp32 and the verdict."""
+    config, rows = record["config"], []
+    for precision, v in record["verdicts"].items():
+        worst = v["worst"]
+        cosines = {q: min(b["mean"] for b in stats["cosine"])
+                   for q, stats in record["results"][worst["setting"]][precision].items()}
+        figure = (f"worst t-bin mean cosine {worst['value']:.3f} ({worst['quantity']}, {worst['setting']} weights, "
+                  f"t-bin {worst['bin']} of {len(config['t_bin_edges']) - 1}: t in "
+                  f"[{config['t_bin_edges'][worst['bin']]:g}, {config['t_bin_edges'][worst['bin'] + 1]:g}]); "
+                  f"worst bin of each quantity ({worst['setting']} weights): "
+                  + ", ".join(f"{q} {c:.3f}" for q, c in cosines.items()))
+        emulated = " (emulated)" if precision == "tf32" and "emulated" in str(config.get("tf32", "")) else ""
+        rows.append((f"numerics: {precision}{emulated} vs fp32, D(x_t,t) - D(x_r,r) and loss gradients at q = 256, "
+                     "cifar10_paper's network, random weights", figure,
+                     f"every t-bin mean cosine ≥ {v['threshold']}", _yes(v["keeps_direction"])))
+    return rows
+
+
+def _gpu_rows(record: dict[str, Any]) -> list[Row]:
+    """One row per variant (step time, throughput, TFLOP/s, MFU, memory), one for the evaluation."""
+    device, rows = record["config"]["device_name"], []
+    for name, r in record["results"].items():
+        if "median_s" not in r:
+            rows.append((f"gpu, {device}: {name}", f"not measured ({r.get('skipped', '?')})", "–", "–"))
+            continue
+        mfu = "–" if r.get("mfu") is None else _pct(r["mfu"], 1)
+        memory = "–" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
+        figure = (f"{_ms(r['median_s'])} per step, {r['images_per_s']:.0f} img/s, {r['achieved_tflops']:.1f} TFLOP/s, "
+                  f"MFU {mfu} ({r['peak_source']}), peak memory {memory}")
+        if name.endswith("+compile"):
+            figure += f"; first {r['first_calls']} calls {r['first_calls_s']:.0f} s (compilation)"
+        rows.append((f"gpu, {device}: {name}, cifar10_paper step, batch {r['batch_size']}", figure, "–", "–"))
+    fid = record["fid_evaluation"]
+    rows.append((f"gpu, {device}: one evaluation of {fid['num_samples']} samples ({fid['precision']})",
+                 f"{fid['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in fid["phases_s"].items()),
+                 "–", "–"))
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "step": _step_rows, "switches": _switches_rows, "mfd": _mfd_rows, "ray": _ray_rows, "fid": _fid_rows,
-    "roofline": _roofline_rows, "front_door": _front_door_rows}
+    "roofline": _roofline_rows, "front_door": _front_door_rows, "numerics": _numerics_rows, "gpu": _gpu_rows}
 
 
 def _threads(record: dict[str, Any]) -> str:
@@ -255,28 +295,40 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str:
+def markers(block: str | None = None) -> tuple[str, str]:
+    """The start and end markers of the default block, or of a named one (`gpu`)."""
+    return (START, END) if not block else (f"<!-- bench-table:{block}:start -->", f"<!-- bench-table:{block}:end -->")
+
+
+def readme_block(text: str, block: str | None = None) -> str:
     """What lies between the markers of a markdown text (stripped)."""
-    if START not in text or END not in text:
-        raise ValueError(f"no {START} ... {END} block")
-    return text.split(START, 1)[1].split(END, 1)[0].strip()
+    start, end = markers(block)
+    if start not in text or end not in text:
+        raise ValueError(f"no {start} ... {end} block")
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
-def update(path: str | Path, table: str) -> None:
+def update(path: str | Path, table: str, block: str | None = None) -> None:
+    """Rewrite the block; a named block the file does not have yet is appended to it."""
     text = Path(path).read_text()
-    readme_block(text)
-    head, rest = text.split(START, 1)
-    Path(path).write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    start, end = markers(block)
+    if block and start not in text:
+        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    readme_block(text, block)
+    head, rest = text.split(start, 1)
+    Path(path).write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ayt.bench.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="records written by python -m ayt.bench --out")
     parser.add_argument("--update", metavar="MARKDOWN", help="rewrite the bench-table block of this file")
+    parser.add_argument("--block", help="a named block (<!-- bench-table:NAME:start -->), e.g. gpu for "
+                                        "gpu.json; appended if the file has none")
     args = parser.parse_args(argv)
     table = render(load_records(args.results))
     if args.update:
-        update(args.update, table)
+        update(args.update, table, args.block)
     else:
         print(table)
     return 0
