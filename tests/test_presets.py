@@ -144,7 +144,7 @@ def test_a_preset_without_its_local_files_names_them(tmp_path, overrides, field,
 # smoke preset's stages cut to a few iterations (the pipeline, not the numbers, is under test).
 TINY = ["experiment=smoke", "dataset=mnist", "scaling.backend=local", "progress=false", "name=mnist-tiny",
         "pretrain.iterations=4", "pretrain.batch_size=16", "feature_map.iterations=4", "feature_map.batch_size=32",
-        "feature_map.p_ramp_iterations=2", "fid.classifier.iterations=30", "fid.classifier.batch_size=32",
+        "feature_map.p_ramp_iterations=2", "fid.classifier.iterations=4", "fid.classifier.batch_size=32",
         "fid.num_samples=64", "fid.batch_size=64", "batch_size=8", "training.iterations=4",
         "training.eval_every=2", "training.checkpoint_every=2", "training.log_every=1",
         "diagnostics.tangent.probe_size=8"]
@@ -158,11 +158,13 @@ def test_newcomer_mnist_run_trains_at_32_px(tmp_path, stand_ins):
     from ayt.data import load_dataset
     from ayt.train import main
 
-    root = stand_ins.mnist(tmp_path / "data", n_train=512, n_test=128, digits=True)   # 28x28 idx files
+    # 28x28 idx files; 128 training images: more than the FID classifier's 64 features, so the
+    # reference statistics have a full-rank covariance.
+    root = stand_ins.mnist(tmp_path / "data", n_train=128, n_test=32, digits=True)
     args = TINY + [f"dataset.root={root}", f"out_dir={tmp_path / 'out'}"]
     cfg = load_config(args)
     assert cfg.loss.name == "mfd" and cfg.dataset.resolution == 32
-    assert load_dataset(cfg.dataset).images.shape == (512, 1, 32, 32)
+    assert load_dataset(cfg.dataset).images.shape == (128, 1, 32, 32)
 
     assert main(args) == 0
     client = MlflowClient(cfg.tracking.uri)
