@@ -1,6 +1,8 @@
-"""The same study on a simulated multi-node cluster: `ray.cluster_utils.Cluster` with a head
-and two worker nodes, shared storage in a temp dir, MLflow through a real `mlflow server`
-on 127.0.0.1 read back over its REST API."""
+"""Multi-node runs on one simulated cluster: `ray.cluster_utils.Cluster` with a head and two
+worker nodes of one CPU each, so two one-CPU workers can only be placed on different nodes.
+One cluster serves the module: a plain Ray Train run with two workers, and a study whose
+trial trains on two workers, with shared storage in a temp dir and MLflow through a real
+`mlflow server` on 127.0.0.1 read back over its REST API."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import urllib.request
 import pytest
 
 from ayt.studies.runner import study_main
+from ayt.train import main
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def three_node_cluster():
-    """Three one-CPU nodes (a head and two workers): a trial's two one-CPU workers cannot
-    share a node, so they must land on two different nodes."""
+    """Three one-CPU nodes (a head and two workers, separate raylets), started once for the
+    module; the session's local Ray is stopped first and started again by the next test that
+    asks for it."""
     import ray
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
@@ -42,6 +46,26 @@ def _post(uri: str, path: str, body: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as r:
         return json.loads(r.read())
+
+
+def _alive_nodes():
+    import ray
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def test_two_workers_on_two_nodes_complete(three_node_cluster, shared_out_dir):
+    cluster, _ = three_node_cluster
+    name = "two-nodes"
+    code = main(["experiment=smoke", "scaling.backend=ray", "progress=false", f"out_dir={shared_out_dir}",
+                 f"name={name}", "scaling.num_workers=2", f"ray.address={cluster.address}",
+                 "training.iterations=40", "training.eval_every=40", "training.checkpoint_every=20",
+                 "fid.num_samples=100"])
+    assert code == 0
+    final = shared_out_dir / "ray" / name / "iter_000000040"
+    workers = [json.loads((final / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert workers[0]["node_id"] != workers[1]["node_id"]
+    assert {w["node_id"] for w in workers} <= {n["NodeID"] for n in _alive_nodes()}
 
 
 def test_study_on_three_nodes_with_mlflow_server(three_node_cluster, mlflow_server, shared_out_dir, tmp_path):
