@@ -10,6 +10,9 @@ regenerated without changing them)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from ayt.method.schedule import ConsistencySchedule
 from ayt.networks.precond import build_denoiser
 from ayt.precision import effective_settings
 
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,6 +97,29 @@ def test_verdict_is_the_worst_bin_of_every_setting_and_training_quantity():
     assert v["worst"] == {"value": THRESHOLD - 1e-3, "quantity": "grad_mfd", "setting": "full_scale", "bin": 1}
     results["full_scale"]["bf16"]["grad_mfd"]["cosine"][1]["mean"] = THRESHOLD
     assert verdict(results, "bf16")["keeps_direction"]          # the branch alone does not decide
+
+
+def _numerics_record() -> dict:
+    records = json.loads((REPO / "studies" / "benchmarks" / "results.json").read_text())
+    return next(r for r in records if r["benchmark"] == "numerics")
+
+
+def test_cifar10_paper_precision_follows_the_committed_record():
+    record = _numerics_record()
+    assert not record["config"]["quick"] and "random" in record["config"]["weights"]["own"]
+    assert "DDPM++" in record["config"]["network"] and "55.73M" in record["config"]["network"]
+    assert set(record["verdicts"]) == {"bf16", "tf32"}
+    assert record["precision_for_cifar10_paper"] == preset_choice(record["verdicts"])
+    assert compose_config(["experiment=cifar10_paper"]).precision == record["precision_for_cifar10_paper"]
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Paper-scale runs on GPUs", 1)[1].split("\n## ", 1)[0]
+    docs = (REPO / "docs" / "gpu.md").read_text()
+    for text in (section, docs):
+        for verdict_ in record["verdicts"].values():             # each worst figure, as the record has it
+            assert f"{verdict_['worst']['value']:.3f}" in text
+        assert f"≥ {THRESHOLD}" in text
+        assert re.search(rf"`precision: {record['precision_for_cifar10_paper']}`", text)
+    assert record["git"]["commit"][:7] in docs and not record["git"]["dirty"]
 
 
 def test_the_preset_takes_the_fastest_precision_that_keeps_the_direction():

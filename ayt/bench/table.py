@@ -200,7 +200,7 @@ def _numerics_rows(record: dict[str, Any]) -> list[Row]:
         cosines = {q: min(b["mean"] for b in stats["cosine"])
                    for q, stats in record["results"][worst["setting"]][precision].items()}
         figure = (f"worst t-bin mean cosine {worst['value']:.3f} ({worst['quantity']}, {worst['setting']} weights, "
-                  f"t-bin {worst['bin']} of {len(config['t_bin_edges']) - 1}: t in "
+                  f"t-bin {worst['bin']} of 0–{len(config['t_bin_edges']) - 2}: t in "
                   f"[{config['t_bin_edges'][worst['bin']]:g}, {config['t_bin_edges'][worst['bin'] + 1]:g}]); "
                   f"worst bin of each quantity ({worst['setting']} weights): "
                   + ", ".join(f"{q} {c:.3f}" for q, c in cosines.items()))
