@@ -84,7 +84,7 @@ def bench_numerics(opts: Options) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         net = build_denoiser(cfg.network, cfg.edm, resolution, channels).eval().requires_grad_(False)
-        losses = {name: loss_for(name, cfg, channels, resolution) for name in LOSSES}
+        losses = {name: loss_for(name, cfg, channels, resolution, device) for name in LOSSES}
     compared = [p for p in PRECISIONS if p != "fp32"]
     emulated = device.type != "cuda"
     results: dict[str, Any] = {}
@@ -148,12 +148,12 @@ def smooth_images(n: int, channels: int, resolution: int, gen: torch.Generator) 
     return F.interpolate(coarse, size=(resolution, resolution), mode="bilinear", align_corners=False)
 
 
-def loss_for(name: str, cfg, channels: int, resolution: int):
-    """The loss the preset would build (`loss=<name>`), MFD with a random frozen feature map."""
+def loss_for(name: str, cfg, channels: int, resolution: int, device: torch.device = torch.device("cpu")):
+    """The loss the preset would build (`loss=<name>`), MFD with a random frozen feature map on `device`."""
     loss_cfg = compose_config(PRESET + [f"loss={name}"]).loss
     fm = cfg.feature_map
     feature_map = FeatureMap(channels, resolution, list(fm.channels), AugmentPipeline(cfg.augment, channels).num_labels,
-                             int(fm.convs_per_stage)).freeze()
+                             int(fm.convs_per_stage)).freeze().to(device)
     return build_loss(loss_cfg, LossResources(feature_map=lambda: feature_map))
 
 
