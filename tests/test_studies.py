@@ -369,7 +369,7 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     out = shared_out_dir
     plain = ["study.protocol.name=single", "study.scheduler=none"]       # the search alone, every trial to the end
     assert study_main("huber_sweep", [f"out_dir={out}", "study.name=random-huber", "study.search=random",
-                                      "study.num_samples=2", "study.budget.amount=640", "study.max_concurrent_trials=2",
+                                      "study.num_samples=2", "study.budget.amount=128", "study.max_concurrent_trials=2",
                                       "batch_size=32", *plain, *TINY]) == 0
     # progress=false (TINY) drops the bar, not the one line per trial start and end.
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
@@ -399,7 +399,7 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     other = "0" * 40
     client.set_tag(parents[0].info.run_id, "ayt.code_versions", other)
     args = [f"out_dir={out}", "study.name=random-huber", "study.search=random", "study.num_samples=2",
-            "study.budget.amount=640", "study.max_concurrent_trials=2", "batch_size=32", *plain, *TINY, "resume=true"]
+            "study.budget.amount=128", "study.max_concurrent_trials=2", "batch_size=32", *plain, *TINY, "resume=true"]
     capsys.readouterr()
     assert study_main("huber_sweep", args) == 2
     err = capsys.readouterr().err.strip().splitlines()
