@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -113,6 +114,29 @@ def test_scaling_cluster_puts_shared_state_on_shared_storage(monkeypatch):
     assert cfg.tracking.uri == "http://mlflow:5000"
     assert cfg.cache_dir == "/mnt/shared/ayt/cache"  # the cache is a shared POSIX path, never a URI
     assert cfg.scaling.backend == "ray"
+
+
+def test_a_trial_on_another_node_resolves_its_config_with_the_drivers_environment(monkeypatch, tmp_path):
+    """The AYT_* variables are set for the study driver (the README's `env ... python -m`), not
+    on the worker nodes its trials run on: a trial's config must still name the driver's
+    tracking server, storage, output and cache, not the defaults. Mutation caught: resolving the
+    trial's config with the worker's own environment (the trial found no MLflow and hung)."""
+    from ayt.studies.plan import plan_study
+    driver = {"AYT_STORAGE": str(tmp_path / "store"), "AYT_TRACKING_URI": "http://127.0.0.1:1",
+              "AYT_OUT_DIR": str(tmp_path / "out"), "AYT_CACHE": str(tmp_path / "cache")}
+    for key, value in driver.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    plan = plan_study("batch_size_sweep", ["scaling=rehearsal", "study.preset=smoke", "study.axes.batch_size=[16]",
+                                           "study.axes.loss=[pseudo_huber]", "study.seeds=[0]"])
+    for key in driver:                                     # a worker node: none of them set
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AYT_TRACKING_URI", "http://elsewhere:5000")
+    cfg = plan.trial_config({"batch_size": 16, "loss": "pseudo_huber", "seed": 0})
+    assert cfg.tracking.uri == driver["AYT_TRACKING_URI"]
+    assert cfg.ray.storage_path.startswith(f"{driver['AYT_STORAGE']}/ray/")
+    assert cfg.out_dir == driver["AYT_OUT_DIR"] and cfg.cache_dir == driver["AYT_CACHE"]
+    assert os.environ["AYT_TRACKING_URI"] == "http://elsewhere:5000" and "AYT_CACHE" not in os.environ
 
 
 def test_scaling_cluster_worker_fits_the_gpu_node_types(launcher):

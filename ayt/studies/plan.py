@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ayt.artifacts import config_hash
 from ayt.config import VOLATILE_KEYS, compose_config, load_config, run_name
+from ayt.environ import env_read_by, environ
 from ayt.errors import ConfigError
 from ayt.eval.metrics import METRICS as METRIC_KINDS
 from ayt.eval.metrics import direction as metric_direction
@@ -51,6 +52,7 @@ class StudyPlan:
     study_id: str                          # name + hash of what defines the study
     argv: list[str] = field(default_factory=list)                   # the command line it came from
     base_dir: str = ""                     # the driver's working directory: relative paths resolve here
+    env: dict[str, str | None] = field(default_factory=dict)        # the driver's values of the variables the config reads
     trial_configs: list[DictConfig] = field(default_factory=list)   # grid: every trial; else the corners
     skipped: list[str] = field(default_factory=list)                # axis values a study hook dropped, and why
     tune_plans: list["StudyPlan"] = field(default_factory=list)     # tune_then_repeat: stage 1, one per group
@@ -119,9 +121,13 @@ class StudyPlan:
                 "scaling.backend=ray", "progress=false"]
 
     def trial_config(self, params: dict[str, Any], trial_id: str | None = None) -> DictConfig:
-        """A trial's config, its paths resolved against the driver's directory (a Tune trial
-        runs in a directory of its own)."""
-        return load_config(self.trial_overrides(params, trial_id), base_dir=self.base_dir or None)
+        """A trial's config as the driver resolves it: paths against the driver's directory (a
+        Tune trial runs in a directory of its own), `${oc.env:...}` with the driver's values (a
+        trial on another node has not got AYT_TRACKING_URI, AYT_CACHE, ... in its environment)."""
+        with environ(self.env):
+            cfg = load_config(self.trial_overrides(params, trial_id), base_dir=self.base_dir or None)
+            OmegaConf.resolve(cfg)                 # now, not when a key is read on the worker
+        return cfg
 
     def label(self, trial) -> str:
         """The trial's readable name (`b16-mfd-s0-57f9`): console, report and MLflow run name."""
@@ -267,8 +273,8 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
     check_pilot(resolved, base_dir)                # study.detect, study.pilot: before any work
     base = load_config(base_overrides, base_dir=base_dir)
     check_axis_keys(space, base)
-    integer_ranges(space, base, lambda key, value: _takes_fractions(base_overrides, base_dir, key, value))
     check_study_metric(str(study.metric), base)
+    integer_ranges(space, base, lambda key, value: _takes_fractions(base_overrides, base_dir, key, value))
     if str(study.trial_backend) == "in_process" and int(base.scaling.num_workers) != 1:
         raise ConfigError("study.trial_backend", f"in_process trains one worker per trial, but "
                           f"scaling.num_workers={base.scaling.num_workers}; use auto or ray_train")
@@ -279,7 +285,8 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
         spec["base"].pop(volatile, None)
     plan = StudyPlan(name=space.name, module=name, study=resolved, space=space,
                      base_overrides=base_overrides, base=base, study_id=f"{space.name}-{config_hash(spec, 8)}",
-                     argv=list(argv), base_dir=base_dir)
+                     argv=list(argv), base_dir=base_dir,
+                     env=env_read_by(OmegaConf.to_yaml(compose_config(base_overrides))))
     _validate_scheduler(plan)
     _load_study_module(name)
     hook = STUDY_HOOKS.get(name)
@@ -294,17 +301,6 @@ def plan_study(name: str, argv: Sequence[str] = (), edit: Callable[[DictConfig],
             argv = [*argv, f"tracking.experiment={space.name}-tune"]
         plan.tune_plans = [plan_study(name, argv, tune_edit(space, stage, g)) for g in groups(space)]
     return plan
-
-
-def check_study_metric(metric: str, base: DictConfig) -> None:
-    """`study.metric` is logged by a metric the trials evaluate (`eval.metrics`)."""
-    quantity = quantity_of(metric)
-    evaluated = [str(m) for m in base.eval.metrics]
-    if not any(quantity in METRIC_KINDS[m].quantities for m in evaluated):
-        owner = next(name for name, kind in METRIC_KINDS.items() if quantity in kind.quantities)
-        raise ConfigError("study.metric", f"{metric!r} is logged by metric {owner!r}, which eval.metrics "
-                          f"{evaluated} does not evaluate; add it (e.g. eval.metrics=[{', '.join([*evaluated, owner])}]) "
-                          "or rank by one of theirs")
 
 
 def _check_not_derived(study: DictConfig, train_args: Sequence[str]) -> None:

@@ -106,7 +106,8 @@ class Comparison:
 
     def verdict(self, lower: str = "better", higher: str = "worse") -> str:
         """Plain words for a table cell: the direction when it is significant, otherwise
-        "inconclusive" with the test's power."""
+        "inconclusive" with the test's power. `lower`/`higher` name the better/worse outcome
+        (e.g. faster/slower)."""
         if not self.available:
             return f"n/a ({self.method})"
         outcome = {"better": lower, "worse": higher}.get(self.outcome, self.outcome)
