@@ -49,11 +49,13 @@ def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         from ayt.training.ray_train import connect
         connect(cfg)       # preflight before any artifact, MLflow run or Ray actor
     artifacts = ensure_artifacts(cfg, progress=progress)
-    run_id, resumed = start_or_resume_run(cfg.tracking.uri, cfg.tracking.experiment, name, run_params(cfg),
+    # The shared artifacts' records (feature-map R², classifier accuracy) are params, named as
+    # a study's trials name them: `artifact.<key>`.
+    params = {**run_params(cfg), **{f"artifact.{k}": v for k, v in artifacts.metrics.items()}}
+    run_id, resumed = start_or_resume_run(cfg.tracking.uri, cfg.tracking.experiment, name, params,
                                           tags={"ayt.entry": "ayt.train"})
     logger = RunLogger(cfg.tracking.uri, run_id)
     logger.record_code()
-    logger.log_metrics(artifacts.metrics, step=0)
     logging.getLogger(__name__).info("%s MLflow run %s (%s)", "resuming" if resumed else "started", run_id, name)
     try:
         summary = TRAIN_BACKENDS[str(cfg.scaling.backend)](cfg, artifacts, logger, run_id, progress)

@@ -46,17 +46,19 @@ def test_smoke_run_logs_fid_curve_params_and_artifacts(smoke_run):
     # Artifacts live under out_dir, not in ./mlruns of whatever directory the process ran in.
     assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())
     metrics = run.data.metrics
-    # Tangent diagnostics (issue 14) at every evaluation, per t-bin; oscillation from the second.
+    # Tangent diagnostics at every evaluation, per t-bin; oscillation from the second.
     for b in range(4):
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"eval/tangent/cos_t{b}")] == [50, 100, 150]
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"eval/tangent/osc_t{b}")] == [100, 150]
         assert metrics[f"eval/tangent/err_t{b}"] > 0 and f"eval/tangent/dist_t{b}" in metrics
     assert -1 <= metrics["eval/tangent/cos_all"] < 0.999          # MFD does not pull along the pixel error
     assert len(run.data.tags["ayt.tangent.t_bin_edges"].split(",")) == 5
-    from ayt.provenance import code_version          # the code that trained it (issue 20)
+    from ayt.provenance import code_version          # the code that trained it
     assert run.data.tags["ayt.code_version"] == code_version() and run.data.tags["ayt.git_dirty"] in ("true", "false")
-    assert metrics["fid_classifier_test_accuracy"] > 0.9
-    assert metrics["feature_map_label_mse"] < metrics["feature_map_zero_mse"]
+    params = run.data.params                         # the shared artifacts' records, as a study's trials name them
+    assert float(params["artifact.fid_classifier_test_accuracy"]) > 0.9
+    assert float(params["artifact.feature_map_label_mse"]) < float(params["artifact.feature_map_zero_mse"])
+    assert not [k for k in metrics if k.startswith(("feature_map_", "fid_classifier_", "pretrain_"))]
 
 
 def _digests(directory):

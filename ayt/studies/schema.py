@@ -91,11 +91,11 @@ class TuneStage:
                        choices=SEARCHES)
     points: int = spec(4, doc="values of a grid tuning stage", minimum=1)
     trials: int = spec(6, doc="samples of a tpe/random tuning stage", minimum=1)
-    # The default stays [1000]: every study's id hashes this block, so a new default would change
-    # the id of every committed study; tune_then_repeat refuses fewer than 2 (`allow_one_seed`).
+    # tune_then_repeat refuses fewer than 2 (`allow_one_seed`). A study of another protocol
+    # hashes this key as its old default, [1000] (`identity`): committed studies keep their ids.
     seeds: List[int] = spec(doc="tuning seeds, apart from study.seeds (no selection bias in stage 2); "
-                                "tune_then_repeat needs >= 2 (e.g. [1000, 1001]) to tell its candidates apart",
-                            factory=lambda: [1000], minimum=0, nonempty=True)
+                                "tune_then_repeat needs >= 2 to tell its candidates apart",
+                            factory=lambda: [1000, 1001], minimum=0, nonempty=True)
     allow_one_seed: bool = spec(False, doc="tune on a single seed anyway (the winner cannot be told apart from "
                                            "the runner-up)", new=True)
     max_extensions: int = spec(2, doc="grid rounds that extend the range one step past an edge winner, until it "
@@ -282,6 +282,11 @@ def volatile_keys() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(StudySchema) if not f.metadata.get("defines", True))
 
 
+# What `protocol.tune.seeds` hashes as in a study whose protocol does not tune: its default
+# before it became [1000, 1001], so the ids of studies run before stay what they were.
+UNTUNED_SEEDS_ID = [1000]
+
+
 def identity(study: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved study block that defines the study (its id hashes this); a copy,
     `study` is left as it is."""
@@ -300,6 +305,9 @@ def identity(study: Mapping[str, Any]) -> dict[str, Any]:
             if parent and not node:                 # a block of only new fields at their defaults
                 grand, _, name = parent.rpartition(".")
                 (_get(out, grand) if grand else out).pop(name, None)
+    tune = out.get("protocol", {}).get("tune")
+    if isinstance(tune, dict) and "seeds" in tune and out["protocol"].get("name") != "tune_then_repeat":
+        tune["seeds"] = UNTUNED_SEEDS_ID            # unused by the trials: hashed as the old default
     return out
 
 
