@@ -73,9 +73,16 @@ def test_one_tuning_seed_runs_only_when_asked_and_new_fields_keep_committed_ids(
     plain = plan_study("speed", [f"out_dir={tmp_path}"])
     assert set(plain.study["protocol"]["tune"]) >= {"max_extensions", "allow_one_seed", "floor", "ceiling"}
     assert set(identity(plain.study)["protocol"]["tune"]) == {"key", "low", "high", "log", "search", "points",
-                                                              "trials", "seeds"}      # the block before issue 22
+                                                              "trials", "seeds"}      # the block before the tuning fields were added
     assert plan_study("speed", [f"out_dir={tmp_path}", "study.protocol.tune.max_extensions=1"]).study_id \
         != plain.study_id
+    # The protocol alone runs on its default tuning seeds; a study that does not tune hashes them
+    # as the old default, so its id is what it was.
+    tuned = plan_study("speed", [f"out_dir={tmp_path}", "study.protocol.name=tune_then_repeat"])
+    assert {int(c.seed) for sub in tuned.tune_plans for c in sub.trial_configs} == {1000, 1001}
+    assert plain.study["protocol"]["tune"]["seeds"] == [1000, 1001]
+    assert identity(plain.study)["protocol"]["tune"]["seeds"] == [1000]
+    assert identity(tuned.study)["protocol"]["tune"]["seeds"] == [1000, 1001]
 
 
 SPEED_TUNED = TuneStage(key="lr", low=2.5e-4, high=4e-3, log=True, search="grid", points=5, trials=6,
