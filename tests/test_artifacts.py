@@ -1,4 +1,4 @@
-"""The shared-artifact cache under concurrent use by real processes (issue 12, point 7)."""
+"""The shared-artifact cache under concurrent use by real processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""search_then_confirm (issue 24): the search's best found against a baseline on seeds the
+"""search_then_confirm: the search's best found against a baseline on seeds the
 search did not use, and the search options it rests on (start-up trials, GP, ASHA checks).
 
 The end-to-end test runs the real runner (Ray Tune, Optuna, MLflow on sqlite) on huber_sweep

@@ -1,4 +1,4 @@
-"""The critical batch size (issue 15, points 2-4): the fit of S(B) = S_min (1 + B_noise/B)
+"""The critical batch size: the fit of S(B) = S_min (1 + B_noise/B)
 recovers a known B_noise with a bootstrap CI that covers it, the report section appears exactly
 when the sweep can support it, and the lr-rule comparison ranks the flattest rule first.
 

@@ -1,4 +1,4 @@
-"""The critical-batch fit keeps what it cannot see (issue 22, point 4): a trial that never
+"""The critical-batch fit keeps what it cannot see: a trial that never
 reaches the target enters the fit right-censored at its last evaluated iteration, the
 bootstrap says how many distinct resamples it had, and a B_noise outside the batch sizes
 tested is marked as an extrapolation.

@@ -1,4 +1,4 @@
-"""The gradient noise scale (issue 15, point 1): the estimator the step uses recovers a known
+"""The gradient noise scale: the estimator the step uses recovers a known
 B_simple, and splitting a step into micro-batches to measure it leaves the update unchanged.
 
 Every test names in its docstring the change to the product code that it catches."""

@@ -61,7 +61,7 @@ def test_two_ray_workers_half_batch_equal_plain_loop_full_batch(ray_session, sha
     assert (one - two).norm() / moved < 0.05
     # The control that makes the check meaningful: another data order/noise lands far away.
     assert (one - other).norm() / moved > 0.3
-    # A one-worker study trial trains inside its Tune trial process (issue 13): the same
+    # A one-worker study trial trains inside its Tune trial process: the same
     # result as the Ray Train path for the same seed, within the same tolerance.
     in_trial = _flat(_train_in_tune_trial(common + ["scaling.backend=ray", "name=equiv-in-trial"],
                                           shared_out_dir / "tune-equiv")["net"])

@@ -69,7 +69,7 @@ def test_every_mean_and_interval_in_the_results_table_comes_from_its_study_csv()
     assert checked >= 8, checked
 
 
-# --- Comparisons, critical batch figures and verdict words (issue 20) -------------------------
+# --- Comparisons, critical batch figures and verdict words -------------------------
 # Every "estimate [low, high]" (a paired difference, a fitted B_noise with its bootstrap CI),
 # every "paired CI(s) ±x(–y)", the B_simple figures and the initialisation a row names are
 # recomputed here from the committed CSVs (trials.csv, curves.csv) and configs, with the
@@ -276,7 +276,7 @@ def test_b_simple_and_b_noise_figures_come_from_curves_csv():
     """The critical batch paragraph: B_simple per loss (mean ± CI over trials) from curves.csv,
     every fitted B_noise stated with its CI, and a loss comparison of B_noise only where the
     CIs do not overlap. Mutation caught: 'B_noise ... about twice' where the sqrt-rule CIs
-    9.2–27.0 and 2.6–12.9 overlap (the README before issue 20)."""
+    9.2–27.0 and 2.6–12.9 overlap (an earlier README)."""
     paragraphs = [(s, t) for s, t, kind in _blocks() if kind == "prose" and s and _critical_batch(s)]
     assert paragraphs, "README Results lost its critical batch paragraph"
     for study, text in paragraphs:
@@ -328,7 +328,7 @@ def test_no_equal_or_tie_verdict_wider_than_its_paired_cis():
     """'equal', 'tie(s)' is a verdict only within a stated tolerance ('within ±x') at least as
     wide as every paired CI of the study it speaks of (the FID it names, else both). Mutation
     caught: '2-step FID: equal' beside +0.7 [−45.5, +46.9], and 'tie within ±1 FID' where the
-    fine-tuning CIs are ±2.7–3.5 (the README before issue 20)."""
+    fine-tuning CIs are ±2.7–3.5 (an earlier README)."""
     rows = _row_letters()
     for study, text, _ in _blocks():
         for sentence in _sentences(text):
@@ -373,7 +373,7 @@ def test_a_row_names_the_initialisation_its_study_starts_from():
             if phrase in question:
                 assert _init(study) == init, f"README Results row '{question[:60]}': studies/{study} starts from training.init={_init(study)}"
                 named += 1
-    assert named >= 1, named          # row a (fine-tuning left the table in issue 22)
+    assert named >= 1, named          # row a (fine-tuning left the table)
 
 
 def _committed_studies() -> list[str]:

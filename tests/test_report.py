@@ -161,7 +161,7 @@ def test_fine_tuning_start_fid_is_a_column_when_runs_start_from_the_converged_mo
 
 
 def test_code_line_says_when_trials_ran_on_different_code():
-    """Provenance (issue 20): one version is named once; two are each counted, and a trial
+    """Provenance: one version is named once; two are each counted, and a trial
     resumed on new code is named with both. Mutation caught: the report naming only the
     commit that wrote it (critical_batch_sweep's trials ran over six commits unsaid)."""
     a, b = "a" * 40, "b" * 40 + "+dirty.12345678"

@@ -1,4 +1,4 @@
-"""The report's "What this study cannot conclude" section (issue 22): each check fires on a
+"""The report's "What this study cannot conclude" section: each check fires on a
 study that has the limit and stays quiet on one that does not, so deleting or inverting a check
 fails here."""
 

@@ -1,4 +1,4 @@
-"""The search section of the report (issue 24, ayt/studies/report_search.py): a sampled study's
+"""The search section of the report (ayt/studies/report_search.py): a sampled study's
 top trials, best so far, parameter importance from its own Optuna storage, responses and
 interaction; its per-trial group table left to groups.csv/trials.csv; the random-search line.
 

@@ -1,4 +1,4 @@
-"""The report's open ends (issue 21): a metric a trial logs under `eval/…` or `train/…` reaches
+"""The report's open ends: a metric a trial logs under `eval/…` or `train/…` reaches
 the loaded trials and curves.csv with no list edited; a new report section is one class; one
 group type; one seeds-plus-mean helper.
 
@@ -49,7 +49,7 @@ def store(tmp_path_factory):
 
 def test_a_new_eval_and_train_metric_reach_the_trials_and_curves_csv(store, tmp_path):
     """Mutations caught: load_trials fetching a named list of histories (the FIDs, tangent and
-    noise scale before issue 21), curves.csv naming its columns, the `_vs_images` copies (step =
+    noise scale, as it once did), curves.csv naming its columns, the `_vs_images` copies (step =
     images seen) loaded as if step were the iteration."""
     from ayt.studies.report import _write_curves_csv
     from ayt.studies.trials import load_trials

@@ -1,4 +1,4 @@
-"""Seeds until decisive (issue 22): a study whose first round is inconclusive adds seeds and
+"""Seeds until decisive: a study whose first round is inconclusive adds seeds and
 stops when its comparison is decisive or its seeds run out; every option is refused before
 any work, naming the field. The rounds run through the real `run_in_rounds` on a real plan;
 only the training is replaced by a synthetic FID per seed (no Ray), so what is tested is the

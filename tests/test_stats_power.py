@@ -1,4 +1,4 @@
-"""Power of the report's comparisons (issue 22): the detectable difference each comparison
+"""Power of the report's comparisons: the detectable difference each comparison
 states is checked against a simulation of the same test, so a wrong power formula (a normal
 approximation, a one-sided critical value, the wrong degrees of freedom) fails here."""
 

@@ -1,4 +1,4 @@
-"""The consistency step and the samplers against hand computations (issue 12, points 1, 2, 4, 5):
+"""The consistency step and the samplers against hand computations:
 gradient accumulation (equal updates, one all-reduce per optimizer step under DDP), the
 consistency weight w = 1/(t - r), the one- and two-step samplers, the mixed loss's gradient.
 

@@ -64,7 +64,7 @@ def test_plan_grid_budget_in_images_gives_equal_images_per_trial(tmp_path):
 
 
 def test_trial_labels_name_a_trial_by_its_axis_values(tmp_path):
-    """Children are named for a person (issue 20): short axis values in axis order, the seed,
+    """Children are named for a person: short axis values in axis order, the seed,
     4 characters of the Tune trial id. Mutation caught: the old `<study id>-<trial id>` name."""
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}"])
     assert plan.space.label({"batch_size": 16, "loss": "mfd", "seed": 0}, "57f90407") == "b16-mfd-s0-57f9"
@@ -79,7 +79,7 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     re-run, every child's FID curve at the right steps, the report written and logged.
 
     It runs as a user runs it: from a working directory, with a *relative* out_dir. Mutation
-    caught (issue 13): resolving a trial's paths in the trial's own working directory (Tune
+    caught: resolving a trial's paths in the trial's own working directory (Tune
     moves each trial into one): every trial then rebuilt the shared artifacts under Ray's
     session directory and wrote its samples and EMA weights there, and the child runs ended
     with no artifacts."""
@@ -379,14 +379,14 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     values = sorted(float(r.data.params["loss.huber_c"]) for r in children)
     assert len(children) == 2 and len(set(values)) == 2 and all(1e-4 <= v <= 0.1 for v in values)
     assert all(r.data.params["axis.loss__huber_c"] == r.data.params["loss.huber_c"] for r in children)
-    # Readable names (issue 20): the MLflow run name is the label the console printed; the
+    # Readable names: the MLflow run name is the label the console printed; the
     # study id stays in a tag.
     for run in children:
         value, trial_id = float(run.data.params["loss.huber_c"]), run.data.tags["ayt.trial_id"]
         assert run.info.run_name == f"huber_c={value:.3g}-s0-{trial_id[:4]}", run.info.run_name
         assert any(line.startswith(f"trial {run.info.run_name} finished: ") for line in printed), printed
         assert run.data.tags["ayt.study_id"] == parents[0].info.run_name
-    # Provenance (issue 20): each child records the code that trained it, as its trial reported it.
+    # Provenance: each child records the code that trained it, as its trial reported it.
     from ayt.provenance import code_version, split_version
     now = code_version()
     for run in children:

@@ -28,7 +28,7 @@ from ayt.bench.registry import Options, benchmark
 
 STUDY = "huber_sweep"
 TRIALS, QUICK_TRIALS = 1000, 40
-TARGET_S = 30.0                       # <= 30 s on 2 cores (issue 24; about 35 s before it)
+TARGET_S = 30.0                       # <= 30 s on 2 cores (about 35 s before it)
 EXTRA_AXES = ("+study.axes.lr={low:0.0001,high:0.01,log:true}", "+study.axes.lr_ref_batch={low:16,high:256,int:true}",
               "+study.axes.optimizer=[adam,radam]")
 START_MS = 1_700_000_000_000

@@ -1,5 +1,5 @@
 """Tangent diagnostics: which way each loss pushes the network's output, measured on a fixed
-probe set at every FID evaluation (issue 14, item 1).
+probe set at every FID evaluation.
 
 The probe set (`ProbeSet`, built once per run by `build_probe_set`):
 

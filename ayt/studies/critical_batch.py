@@ -19,7 +19,7 @@ group's mean curve reaches it, taken over
 Steps to the target are interpolated linearly between evaluations; a series whose every
 trial was already there at its first evaluation is flagged as not resolved.
 
-Censored trials (issue 22). Neither target rule guarantees that every seed reaches it: the
+Censored trials. Neither target rule guarantees that every seed reaches it: the
 target is a seed mean, so a slow seed of the worst batch size can end above it (in
 critical_batch_sweep, 2 of 3 MFD b8 seeds). Dropping such a trial keeps only the fast seeds
 of that batch size and biases its steps low (B_noise low when it is the smallest batch size,

@@ -1,4 +1,4 @@
-"""The report's "What this study cannot conclude" section (issue 22): the ways a study's design
+"""The report's "What this study cannot conclude" section: the ways a study's design
 limits what its numbers mean, checked on its own trials, each stated in one sentence.
 
 A check is one function in `LIMITS` taking the `ReportContext` and returning its sentences

@@ -1,4 +1,4 @@
-"""The search section of the report (issue 24): what a sampled study (`study.search` tpe,
+"""The search section of the report: what a sampled study (`study.search` tpe,
 random, any sampler but the grid) found, read as a search rather than as a table of groups.
 
   - the sampler, and in one line when the study never left its random start-up

@@ -1,4 +1,4 @@
-"""Seeds until decisive (issue 22): a study runs its seeds in rounds and adds a round only
+"""Seeds until decisive: a study runs its seeds in rounds and adds a round only
 while a comparison it names is still inconclusive.
 
 With `study.seed_rounds.first=3, step=2` and `study.seeds=[0..9]`, round 0 runs seeds 0-2,

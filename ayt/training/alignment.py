@@ -1,4 +1,4 @@
-"""How well a loss's step points at the pixel error: the alignment cosines of issue 14.
+"""How well a loss's step points at the pixel error: the alignment cosines.
 
 With the normalised gradient every loss sends each sample a unit-length output gradient
 (ALGORITHM §4), so how far one step moves a prediction toward its target depends only on
