@@ -38,7 +38,7 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -
         unknown = re.match(r"Could not override '([^']+)'", str(err))
         if unknown and " not in " in _first_line(err):      # "Key 'los' is not in struct" / "... not in 'TuneStage'"
             raise _unknown_key(unknown.group(1), overrides, config_name) from None
-        # The typed study schema (ayt/studies/schema.py) names the key it rejected: say that key.
+        # The typed study schema (ayt/studies/engine/schema.py) names the key it rejected: say that key.
         key = str(getattr(err.__cause__, "full_key", None) or getattr(err, "full_key", None) or "")
         typed = next((o for o in overrides if key and o.lstrip("+~").partition("=")[0] == key), None)
         if typed and _first_line(err).startswith("Cannot merge"):     # a list where a range is written, ...
@@ -87,7 +87,7 @@ def _unknown_key(key: str, overrides: list[str], config_name: str) -> ConfigErro
     """`los=mfd`: the nearest known keys (difflib); a new entry of a block that takes any key
     (`study.axes.lr=...`): the line with the `+` that adds it."""
     typed = next((o.lstrip("+") for o in overrides if o.lstrip("+~").partition("=")[0] == key), f"{key}=VALUE")
-    from ayt.studies.schema import open_blocks
+    from ayt.studies.engine.schema import open_blocks
     block = next((b for b in open_blocks() if key.startswith(b + ".")), None)
     if block is not None:
         what = "axis" if block == "study.axes" else "entry"

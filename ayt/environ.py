@@ -1,7 +1,7 @@
 """Process environment variables set for one block: a local Ray's address for the raylet it
 starts (ayt.training.ray_train), a rehearsal's settings while its study is planned
 (ayt.cluster.rehearse), the driver's values while a trial on another node resolves its config
-(ayt.studies.plan)."""
+(ayt.studies.engine.plan)."""
 
 from __future__ import annotations
 

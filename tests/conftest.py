@@ -67,12 +67,12 @@ def stand_in_metric(monkeypatch):
     a protocol decides on a case the test constructs, on every machine: seed rounds, tuning and
     its edge extension, confirmation candidates. The trials still train on the real Ray, report
     to Tune and log their real FIDs to MLflow (what the report's tables show); only the
-    driver's view (`ayt.studies.tune_backend.load_trials`, in this process) is replaced: every
+    driver's view (`ayt.studies.engine.tune_backend.load_trials`, in this process) is replaced: every
     evaluation of a trial's FID curves reads `value`, so it is the trial's score at any endpoint."""
     from mlflow.tracking import MlflowClient
 
     from ayt.metrics import FID_KEYS
-    from ayt.studies import tune_backend
+    from ayt.studies.engine import tune_backend
     real = tune_backend.load_trials
 
     def install(value):

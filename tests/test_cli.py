@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ayt.studies.cli import study_main
+from ayt.studies.engine.cli import study_main
 
 CONF_STUDY = Path(__file__).resolve().parents[1] / "conf" / "study"
 

@@ -121,7 +121,7 @@ def test_a_trial_on_another_node_resolves_its_config_with_the_drivers_environmen
     on the worker nodes its trials run on: a trial's config must still name the driver's
     tracking server, storage, output and cache, not the defaults. Mutation caught: resolving the
     trial's config with the worker's own environment (the trial found no MLflow and hung)."""
-    from ayt.studies.plan import plan_study
+    from ayt.studies.engine.plan import plan_study
     driver = {"AYT_STORAGE": str(tmp_path / "store"), "AYT_TRACKING_URI": "http://127.0.0.1:1",
               "AYT_OUT_DIR": str(tmp_path / "out"), "AYT_CACHE": str(tmp_path / "cache")}
     for key, value in driver.items():

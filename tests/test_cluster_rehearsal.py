@@ -322,7 +322,7 @@ def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack
 
 
 def test_orphan_requeue_reads_tune_state_on_s3(stack, tmp_path, monkeypatch):
-    """The re-queue before a resume (ayt.studies.resume) finds Tune's saved searcher on S3, as
+    """The re-queue before a resume (ayt.studies.engine.resume) finds Tune's saved searcher on S3, as
     it does in a local directory (tests/test_studies.py): the Optuna trial the killed driver
     had asked for but Tune never saved is queued again."""
     import optuna
@@ -330,9 +330,9 @@ def test_orphan_requeue_reads_tune_state_on_s3(stack, tmp_path, monkeypatch):
 
     from pyarrow import fs as pafs
 
-    from ayt.studies.plan import plan_study
-    from ayt.studies.resume import requeue_orphaned_trials
-    from ayt.studies.tune_backend import optuna_searcher
+    from ayt.studies.engine.plan import plan_study
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
     for key, value in stack.cluster_env.items():
         monkeypatch.setenv(key, value)
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]",
@@ -366,9 +366,9 @@ def test_a_resume_asks_again_for_a_trial_tunes_saved_state_counted_but_lost(tmp_
     from optuna.trial import TrialState
     from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
-    from ayt.studies.plan import plan_study
-    from ayt.studies.resume import requeue_orphaned_trials
-    from ayt.studies.tune_backend import optuna_searcher
+    from ayt.studies.engine.plan import plan_study
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     experiment = Path(plan.experiment_path)
     experiment.mkdir(parents=True)

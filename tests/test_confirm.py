@@ -15,12 +15,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ayt.errors import ConfigError
-from ayt.studies.cli import study_main
-from ayt.studies.confirm import BASELINE, choose_candidates, verdicts
-from ayt.studies.plan import plan_study
-from ayt.studies.sampler import optuna_sampler, search_notes, startup_trials
-from ayt.studies.stats import holm
-from ayt.studies.trials import Trial
+from ayt.studies.engine.cli import study_main
+from ayt.studies.protocols.search_then_confirm import BASELINE, choose_candidates, verdicts
+from ayt.studies.engine.plan import plan_study
+from ayt.studies.engine.sampler import optuna_sampler, search_notes, startup_trials
+from ayt.studies.report.stats import holm
+from ayt.studies.engine.trials import Trial
 
 TINY = ["study.preset=smoke", "fid.num_samples=100", "progress=false", "study.budget.evals=2"]
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from ayt.studies.confirm import BASELINE, Candidate, baseline_edit, confirmation_record, gap_words, parse_confirm
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.plan import plan_study
-from ayt.studies.space import CANDIDATE_AXIS
-from ayt.studies.trials import Trial
+from ayt.studies.protocols.search_then_confirm import BASELINE, Candidate, baseline_edit, confirmation_record, gap_words, parse_confirm
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.engine.plan import plan_study
+from ayt.studies.engine.space import CANDIDATE_AXIS
+from ayt.studies.engine.trials import Trial
 
 TINY = ["study.preset=smoke", "fid.num_samples=100", "progress=false", "study.budget.evals=2"]
 
@@ -65,7 +65,7 @@ def test_the_search_ranks_its_candidates_at_the_endpoint(tmp_path):
         return Trial(run_id=name, name=name, axes={"loss.huber_c": repr(c), "seed": "0"}, batch_size=32,
                      status="FINISHED", stopped_early=False, curves={"eval/fid_1step": list(enumerate(curve))})
     trials = [trial("lucky", 0.01, [80.0, 40.0]), trial("steady", 0.02, [50.0, 50.0])]
-    from ayt.studies.confirm import choose_candidates
+    from ayt.studies.protocols.search_then_confirm import choose_candidates
     assert choose_candidates(trials, plan.space, plan.metric, 1)[0].trial == "lucky"
     best = choose_candidates(trials, plan.space, plan.metric, 1, Endpoint("last_k", 2))[0]
     assert (best.trial, best.search_score, best.search_final) == ("steady", 50.0, 50.0)

@@ -1,4 +1,4 @@
-"""What a person sees while a study runs (`ayt.studies.console`), without Ray: one line per
+"""What a person sees while a study runs (`ayt.studies.engine.console`), without Ray: one line per
 trial event, with or without the progress bar."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ayt.studies.console import StudyConsole
+from ayt.studies.engine.console import StudyConsole
 
 
 @pytest.mark.parametrize("bar", [True, False])

@@ -11,8 +11,8 @@ import math
 import numpy as np
 
 from ayt.metrics import FID_1STEP, FID_2STEP
-from ayt.studies.critical_batch import Point, crossing, fit, lr_rule_spread, measure, section
-from ayt.studies.report import Trial
+from ayt.studies.report.critical_batch import Point, crossing, fit, lr_rule_spread, measure, section
+from ayt.studies.report.write import Trial
 from ayt.training.noise_scale import NOISE_SCALE
 
 BATCHES = (8, 16, 32, 64, 128)
@@ -97,7 +97,7 @@ def test_section_appears_only_for_batch_size_sweeps_with_enough_seeds_and_batche
     assert "pooled over batch sizes: loss=mfd 80.0 ± 0.0 (n=15); loss=pseudo_huber 20.0 ± 0.0 (n=15)." in text
     assert "- loss=mfd − loss=pseudo_huber, each seed's mean over batch sizes and rules, paired by seed: higher: +60" in text
     assert "(paired t, n=3); loss=mfd higher at 5 of 5 batch sizes" in text
-    from ayt.studies.report import _write_curves_csv
+    from ayt.studies.report.write import _write_curves_csv
     header = open(_write_curves_csv(_sweep(), tmp_path / "curves.csv")).readline()
     assert header.strip().endswith("fid_1step,fid_2step,noise_scale")
     assert (tmp_path / "critical_batch.png").is_file() and full.files

@@ -13,8 +13,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ayt.metrics import FID_1STEP
-from ayt.studies.critical_batch import NoiseFit, Point, fit, measure, section
-from ayt.studies.trials import Trial
+from ayt.studies.report.critical_batch import NoiseFit, Point, fit, measure, section
+from ayt.studies.engine.trials import Trial
 
 BATCHES = (8, 16, 32, 64, 128)
 SEED_EFFECT = (0.8, 1.0, 1.2)      # seed 2 is the slow one

@@ -1,4 +1,4 @@
-"""How a study decides (ayt/studies/decision.py, stats, seed_plan): intervals at the level its
+"""How a study decides (ayt/studies/protocols/decision.py, stats, seed_plan): intervals at the level its
 seed rounds decided at, detectable differences with the SD's own uncertainty, and a seed plan
 before running. Each number is checked against the distribution or a simulation of the same
 test, so a normal approximation, a one-sided quantile or a level left at 95% fails here."""
@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from ayt.studies import decision, seed_rounds, stats
-from ayt.studies.plan import plan_study
-from ayt.studies.seed_plan import load_pilot, plan_seeds, spreads
-from ayt.studies.endpoint import Endpoint
+from ayt.studies.protocols import decision
+
+from ayt.studies.protocols import seed_rounds
+
+from ayt.studies.report import stats
+from ayt.studies.engine.plan import plan_study
+from ayt.studies.protocols.seed_plan import load_pilot, plan_seeds, spreads
+from ayt.studies.protocols.endpoint import Endpoint
 
 REPS = 20_000
 

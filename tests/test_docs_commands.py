@@ -51,14 +51,14 @@ def _dry_run(argv: list[str]) -> int:
         from ayt.train import main
         return main([*args, "--cfg"])
     if module == "ayt.studies":
-        from ayt.studies.cli import main
+        from ayt.studies.engine.cli import main
         return main([*args, "--cfg"])
     if module.startswith("ayt.studies."):
         name = module.split(".", 2)[2]
-        if name == "seed_plan":
-            from ayt.studies.seed_plan import main
+        if name == "protocols.seed_plan":
+            from ayt.studies.protocols.seed_plan import main
             return main(args)
-        from ayt.studies.cli import study_main
+        from ayt.studies.engine.cli import study_main
         return study_main(name, [*args, "--cfg"])
     if module == "ayt.bench":
         from ayt.bench.__main__ import parse_args

@@ -1,4 +1,4 @@
-"""A study's endpoint (ayt/studies/endpoint.py): how a trial's curve becomes its one score, fixed
+"""A study's endpoint (ayt/studies/protocols/endpoint.py): how a trial's curve becomes its one score, fixed
 in the config, checked before any work, and what Tune's scheduler and sampler rank by.
 
 The variance test draws synthetic curves with a known seed level and known jitter between
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from ayt.metrics import FID_1STEP
-from ayt.studies import schema
-from ayt.studies.endpoint import Endpoint, jitter_variance, score
-from ayt.studies.plan import plan_study
+from ayt.studies.engine import schema
+from ayt.studies.protocols.endpoint import Endpoint, jitter_variance, score
+from ayt.studies.engine.plan import plan_study
 from ayt.studies.runner import study_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_last_k_and_auc_have_the_jitter_variance_the_formula_says_and_final_the_
 def test_tune_ranks_by_the_endpoint(tmp_path):
     """Optuna's searcher and ASHA read the endpoint's key from every report (the metric itself at
     `final`, which keeps what earlier studies' searchers were built with)."""
-    from ayt.studies.tune_backend import _scheduler, optuna_searcher
+    from ayt.studies.engine.tune_backend import _scheduler, optuna_searcher
     args = [f"out_dir={tmp_path}", "study.num_samples=4", "study.startup_trials=2"]
     plan = plan_study("huber_sweep", [*args, "study.endpoint=last_k", "study.endpoint_k=2"])
     assert plan.tune_metric == "score/fid_1step" and plan.metric == FID_1STEP
@@ -152,7 +152,7 @@ def test_a_committed_study_keeps_its_id_and_its_endpoint(name):
 
 def test_a_new_study_defaults_to_last_3():
     """(docs/statistics.md says why.)"""
-    from ayt.studies import endpoint
+    from ayt.studies.protocols import endpoint
     study = _study_block("batch_size_sweep")
     assert endpoint.of(study) == Endpoint("last_k", 3)
     # a budget of fewer evaluations averages them all; a k set by hand above it is refused (above)

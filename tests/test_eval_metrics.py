@@ -134,7 +134,7 @@ def test_bad_metric_config_is_one_line_naming_the_field_before_any_work(tmp_path
 
 
 def test_study_metric_must_be_evaluated(tmp_path, capsys):
-    from ayt.studies.cli import study_main
+    from ayt.studies.engine.cli import study_main
     assert study_main("speed", [f"out_dir={tmp_path}", "study.metric=recall_2step"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "study.metric" in err[0] and "prc" in err[0]
@@ -176,7 +176,7 @@ def test_the_registry_answers_direction_for_every_name_form(sharpness):
 
 
 def _trials(key: str, values: dict[str, list[float]]):
-    from ayt.studies.trials import Trial
+    from ayt.studies.engine.trials import Trial
     return [Trial(f"{group}{seed}", f"{group}{seed}", {"loss": group, "seed": str(seed)}, 16, "FINISHED", False,
                   {key: [(50, v * 0.8), (100, v)]}) for group, finals in values.items() for seed, v in enumerate(finals)]
 
@@ -184,9 +184,9 @@ def _trials(key: str, values: dict[str, list[float]]):
 def test_a_higher_is_better_study_metric_is_maximised_and_the_higher_group_is_better(tmp_path, sharpness):
     """Constructed: group `mfd` has the higher precision on every seed. Tune maximises it (the
     searcher and ASHA get mode=max), its best and target follow, and the report calls it better."""
-    from ayt.studies.plan import plan_study
-    from ayt.studies.report_table import findings, group_rows, table_lines, targets
-    from ayt.studies.tune_backend import _scheduler, optuna_searcher
+    from ayt.studies.engine.plan import plan_study
+    from ayt.studies.report.table import findings, group_rows, table_lines, targets
+    from ayt.studies.engine.tune_backend import _scheduler, optuna_searcher
     plan = plan_study("speed", [f"out_dir={tmp_path}", "study.metric=precision_1step", "eval.metrics=[fid,prc]",
                                 "study.search=tpe", "study.num_samples=4", "study.scheduler=asha",
                                 "+study.axes.lr={low: 1e-4, high: 1e-3, log: true}"])

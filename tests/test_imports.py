@@ -2,7 +2,7 @@
 module-level and function-level imports alike): no import circles; the config layer imports
 nothing from training; every artifact kind's cache is keyed by every module its builder runs.
 
-Mutations caught: a lazy `from ayt.studies.report import ...` back in report_tangent (a
+Mutations caught: a lazy `from ayt.studies.report.write import ...` back in report_tangent (a
 circle: printed as report -> report_tangent -> report); `from ayt.training.converged import ...`
 in ayt/config.py (fails (b), and (a) through converged -> config); an artifact kind whose
 source list is kept by hand and misses an import of its builder: the old hand-kept list,
@@ -11,6 +11,8 @@ imports (fails (c), naming the missing modules).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 
@@ -32,7 +34,7 @@ def _static_closure(root: str) -> set[str]:
 
 def test_every_module_parses_and_the_graph_sees_lazy_imports():
     modules = import_graph.package_modules()
-    assert {"ayt", "ayt.config", "ayt.training.loop", "ayt.studies.report"} <= set(modules)
+    assert {"ayt", "ayt.config", "ayt.training.loop", "ayt.studies.report.write"} <= set(modules)
     # a function-level import is an edge like any other (the converged checks import the losses lazily)
     assert any(target == "ayt.method.losses" and inside for target, _, inside in import_graph.imports("ayt.startup"))
     assert "ayt.method.losses" in import_graph.graph(modules)["ayt.startup"]
@@ -109,3 +111,18 @@ def test_evaluation_imports_nothing_from_training():
     for module in (m for m in import_graph.package_modules() if m.startswith("ayt.eval")):
         reached = sorted(m for m in _static_closure(module) if m.startswith("ayt.training"))
         assert not reached, f"{module} reaches {reached}: move what it needs below ayt.training"
+
+
+def test_a_study_pickled_under_the_flat_layout_still_unpickles():
+    """Tune and Optuna pickle a running study's plan, trainable and callbacks by module name:
+    an object named by its module before ayt.studies was split into engine/protocols/report
+    loads as the object now there. Mutation caught: dropping the old names (resume fails)."""
+    import pickle
+
+    from ayt.studies import MOVED
+    from ayt.studies.engine.plan import StudyPlan
+    from ayt.studies.engine.tune_backend import run_trial
+    assert pickle.loads(b"cayt.studies.tune_backend\nrun_trial\n.") is run_trial
+    assert pickle.loads(b"cayt.studies.plan\nStudyPlan\n.") is StudyPlan
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"ayt.studies.{new}"), old

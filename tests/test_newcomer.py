@@ -12,8 +12,8 @@ import sys
 import pytest
 import yaml
 
-from ayt.studies.cli import study_main
-from ayt.studies.plan import plan_study, trial_count
+from ayt.studies.engine.cli import study_main
+from ayt.studies.engine.plan import plan_study, trial_count
 from ayt.train import main as train_main
 
 UNWRITABLE = "/proc/ayt-cannot-write-here"

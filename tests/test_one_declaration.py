@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 
 from ayt.config import PATH_FIELDS, load_config
 from ayt.preflight import FILE_FIELDS, PreflightError, check_locations
-from ayt.studies import confirm, protocol, schema
-from ayt.studies.plan import plan_study
+from ayt.studies.protocols import search_then_confirm as confirm
+from ayt.studies.protocols import tune_then_repeat as protocol
+from ayt.studies.engine import schema
+from ayt.studies.engine.plan import plan_study
 
 TTR = ["study.protocol.name=tune_then_repeat", "study.protocol.tune.seeds=[1000,1001]"]
 
@@ -56,7 +58,7 @@ def test_the_prebuild_builds_each_distinct_set_of_artifacts_the_kinds_name_once(
     """Two trials that differ only in the converged start they fine-tune from need two builds:
     the prebuild's own list (pretrained, feature map, classifier) saw one. Its builds are
     recorded here instead of run (what is built is the artifact layer's own tests' matter)."""
-    from ayt.studies.tune_backend import prebuild_artifacts
+    from ayt.studies.engine.tune_backend import prebuild_artifacts
     from ayt.training import prepare
     built = []
     monkeypatch.setattr(prepare, "ensure_artifacts", lambda cfg, progress=True: built.append(cfg))

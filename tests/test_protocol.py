@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from ayt.errors import ConfigError
-from ayt.studies.protocol import (TUNING_FILE, TuneStage, choose, edge_side, extension_values, next_extension,
-                                  repeat_edit, report_lines, separation, separation_words)
+from ayt.studies.protocols.tune_then_repeat import (TUNING_FILE, TuneStage, choose, edge_side, extension_values, next_extension,
+                                                    repeat_edit, report_lines, separation, separation_words)
 from ayt.studies.runner import plan_study, study_main
-from ayt.studies.schema import identity
+from ayt.studies.engine.schema import identity
 
 TTR = ["study.protocol.name=tune_then_repeat", "study.protocol.tune.seeds=[1000,1001]"]
 AXES = "+study.axes.batch_size=[8,32]"

@@ -73,7 +73,7 @@ def test_every_mean_and_interval_in_the_results_table_comes_from_its_study_csv()
 # Every "estimate [low, high]" (a paired difference, a fitted B_noise with its bootstrap CI),
 # every "paired CI(s) ±x(–y)", the B_simple figures and the initialisation a row names are
 # recomputed here from the committed CSVs (trials.csv, curves.csv) and configs, with the
-# functions the reports use (ayt.studies.stats, ayt.studies.critical_batch).
+# functions the reports use (ayt.studies.report.stats, ayt.studies.report.critical_batch).
 
 NUMBER = r"[+−-]?\d+(?:\.\d+)?"
 BRACKET = re.compile(rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\]")
@@ -130,7 +130,7 @@ def _paired(study: str) -> dict:
     """(group, metric) -> Comparison: every group against its reference (groups.csv), paired by
     seed on trials.csv, as the report computes it. A group's reference is the reference group
     sharing most of its axis values (one reference, or one per batch size and lr rule)."""
-    from ayt.studies.stats import paired
+    from ayt.studies.report.stats import paired
     trials = _csv(study, "trials.csv")
     groups = {_label(_axes(t)): _axes(t) for t in trials}
     references = [g["group"] for g in _csv(study, "groups.csv") if g.get("vs_reference") == "reference"]
@@ -153,7 +153,7 @@ def _paired(study: str) -> dict:
 def _endpoint_scores(study: str) -> dict:
     """(metric, endpoint) -> {(group, seed): score} of every trial's curve in curves.csv, at the
     endpoints a study can name (last_3 and auc; final is trials.csv's own column)."""
-    from ayt.studies.endpoint import Endpoint
+    from ayt.studies.protocols.endpoint import Endpoint
     rows = _csv(study, "curves.csv")
     curves: dict[tuple[str, str], dict[str, list]] = {}
     for r in rows:
@@ -173,7 +173,7 @@ def _noise_trials(study: str) -> list:
     """The study's trials rebuilt from curves.csv (FID and noise-scale curves), as the report
     loads them from MLflow; [] when the study did not measure the noise scale."""
     from ayt.metrics import eval_key
-    from ayt.studies.report import Trial
+    from ayt.studies.report.write import Trial
     rows = _csv(study, "curves.csv")
     if not rows or "noise_scale" not in rows[0]:
         return []
@@ -196,8 +196,8 @@ def _critical_batch(study: str) -> dict:
     pseudo-Huber difference paired by seed (each seed's mean over batch sizes and rules)."""
     import yaml
     from ayt.metrics import FID_1STEP
-    from ayt.studies import critical_batch as cb
-    from ayt.studies.stats import mean_ci, paired
+    from ayt.studies.report import critical_batch as cb
+    from ayt.studies.report.stats import mean_ci, paired
     trials = _noise_trials(study)
     if not trials:
         return {}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 from ayt.metrics import FID_1STEP, FID_2STEP
-from ayt.studies.report import Trial, _findings, _group_rows, code_line, mean_ci, targets
-from ayt.studies.stats import paired, unpaired
+from ayt.studies.report.write import Trial, _findings, _group_rows, code_line, mean_ci, targets
+from ayt.studies.report.stats import paired, unpaired
 
 STUDY = {"target": {"fid": None, "reference": {"loss": "pseudo_huber"}}}
 
@@ -104,7 +104,7 @@ def test_paired_comparison_sees_a_shift_that_seed_noise_hides_from_welch():
 
 
 def test_diverged_trials_are_counted_and_listed_not_averaged_in_silently():
-    from ayt.studies.report import _diverged_lines
+    from ayt.studies.report.write import _diverged_lines
     rising = _trial("mfd", 0, [(10, 100.0), (20, 130.0), (30, 125.0)])
     recovered = _trial("mfd", 1, [(10, 100.0), (20, 130.0), (30, 95.0)])
     nan = _trial("mfd", 2, [])
@@ -121,7 +121,7 @@ def test_diverged_trials_are_counted_and_listed_not_averaged_in_silently():
 def test_protocol_section_names_each_groups_tuned_value_and_its_tuning(tmp_path):
     import json
 
-    from ayt.studies.protocol import TUNING_FILE, report_lines
+    from ayt.studies.protocols.tune_then_repeat import TUNING_FILE, report_lines
     study = {"tuned": {"loss=mfd": {"lr": 0.008}, "loss=pseudo_huber": {"lr": 0.002}}}
     assert report_lines({"tuned": {}}, tmp_path) == []
     (tmp_path / TUNING_FILE).write_text(json.dumps({
@@ -136,7 +136,7 @@ def test_protocol_section_names_each_groups_tuned_value_and_its_tuning(tmp_path)
 def test_protocol_section_flags_a_choice_at_the_edge_of_the_searched_range(tmp_path):
     import json
 
-    from ayt.studies.protocol import TUNING_FILE, report_lines
+    from ayt.studies.protocols.tune_then_repeat import TUNING_FILE, report_lines
     (tmp_path / TUNING_FILE).write_text(json.dumps({"key": "lr", "low": 1e-3, "high": 4e-3, "groups": {
         "loss=a": {"means": {"0.001": 80.0, "0.002": 90.0, "0.004": 95.0}},
         "loss=b": {"means": {"0.001": 99.0, "0.002": 90.0, "0.004": 95.0}}}}))
@@ -148,7 +148,7 @@ def test_protocol_section_flags_a_choice_at_the_edge_of_the_searched_range(tmp_p
 def test_fine_tuning_start_fid_is_a_column_when_runs_start_from_the_converged_model():
     """Mutations caught: the converged model's FID left out of the group rows, or a start
     column in studies that do not fine-tune."""
-    from ayt.studies.report import TABLE
+    from ayt.studies.report.write import TABLE
     start = {"converged_fid_1step": "62.0", "converged_fid_2step": "60.5"}
     trials = [Trial(run_id=f"{loss}{s}", name=f"{loss}-{s}", axes={"loss": loss, "seed": str(s)}, batch_size=16,
                     status="FINISHED", stopped_early=False, curves={FID_1STEP: [(100, 64.0 + s)], FID_2STEP: [(100, 63.0)]},

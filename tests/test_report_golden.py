@@ -3,7 +3,7 @@
 code it was written. Pins the whole report (report.md, trials.csv, curves.csv, groups.csv,
 tangent.csv and which files are written) so it can be restructured without changing it.
 
-The trials are what `ayt.studies.tracker` writes, put straight into a real sqlite MLflow store
+The trials are what `ayt.studies.engine.tracker` writes, put straight into a real sqlite MLflow store
 (no Ray): a parent run and one child per trial with its params (`axis.*`, `batch_size`, `seed`,
 `artifact.*`), tags (`mlflow.parentRunId`, `ayt.code_versions`, `ayt.stopped_early`,
 `ayt.failure`) and metric histories (FIDs, tangent diagnostics, noise scale and its
@@ -175,7 +175,7 @@ def test_report_is_the_golden_one(tmp_path, monkeypatch, mlflow_uri, case):
     moved, a column lost or renamed, a number rounded otherwise, a file no longer written)."""
     import matplotlib.figure
 
-    from ayt.studies.report import write_report
+    from ayt.studies.report.write import write_report
     from ayt.studies.runner import StudyPlan, plan_study
     monkeypatch.setattr(StudyPlan, "trial_config", lambda self, params, trial_id=None: self.base)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, *a, **k: Path(path).write_bytes(b""))

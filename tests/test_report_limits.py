@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 from ayt.eval.tangent import COS, metric_key
 from ayt.metrics import FID_1STEP
-from ayt.studies.report_limits import Limits, shared_lr_cosines, still_falling, target_at_first_eval
-from ayt.studies.report_section import ReportContext
-from ayt.studies.trials import Trial
+from ayt.studies.report.limits import Limits, shared_lr_cosines, still_falling, target_at_first_eval
+from ayt.studies.report.section import ReportContext
+from ayt.studies.engine.trials import Trial
 
 COS_ALL = metric_key(COS)
 

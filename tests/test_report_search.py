@@ -1,4 +1,4 @@
-"""The search section of the report (ayt/studies/report_search.py): a sampled study's
+"""The search section of the report (ayt/studies/report/search.py): a sampled study's
 top trials, best so far, parameter importance from its own Optuna storage, responses and
 interaction; its per-trial group table left to groups.csv/trials.csv; the random-search line.
 
@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import pytest
 
 from ayt.bench.report_scale import search_plan, synthetic_search, synthetic_trials
-from ayt.studies.report_search import (FANOVA_MIN, SearchSection, TOP_K, is_search, needed_trials, optuna_study,
+from ayt.studies.report.search import (FANOVA_MIN, SearchSection, TOP_K, is_search, needed_trials, optuna_study,
                                        rounded, search_axes)
-from ayt.studies.report_section import ReportContext
-from ayt.studies.space import Axis
+from ayt.studies.report.section import ReportContext
+from ayt.studies.engine.space import Axis
 
 STORE_TRIALS = 40          # > 20 groups (the group table becomes a note); < 50 (PED-ANOVA warns); = fANOVA's 40
 DRIVER, NOISE = "loss__huber_c", "lr"
@@ -59,7 +59,7 @@ def test_report_of_a_search_ranks_the_driving_parameter_first_from_the_optuna_st
     drives the metric, the too-few-trials warning missing (PED-ANOVA: 40 < 50) or given where
     the trials suffice (fANOVA: 40 = 10 x 4 parameters), the per-trial group table written into
     report.md, the top table not k rows of rounded values, the section not in SECTIONS."""
-    from ayt.studies.report import write_report
+    from ayt.studies.report.write import write_report
     assert plan.optuna_db.is_file()
     summary = write_report(plan, *store)
     text = Path(summary["report"]).read_text()
@@ -98,7 +98,7 @@ def test_without_the_optuna_storage_the_study_is_rebuilt_from_the_trials(plan, s
     """Mutations caught: no fallback when optuna.db is missing (the section failing), the
     rebuilt study built with other distributions or values than the trials' (another ranking),
     failed trials told as complete."""
-    from ayt.studies.trials import load_trials
+    from ayt.studies.engine.trials import load_trials
     trials = load_trials(*store)
     missing = _variant(plan, "huber_sweep_no_db")
     assert not missing.optuna_db.exists()
@@ -120,8 +120,8 @@ def test_a_search_within_the_samplers_start_up_is_reported_as_random(plan):
     one parameter given a computed importance instead of the trivial 1.0."""
     import optuna
 
-    from ayt.studies.report_search import startup_trials
-    from ayt.studies.tune_backend import optuna_sampler
+    from ayt.studies.report.search import startup_trials
+    from ayt.studies.engine.tune_backend import optuna_sampler
     startup = startup_trials(plan)
     assert startup == optuna_sampler(plan)._n_startup_trials == optuna.samplers.TPESampler()._n_startup_trials
     within = _variant(plan, "huber_sweep_random", num_samples=startup)
@@ -168,7 +168,7 @@ def test_figures_of_a_thousand_trials_are_written_without_a_per_trial_legend(pla
     still warned about."""
     import matplotlib.figure
 
-    from ayt.studies.report import Figures
+    from ayt.studies.report.write import Figures
     big = _variant(plan, "huber_sweep_1000", num_samples=1000)
     trials = synthetic_trials(big)
     legends, scales = {}, {}

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from ayt.metrics import FID_1STEP, LOSS
-from ayt.studies.group import Group
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.trials import Trial
+from ayt.studies.engine.group import Group
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.engine.trials import Trial
 
 NEW_EVAL, NEW_TRAIN = "eval/new_probe", "train/new_term"       # names nothing in ayt knows
 
@@ -51,8 +51,8 @@ def test_a_new_eval_and_train_metric_reach_the_trials_and_curves_csv(store, tmp_
     """Mutations caught: load_trials fetching a named list of histories (the FIDs, tangent and
     noise scale, as it once did), curves.csv naming its columns, the `_vs_images` copies (step =
     images seen) loaded as if step were the iteration."""
-    from ayt.studies.report import _write_curves_csv
-    from ayt.studies.trials import load_trials
+    from ayt.studies.report.write import _write_curves_csv
+    from ayt.studies.engine.trials import load_trials
     trials = load_trials(*store)
     assert [t.name for t in trials] == ["mfd-s0", "mfd-s1", "pseudo_huber-s0", "pseudo_huber-s1"]
     first = trials[0]
@@ -65,13 +65,13 @@ def test_a_new_eval_and_train_metric_reach_the_trials_and_curves_csv(store, tmp_
 
 
 class LossCurves(Section):
-    """The example in ayt/studies/report_section.py: train/loss per group."""
+    """The example in ayt/studies/report/section.py: train/loss per group."""
 
     def applies(self, ctx):
         return any(t.curves.get(LOSS) for t in ctx.trials)
 
     def write(self, ctx):
-        from ayt.studies.report_plots import curve_figure
+        from ayt.studies.report.plots import curve_figure
         path = curve_figure(ctx.trials, LOSS, ctx.out / "loss.png", title=f"{ctx.plan.name}: train/loss", ylabel="loss")
         return SectionOutput(files=[path])
 
@@ -97,7 +97,7 @@ def test_a_new_section_is_one_class_in_the_list(store, tmp_path):
     """Mutations caught: write_report calling sections by name (a new one needing a call site),
     a section that does not apply being written, its records not reaching the summary, a figure
     of a section before Figures not listed there (or listed twice when it shows it itself)."""
-    from ayt.studies.report import Data, Figures, write_report
+    from ayt.studies.report.write import Data, Figures, write_report
     plan = SimpleNamespace(name="demo", out_dir=tmp_path / "demo", metric=FID_1STEP, study={"target": {}})
     summary = write_report(plan, *store, sections=[NewProbe(), Never(), LossCurves(), Figures(), Data()])
     text = Path(summary["report"]).read_text()
@@ -134,7 +134,7 @@ def test_group_is_its_label_and_is_taken_apart_without_strings():
 def test_seeds_and_mean_draws_each_seed_thin_and_their_mean_at_shared_evaluations():
     """Mutations caught: the mean taken over evaluations only some seeds have, x in iterations
     instead of images seen, thin lines drawn when the caller asked for the mean only."""
-    from ayt.studies.report_plots import pyplot, seeds_and_mean
+    from ayt.studies.report.plots import pyplot, seeds_and_mean
     plt = pyplot()
     trials = [Trial("a", "a", {"seed": "0"}, 8, "FINISHED", False, {FID_1STEP: [(10, 4.0), (20, 2.0)]}),
               Trial("b", "b", {"seed": "1"}, 8, "FINISHED", False, {FID_1STEP: [(10, 6.0), (20, 4.0), (30, 1.0)]}),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import csv
 
 from ayt.metrics import FID_1STEP, FID_2STEP
-from ayt.studies.report_rows import write_rows
-from ayt.studies.report_table import group_rows, table_lines, targets
-from ayt.studies.trials import Trial
+from ayt.studies.report.rows import write_rows
+from ayt.studies.report.table import group_rows, table_lines, targets
+from ayt.studies.engine.trials import Trial
 
 STUDY = {"target": {"fid": None, "reference": {"loss": "pseudo_huber"}}}
 ARTIFACTS = {"feature_map_label_mse": "0.0123", "feature_map_r2": "0.9", "feature_map_train_images": "60000",

@@ -1,4 +1,4 @@
-"""The study schema (ayt/studies/schema.py) is the one place a study key is declared: its
+"""The study schema (ayt/studies/engine/schema.py) is the one place a study key is declared: its
 type, default, check, and whether it is part of the study's identity. What is derived from
 it (the volatile keys, the usage text, each field's check) follows a change to it."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ayt.errors import ConfigError
-from ayt.studies import schema
+from ayt.studies.engine import schema
 from ayt.studies.runner import plan_study, study_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from ayt.errors import ConfigError
-from ayt.studies import seed_rounds
-from ayt.studies.plan import plan_study
-from ayt.studies.report_section import ReportContext
-from ayt.studies.trials import Trial
+from ayt.studies.protocols import seed_rounds
+from ayt.studies.engine.plan import plan_study
+from ayt.studies.report.section import ReportContext
+from ayt.studies.engine.trials import Trial
 
 BASE = ["study.axes.batch_size=[16]", "study.axes.loss=[pseudo_huber,mfd]", "study.budget.amount=640",
         "study.preset=smoke"]

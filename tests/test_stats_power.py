@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from ayt.studies import stats
+from ayt.studies.report import stats
 
 REPS = 20_000
 

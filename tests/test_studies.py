@@ -152,8 +152,8 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from ayt.studies.resume import requeue_orphaned_trials
-    from ayt.studies.tune_backend import optuna_searcher
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     searcher = optuna_searcher(plan)
     first = searcher.suggest("tune-a")                     # a trial Tune owns and saved
@@ -186,8 +186,8 @@ def test_resume_asks_again_for_a_trial_the_saved_trial_list_lost(tmp_path):
     import ray.cloudpickle as cloudpickle
     from optuna.trial import TrialState
 
-    from ayt.studies.resume import requeue_orphaned_trials
-    from ayt.studies.tune_backend import optuna_searcher
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     searcher = optuna_searcher(plan)
     searcher.suggest("tune-a")
@@ -218,8 +218,8 @@ def test_a_trial_optuna_finished_after_tunes_last_save_resumes_without_reporting
     then ignored. Mutation caught: not settling it (the restored searcher's report raises)."""
     import optuna
 
-    from ayt.studies.resume import requeue_orphaned_trials
-    from ayt.studies.tune_backend import optuna_searcher
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     searcher = optuna_searcher(plan)
     searcher.suggest("tune-a")

@@ -170,8 +170,8 @@ def test_report_draws_the_tangent_figure_from_trial_curves(tmp_path, setup):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ayt.studies.report import Trial
-    from ayt.studies.report_tangent import tangent_files
+    from ayt.studies.report.write import Trial
+    from ayt.studies.report.tangent import tangent_files
 
     def trial(loss, seed, with_tangent=True):
         curves = {"eval/fid_1step": [(50, 100.0), (100, 90.0)]}

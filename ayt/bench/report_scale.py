@@ -49,7 +49,7 @@ def search_plan(out_dir: str | Path, trials: int = TRIALS, extra: Sequence[str] 
                 skip_configs: bool = False):
     """The planned search study (`plan_study`), out_dir under `out_dir`; `skip_configs`: its
     corner trial configs are not built (the report reads none of them: what the tests do)."""
-    from ayt.studies.plan import StudyPlan, plan_study
+    from ayt.studies.engine.plan import StudyPlan, plan_study
     if not skip_configs:
         return plan_study(STUDY, [f"out_dir={out_dir}", *search_overrides(trials, extra)])
     real = StudyPlan.trial_config
@@ -103,7 +103,7 @@ def draws(plan, trials: int | None = None, seed: int = 0, objective=final_fid):
 
 def synthetic_trials(plan, trials: int | None = None, seed: int = 0, objective=final_fid) -> list:
     """The same trials as `Trial`s, without a store (what `load_trials` would return)."""
-    from ayt.studies.trials import Trial
+    from ayt.studies.engine.trials import Trial
     out = []
     for index, params, histories, failed in draws(plan, trials, seed, objective):
         axes = {k.replace("__", "."): str(v) for k, v in params.items()}
@@ -123,7 +123,7 @@ def synthetic_search(plan, uri: str, trials: int | None = None, seed: int = 0, o
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from ayt.studies.report_search import distribution
+    from ayt.studies.report.search import distribution
     space = plan.space
     client = MlflowClient(uri)
     experiment = client.create_experiment(f"{plan.name}-{plan.study_id}",
@@ -183,7 +183,7 @@ def bench_report_scale(opts: Options) -> dict[str, Any]:
     import torch
 
     from ayt.bench.harness import register_path, summarize, target, temp_dir, time_interleaved
-    from ayt.studies.report import write_report
+    from ayt.studies.report.write import write_report
     trials = QUICK_TRIALS if opts.quick else TRIALS
     repeats = 1 if opts.quick else max(1, min(opts.repeats, 3))
     with temp_dir("ayt-bench-report-") as tmp:

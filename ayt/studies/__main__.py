@@ -3,7 +3,7 @@ same as `python -m ayt.studies.<name>`; `python -m ayt.studies --help` lists the
 
 import sys
 
-from ayt.studies.cli import main
+from ayt.studies.engine.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

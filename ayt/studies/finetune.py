@@ -2,7 +2,7 @@
 
 import sys
 
-from ayt.studies.cli import study_main
+from ayt.studies.engine.cli import study_main
 
 if __name__ == "__main__":
     sys.exit(study_main("finetune"))

@@ -7,8 +7,8 @@ import logging
 import sys
 
 from ayt.errors import ConfigError
-from ayt.studies.cli import study_main
-from ayt.studies.plan import StudyPlan, study_hook
+from ayt.studies.engine.cli import study_main
+from ayt.studies.engine.plan import StudyPlan, study_hook
 
 
 @study_hook("loss_sweep")

@@ -3,9 +3,9 @@ LPIPS runs only where its VGG weights exist, as in loss_sweep."""
 
 import sys
 
-from ayt.studies.cli import study_main
+from ayt.studies.engine.cli import study_main
 from ayt.studies.loss_sweep import skip_lpips_without_weights
-from ayt.studies.plan import study_hook
+from ayt.studies.engine.plan import study_hook
 
 study_hook("losses")(skip_lpips_without_weights)
 

@@ -51,7 +51,7 @@ class WorkerContext:
     """A single process: no DDP, checkpoints in a local directory (kept: the last two)."""
 
     # Metrics each report adds from the curves so far (eval key -> [[iteration, value]]): how a
-    # study's endpoint reaches Tune's scheduler and searcher (ayt/studies/endpoint.py); None: none.
+    # study's endpoint reaches Tune's scheduler and searcher (ayt/studies/protocols/endpoint.py); None: none.
     scores: Callable[[dict[str, list]], dict[str, float]] | None = None
 
     def __init__(self, device: torch.device, checkpoint_dir: str | os.PathLike | None = None,

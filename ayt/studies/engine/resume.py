@@ -1,5 +1,5 @@
 """Resuming a study: what Ray Tune and Optuna saved of it, read and repaired before
-`Tuner.restore` (ayt.studies.tune_backend) picks it up.
+`Tuner.restore` (ayt.studies.engine.tune_backend) picks it up.
 
 Tune and Optuna keep the state a resume needs private, so every access to it lives in one
 class, `TuneOptunaState`: a Ray or Optuna version that changes that state breaks there, and
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ayt.errors import ConfigError
-from ayt.studies.plan import StudyPlan
+from ayt.studies.engine.plan import StudyPlan
 
 log = logging.getLogger(__name__)
 

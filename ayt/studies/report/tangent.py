@@ -17,9 +17,9 @@ from typing import Any, Iterable
 
 from ayt.eval.tangent import COS, ERR, OSC, PREFIX, bin_edges, metric_key
 from ayt.method.schedule import ConsistencySchedule
-from ayt.studies.report_plots import group_styles, pyplot, seeds_and_mean
-from ayt.studies.report_rows import write_rows
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.report.plots import group_styles, pyplot, seeds_and_mean
+from ayt.studies.report.rows import write_rows
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
 
 ROWS = ((COS, "cos(−grad, error)"), (OSC, "oscillation (cos with previous eval)"), (ERR, "|error| (pixels)"))
 _BIN = re.compile(r"_t(\d+)$")

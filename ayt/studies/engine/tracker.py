@@ -5,7 +5,7 @@ Ray's stock `MLflowLoggerCallback` logs against Tune's report counter, has no pa
 creates a second run for a trial that `Tuner.restore` resumes. Here a child run is found again
 by its stable key (study + Tune trial id) under its parent, named for a person by its axis
 values (`b16-mfd-s0-57f9`) and tagged with the code version its trial reports (a resumed study
-may run on newer code: `ayt.studies.tune_backend` refuses that unless asked), and metrics are logged with
+may run on newer code: `ayt.studies.engine.tune_backend` refuses that unless asked), and metrics are logged with
 step = training iteration, skipping steps already stored, so a resumed or retried trial adds
 only what is new.
 """
@@ -26,7 +26,7 @@ STOPPED_TAG = "ayt.stopped_early"
 
 
 class StudyTracker(Callback):
-    """Child runs for trials; `describe(trial)` returns its `TrialRecord` (ayt.studies.plan)."""
+    """Child runs for trials; `describe(trial)` returns its `TrialRecord` (ayt.studies.engine.plan)."""
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, study: str, describe: Callable[[Any], Any]):
         self.uri, self.experiment, self.parent_run_id, self.study = uri, experiment, parent_run_id, study

@@ -1,6 +1,6 @@
 """The study command line. `python -m ayt.studies.<name>` (a study module) and
 `python -m ayt.studies <name>` (ayt/studies/__main__.py) both run `study_main(name)`:
-plan (ayt.studies.plan), check every path, then run on Tune (ayt.studies.tune_backend)."""
+plan (ayt.studies.engine.plan), check every path, then run on Tune (ayt.studies.engine.tune_backend)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ USAGE = """usage: python -m ayt.studies.{name} [--cfg | --plan | --report] [resu
 --cfg makes every check the study makes before its first trial, prints the plan (the trials of
 every stage) and its seed plan, and runs nothing; --plan prints only the seed plan: the seeds
 its comparisons need to detect study.detect at study.endpoint, from study.pilot, and their cost
-(ayt/studies/seed_plan.py); --report writes the reports of a study that has run again from its
+(ayt/studies/protocols/seed_plan.py); --report writes the reports of a study that has run again from its
 MLflow runs (nothing trains).
 
 Any key=value that is not study.* applies to every trial (e.g. out_dir=/tmp/ayt scaling.num_workers=2).
-Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/schema.py declares them):"""
+Study keys (conf/study/{name}.yaml sets what makes that study; ayt/studies/engine/schema.py declares them):"""
 
 
 def usage(name: str) -> str:
     """The usage header and one line per study key, from the schema."""
-    from ayt.studies.schema import usage as study_keys
+    from ayt.studies.engine.schema import usage as study_keys
     return USAGE.format(name=name) + "\n" + study_keys()
 
 
@@ -62,10 +62,10 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
     # Imported here, not above: help and a wrong study name answer without loading torch.
     from ayt.config import print_dry_run
     from ayt.preflight import check_locations
-    from ayt.studies.plan import plan_study, trial_count
-    from ayt.studies.protocol import protocol_name
-    from ayt.studies.sampler import search_notes
-    from ayt.studies.tune_backend import PROTOCOL_RUNNERS, StudyError, check_start, rewrite_reports
+    from ayt.studies.engine.plan import plan_study, trial_count
+    from ayt.studies.protocols.tune_then_repeat import protocol_name
+    from ayt.studies.engine.sampler import search_notes
+    from ayt.studies.engine.tune_backend import PROTOCOL_RUNNERS, StudyError, check_start, rewrite_reports
     dry_run, report_only, seeds_only = "--cfg" in args, "--report" in args, "--plan" in args
     args = [a for a in args if a not in ("--cfg", "--report", "--plan")]
     try:
@@ -83,7 +83,7 @@ def study_main(name: str, argv: Sequence[str] | None = None) -> int:
         return 2
     count = trial_count(plan)
     notes += search_notes(plan)
-    from ayt.studies.seed_plan import plan_seeds
+    from ayt.studies.protocols.seed_plan import plan_seeds
     if seeds_only:
         return print_dry_run("\n".join(plan_seeds(plan).lines()))
     if dry_run:

@@ -1,7 +1,7 @@
 """How a study decides, as every part of it that compares trials reads it: the endpoint that
-scores each trial (ayt/studies/endpoint.py) and the level its comparisons are made at.
+scores each trial (ayt/studies/protocols/endpoint.py) and the level its comparisons are made at.
 
-A study that runs its seeds in rounds (ayt/studies/seed_rounds.py) looks at its comparisons
+A study that runs its seeds in rounds (ayt/studies/protocols/seed_rounds.py) looks at its comparisons
 after every round and stops at the first decisive one, so it decides at 95% split over its
 planned looks (Bonferroni); its report's intervals and p are at that level too, or the report
 would print a "decided" interval that excludes 0 in more than 5% of studies with no effect
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ayt.studies import endpoint as endpoints
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.stats import LEVEL, decision_level
+from ayt.studies.protocols import endpoint as endpoints
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.report.stats import LEVEL, decision_level
 
 
 def rounds_enabled(study: Mapping[str, Any]) -> bool:

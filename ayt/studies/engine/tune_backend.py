@@ -16,14 +16,14 @@ from ayt.artifacts import config_hash
 from ayt.config import flatten, run_name
 from ayt.errors import ConfigError
 from ayt.provenance import CODE_VERSIONS_TAG, code_version, short_version, tag_list
-from ayt.studies.confirm import (CONFIRM_FILE, baseline_edit, choose_candidates, confirm_edit, confirmation_record,
-                                 parse_confirm, write_confirmation)
-from ayt.studies.plan import StudyPlan, plan_study
-from ayt.studies.protocol import TUNING_FILE, choose_by_seed, parse_tune_stage, repeat_edit, write_tuning
-from ayt.studies import seed_rounds
-from ayt.studies.resume import TuneOptunaState, requeue_orphaned_trials
-from ayt.studies.sampler import optuna_sampler  # noqa: F401  (re-exported: ayt.studies.runner)
-from ayt.studies.trials import load_trials
+from ayt.studies.protocols.search_then_confirm import (CONFIRM_FILE, baseline_edit, choose_candidates, confirm_edit, confirmation_record,
+                                                       parse_confirm, write_confirmation)
+from ayt.studies.engine.plan import StudyPlan, plan_study
+from ayt.studies.protocols.tune_then_repeat import TUNING_FILE, choose_by_seed, parse_tune_stage, repeat_edit, write_tuning
+from ayt.studies.protocols import seed_rounds
+from ayt.studies.engine.resume import TuneOptunaState, requeue_orphaned_trials
+from ayt.studies.engine.sampler import optuna_sampler  # noqa: F401  (re-exported: ayt.studies.runner)
+from ayt.studies.engine.trials import load_trials
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_trial(config: dict[str, Any], plan: StudyPlan, parent_run_id: str | None
     artifacts = ensure_artifacts(cfg, progress=False)       # cached: built before the study, or once here
     run_id = None
     if cfg.tracking.system_metrics and parent_run_id:
-        from ayt.studies.tracker import find_child_run
+        from ayt.studies.engine.tracker import find_child_run
         run_id = find_child_run(str(cfg.tracking.uri), parent_run_id, trial_id)
         if run_id is None:
             log.warning("trial %s: no MLflow child run appeared; its system metrics are not logged", trial_id)
@@ -109,7 +109,7 @@ def max_concurrent_trials(plan: StudyPlan) -> int:
 
 def optuna_searcher(plan: StudyPlan):
     """Tune's OptunaSearch over the plan's space; its Optuna study lives in `plan.optuna_db`,
-    where a resume reads it again (ayt.studies.resume)."""
+    where a resume reads it again (ayt.studies.engine.resume)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     space, sampler = plan.space, optuna_sampler(plan)
@@ -135,9 +135,9 @@ def run_study(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a planned study; returns the report summary."""
     from ray import tune
 
-    from ayt.studies.console import StudyConsole
-    from ayt.studies.report import write_report
-    from ayt.studies.tracker import StudyTracker
+    from ayt.studies.engine.console import StudyConsole
+    from ayt.studies.report.write import write_report
+    from ayt.studies.engine.tracker import StudyTracker
     from ayt.tracking import RunLogger, start_or_resume_run
     from ayt.training.ray_train import connect
 
@@ -287,10 +287,10 @@ def check_code_version(plan: StudyPlan, uri: str) -> None:
 
 def run_tune_then_repeat(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Stage 1: each group's tuning study, and its extension rounds while the winner is at a grid
-    edge; stage 2: the study at each group's best value (ayt/studies/protocol.py says why).
+    edge; stage 2: the study at each group's best value (ayt/studies/protocols/tune_then_repeat.py says why).
     Every stage and round resumes like any study: a round's config follows only from the
     finished rounds before it, so a resume restores the same rounds and reruns none."""
-    from ayt.studies.protocol import edge_side, extension_edit, group_key, groups, next_extension, separation
+    from ayt.studies.protocols.tune_then_repeat import edge_side, extension_edit, group_key, groups, next_extension, separation
     stage = parse_tune_stage(plan.study, plan.space)
     labels = {group_key(plan.space, g): g for g in groups(plan.space)}
     _check_extension_values(plan, stage, labels)
@@ -363,7 +363,7 @@ def _tuning_metrics(sub: StudyPlan, parent_run_id: str, key: str) -> dict[float,
 def _check_extension_values(plan: StudyPlan, stage: Any, labels: dict[str, Any]) -> None:
     """Before any trial: every value an extension round may try composes into a valid trial
     config (a linear range stepped past 0, say), or the field that allows it is named."""
-    from ayt.studies.protocol import extension_edit, extension_values
+    from ayt.studies.protocols.tune_then_repeat import extension_edit, extension_values
     values = extension_values(stage)
     if not values or not plan.tune_plans:
         return
@@ -384,7 +384,7 @@ def _check_extension_values(plan: StudyPlan, stage: Any, labels: dict[str, Any])
 def run_search_then_confirm(plan: StudyPlan, progress: bool = True) -> dict[str, Any]:
     """Stage 1: the search as written; then the baseline on the search's seeds (unless
     `confirm.baseline_on_search_seeds` is false); stage 2: its best `confirm.k` and the baseline
-    on the confirmation seeds (ayt/studies/confirm.py says why). Every stage resumes like any study."""
+    on the confirmation seeds (ayt/studies/protocols/search_then_confirm.py says why). Every stage resumes like any study."""
     stage = parse_confirm(plan.study, plan.space)
     uri = str(plan.base.tracking.uri)
     # A stage starting is an event: its line shows with or without the progress bar.
@@ -424,7 +424,7 @@ def rewrite_reports(plan: StudyPlan) -> list[str]:
     the search), a tune_then_repeat study its tuning stages."""
     from mlflow.tracking import MlflowClient
 
-    from ayt.studies.report import write_report
+    from ayt.studies.report.write import write_report
     from ayt.tracking import RunLogger, find_run
     uri = str(plan.base.tracking.uri)
     client = MlflowClient(uri)

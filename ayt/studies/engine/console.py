@@ -66,7 +66,7 @@ class StudyConsole(Callback):
                     f"({result.get('images_seen', '?')} images)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from ayt.studies.tracker import error_line
+        from ayt.studies.engine.tracker import error_line
         self._ended(trial, "FAILED", error_line(trial))
 
     def on_experiment_end(self, trials, **info):

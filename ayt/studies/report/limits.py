@@ -24,8 +24,8 @@ import numpy as np
 from ayt.eval.metrics import MIN, direction, sign
 from ayt.eval.tangent import COS, metric_key
 from ayt.metrics import short
-from ayt.studies.report_plots import mean_curve
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
+from ayt.studies.report.plots import mean_curve
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
 
 TAIL_EVALS = 3            # the evaluations whose trend says whether a curve has flattened
 FLAT_TOLERANCE = 0.05     # a mean FID falling more than 5% over them is still falling

@@ -1,7 +1,7 @@
 """The study report, built from what the study's MLflow runs hold (the source of truth after
-any resume; `ayt.studies.trials` loads them once, every `eval/…` and `train/…` history).
+any resume; `ayt.studies.engine.trials` loads them once, every `eval/…` and `train/…` history).
 
-The report is `SECTIONS`, a list of `Section`s (ayt/studies/report_section.py) in the order
+The report is `SECTIONS`, a list of `Section`s (ayt/studies/report/section.py) in the order
 report.md shows them; each says when it applies and writes its markdown, files and records:
 
   Header                the command, the code that wrote and trained it, machine, budget, trials
@@ -40,23 +40,23 @@ from typing import Any, Sequence
 from ayt.eval.metrics import MIN, direction, label, quantity_of
 from ayt.metrics import short
 from ayt.provenance import git_commit, short_version
-from ayt.studies.confirm import ConfirmSection
-from ayt.studies.critical_batch import CriticalBatchSection
-from ayt.studies import endpoint as endpoints
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.group import Group, is_number
-from ayt.studies.protocol import TUNING_FILE
-from ayt.studies.protocol import report_lines as protocol_lines
-from ayt.studies.report_plots import curve_figure, pyplot
-from ayt.studies.report_rows import group_label, write_rows
-from ayt.studies.report_search import SearchSection, group_table_note, is_search, per_trial_table
-from ayt.studies.report_limits import Limits
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.report_table import TABLE, curve_keys, findings, group_rows, table_lines, targets
-from ayt.studies.report_tangent import Tangent
-from ayt.studies.seed_rounds import SeedRoundsSection
-from ayt.studies.stats import mean_ci
-from ayt.studies.trials import DIVERGED_FROM_BEST, DIVERGED_RISE, Trial, load_trials
+from ayt.studies.protocols.search_then_confirm import ConfirmSection
+from ayt.studies.report.critical_batch import CriticalBatchSection
+from ayt.studies.protocols import endpoint as endpoints
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.engine.group import Group, is_number
+from ayt.studies.protocols.tune_then_repeat import TUNING_FILE
+from ayt.studies.protocols.tune_then_repeat import report_lines as protocol_lines
+from ayt.studies.report.plots import curve_figure, pyplot
+from ayt.studies.report.rows import group_label, write_rows
+from ayt.studies.report.search import SearchSection, group_table_note, is_search, per_trial_table
+from ayt.studies.report.limits import Limits
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.report.table import TABLE, curve_keys, findings, group_rows, table_lines, targets
+from ayt.studies.report.tangent import Tangent
+from ayt.studies.protocols.seed_rounds import SeedRoundsSection
+from ayt.studies.report.stats import mean_ci
+from ayt.studies.engine.trials import DIVERGED_FROM_BEST, DIVERGED_RISE, Trial, load_trials
 
 # Names tests and older callers import from here.
 __all__ = ["SECTIONS", "TABLE", "Trial", "code_line", "group_label", "load_trials", "mean_ci", "targets",

@@ -56,11 +56,11 @@ from ayt.eval.metrics import at_least_as_good
 from ayt.eval.metrics import best as best_of
 from ayt.eval.metrics import sign
 from ayt.metrics import short
-from ayt.studies.group import Group
-from ayt.studies.report_plots import pyplot, seeds_and_mean
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.schema import TARGET_SCOPES, CriticalBatch  # noqa: F401  (declared once, in the schema)
-from ayt.studies.stats import mean_ci, paired
+from ayt.studies.engine.group import Group
+from ayt.studies.report.plots import pyplot, seeds_and_mean
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.engine.schema import TARGET_SCOPES, CriticalBatch  # noqa: F401  (declared once, in the schema)
+from ayt.studies.report.stats import mean_ci, paired
 from ayt.training.noise_scale import NOISE_SCALE
 
 BATCH = "batch_size"

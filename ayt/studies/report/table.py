@@ -15,10 +15,10 @@ import numpy as np
 
 from ayt.eval.metrics import MIN, direction, label, metric_keys_in, quantity_of, ranked
 from ayt.metrics import FID_KEYS, short
-from ayt.studies import decision as decisions
-from ayt.studies.group import Group
-from ayt.studies.stats import Comparison, mean_ci, paired, unpaired
-from ayt.studies.trials import Trial
+from ayt.studies.protocols import decision as decisions
+from ayt.studies.engine.group import Group
+from ayt.studies.report.stats import Comparison, mean_ci, paired, unpaired
+from ayt.studies.engine.trials import Trial
 
 CURVES = FID_KEYS         # the curves of a study that logged none (every trial failed before evaluating)
 
@@ -283,7 +283,7 @@ def curve_columns(rows: list[dict[str, Any]], key: str, endpoint: str = "final")
 
 def table_lines(rows: list[dict[str, Any]], key: str, decision: Any = None) -> list[str]:
     """The group tables in markdown, each with the columns some row has a value for; `decision`
-    (ayt/studies/decision.py) names the endpoint and the level in the headers."""
+    (ayt/studies/protocols/decision.py) names the endpoint and the level in the headers."""
     endpoint = decision.endpoint.label if decision is not None else "final"
     level = f"{decision.level:.1%}" if decision is not None and decision.looks > 1 else "95%"
     main, other = curve_columns(rows, key, endpoint)

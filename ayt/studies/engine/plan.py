@@ -20,16 +20,16 @@ from ayt.eval.metrics import METRICS as METRIC_KINDS
 from ayt.eval.metrics import direction as metric_direction
 from ayt.eval.metrics import quantity_of
 from ayt.metrics import eval_key
-from ayt.studies import endpoint as endpoints
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.seed_plan import check as check_pilot
-from ayt.studies.seed_rounds import check as check_seed_rounds
-from ayt.studies.seed_rounds import enabled as seed_rounds_enabled
-from ayt.studies.protocol import (check_tuned, extension_values, groups, parse_tune_stage, protocol_name,
-                                  tune_edit, tuned_overrides)
-from ayt.studies import schema
-from ayt.studies.confirm import baseline_overrides, is_confirm_protocol, parse_confirm
-from ayt.studies.space import StudySpace, check_axis_keys, check_not_derived, integer_ranges, parse_space
+from ayt.studies.protocols import endpoint as endpoints
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.protocols.seed_plan import check as check_pilot
+from ayt.studies.protocols.seed_rounds import check as check_seed_rounds
+from ayt.studies.protocols.seed_rounds import enabled as seed_rounds_enabled
+from ayt.studies.protocols.tune_then_repeat import (check_tuned, extension_values, groups, parse_tune_stage, protocol_name,
+                                                    tune_edit, tuned_overrides)
+from ayt.studies.engine import schema
+from ayt.studies.protocols.search_then_confirm import baseline_overrides, is_confirm_protocol, parse_confirm
+from ayt.studies.engine.space import StudySpace, check_axis_keys, check_not_derived, integer_ranges, parse_space
 
 
 # A Ray Train trial's Tune actor only waits on its TorchTrainer, whose workers Ray Train
@@ -81,7 +81,7 @@ class StudyPlan:
 
     @property
     def endpoint(self) -> Endpoint:
-        """How a trial's curve becomes its one score (`study.endpoint`, ayt/studies/endpoint.py)."""
+        """How a trial's curve becomes its one score (`study.endpoint`, ayt/studies/protocols/endpoint.py)."""
         return endpoints.of(self.study)
 
     @property

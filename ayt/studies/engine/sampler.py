@@ -1,5 +1,5 @@
 """The Optuna sampler a study's search runs on: built here for Tune's OptunaSearch
-(ayt.studies.tune_backend) and read by the report's search section for its start-up trials,
+(ayt.studies.engine.tune_backend) and read by the report's search section for its start-up trials,
 so the report does not import the Tune back-end that writes it.
 
   grid    every point of the axes (GridSampler)

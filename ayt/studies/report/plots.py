@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ayt.eval.metrics import sign, words
-from ayt.studies.group import Group, is_number
+from ayt.studies.engine.group import Group, is_number
 
 
 def pyplot():

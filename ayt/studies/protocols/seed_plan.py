@@ -3,7 +3,7 @@ difference it names (`study.detect`) at its endpoint, and what that costs.
 
 The spread comes from a pilot (`study.pilot`): a finished study's report directory, whose
 curves.csv holds every evaluation of every trial. Each pilot trial is scored at this study's
-endpoint (ayt/studies/endpoint.py), each group paired by seed with its reference
+endpoint (ayt/studies/protocols/endpoint.py), each group paired by seed with its reference
 (`study.target.reference`, or the baseline of a confirmation), and the SD of those per-seed
 differences is what the paired t-test of this study will face. The seeds needed are the
 smallest n whose test (two-sided, at the level the study decides at, 80% power: the noncentral
@@ -14,7 +14,7 @@ for a difference of 0.5, 1 and 2 SDs, stated as such. The cost is the pilot's me
 training seconds per image seen (trials.csv), scaled to this study's budget.
 
 Tune, Optuna and MLflow plan nothing of the kind; `python -m ayt.studies.<name> --plan` prints
-it, and `python -m ayt.studies.seed_plan DIR ...` compares endpoints on finished studies.
+it, and `python -m ayt.studies.protocols.seed_plan DIR ...` compares endpoints on finished studies.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 
 from ayt.errors import ConfigError
 from ayt.metrics import eval_key, short
-from ayt.studies import decision as decisions
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.group import Group
-from ayt.studies.stats import LEVEL, POWER, mean_ci, sd_upper_factor, seeds_needed
+from ayt.studies.protocols import decision as decisions
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.engine.group import Group
+from ayt.studies.report.stats import LEVEL, POWER, mean_ci, sd_upper_factor, seeds_needed
 
 CURVES_FILE, TRIALS_FILE = "curves.csv", "trials.csv"
 SEED_AXIS = "axis.seed"
@@ -307,7 +307,7 @@ def check(study: Mapping[str, Any], base_dir: str | Path | None = None) -> Pilot
 
 
 def plan_seeds(plan: Any) -> SeedPlan:
-    """The seed plan of a planned study (`ayt.studies.plan.StudyPlan`)."""
+    """The seed plan of a planned study (`ayt.studies.engine.plan.StudyPlan`)."""
     study = plan.study
     decision = decisions.of(study)
     pilot = check(study, plan.base_dir or None)
@@ -354,7 +354,7 @@ def compare_endpoints(path: Path, metric: str, reference: Mapping[str, str], end
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ayt.studies.seed_plan",
+    parser = argparse.ArgumentParser(prog="python -m ayt.studies.protocols.seed_plan",
                                      description="Paired SD and seeds needed at each endpoint, from finished studies' "
                                                  "curves.csv")
     parser.add_argument("dirs", nargs="+", type=Path)

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from ayt.studies.group import Group
+from ayt.studies.engine.group import Group
 
 
 def group_label(group) -> str:

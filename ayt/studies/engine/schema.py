@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 
 from ayt.errors import ConfigError
 from ayt.eval.metrics import study_metrics
-from ayt.studies.endpoint import ENDPOINTS
+from ayt.studies.protocols.endpoint import ENDPOINTS
 
 SEARCHES = ("grid", "tpe", "random", "gp")
 SCHEDULERS = ("none", "asha")
@@ -103,7 +103,7 @@ class TuneStage:
     floor: Optional[float] = spec(None, doc="no extension tries a value below this (null: none)", new=True)
     ceiling: Optional[float] = spec(None, doc="no extension tries a value above this (null: none)", new=True)
 
-    # What the protocol computes from these fields (ayt/studies/protocol.py runs on this class).
+    # What the protocol computes from these fields (ayt/studies/protocols/tune_then_repeat.py runs on this class).
     def grid_values(self) -> list[float]:
         """`points` values from low to high (geometric if log), at 3 significant digits."""
         if self.points == 1:
@@ -157,7 +157,7 @@ class Protocol:
                                    "the search, then its best `confirm.k` and the baseline on fresh seeds",
                      choices=PROTOCOLS)
     tune: TuneStage = spec(doc="stage 1 of tune_then_repeat", factory=TuneStage)
-    confirm: ConfirmStage = spec(doc="stage 2 of search_then_confirm (ayt/studies/confirm.py)", factory=ConfirmStage)
+    confirm: ConfirmStage = spec(doc="stage 2 of search_then_confirm (ayt/studies/protocols/search_then_confirm.py)", factory=ConfirmStage)
     stage: Optional[str] = spec(None, doc="set by the protocol on the studies it derives", internal=True)
     group: Optional[str] = spec(None, doc="the group a derived stage-1 study tunes", internal=True)
 
@@ -165,7 +165,7 @@ class Protocol:
 @dataclass
 class CriticalBatch:
     target: str = spec("shared", doc="one target FID for every series, or each series' own "
-                                     "(ayt/studies/critical_batch.py says when)", choices=TARGET_SCOPES)
+                                     "(ayt/studies/report/critical_batch.py says when)", choices=TARGET_SCOPES)
 
 
 @dataclass
@@ -205,7 +205,7 @@ class StudySchema:
     endpoint: str = spec("last_k", doc="how a trial's curve becomes its one score, everywhere the study ranks or "
                                        "compares (verdicts, seed rounds, tuning, confirmation, Tune's metric): the last "
                                        "evaluation, the mean of the last endpoint_k, or the mean over the curve on "
-                                       "images seen (ayt/studies/endpoint.py)", choices=ENDPOINT_NAMES, legacy="final")
+                                       "images seen (ayt/studies/protocols/endpoint.py)", choices=ENDPOINT_NAMES, legacy="final")
     endpoint_k: Optional[int] = spec(None, doc="evaluations last_k averages, <= study.budget.evals (null: 3, or "
                                                "every evaluation of a budget with fewer)", minimum=1,
                                      only_with=("endpoint", "last_k"), new=True)
@@ -226,7 +226,7 @@ class StudySchema:
     resume: bool = spec(False, doc="finish the study of the same config under the same out_dir", defines=False)
     allow_code_change: bool = spec(False, doc="resume even if the code changed since the study started (refused "
                                               "otherwise); each trial's run records its code", defines=False)
-    protocol: Protocol = spec(doc="how the groups are compared (ayt/studies/protocol.py)", factory=Protocol)
+    protocol: Protocol = spec(doc="how the groups are compared (ayt/studies/protocols/tune_then_repeat.py)", factory=Protocol)
     tuned: Dict[str, Any] = spec(doc="group label -> {key: value}: set by tune_then_repeat for stage 2, or by hand "
                                      "over some axes (loss=mfd: {lr: 2.5e-4} applies at every batch size)",
                                  factory=dict)
@@ -238,7 +238,7 @@ class StudySchema:
     critical_batch: CriticalBatch = spec(doc="the report's critical-batch-size section", factory=CriticalBatch,
                                          defines=False)
     seed_rounds: SeedRounds = spec(doc="seeds added in rounds until the comparisons are decisive "
-                                       "(ayt/studies/seed_rounds.py)", factory=SeedRounds)
+                                       "(ayt/studies/protocols/seed_rounds.py)", factory=SeedRounds)
 
 
 ConfigStore.instance().store(group="study", name="schema", node=StudySchema)
@@ -355,7 +355,7 @@ def _no_unknown_keys(node: Mapping[str, Any], schema: type, prefix: str) -> None
     for key, value in node.items():
         if key not in declared:
             raise ConfigError(prefix + str(key), "not a study key; allowed: " + ", ".join(declared)
-                              + " (ayt/studies/schema.py)")
+                              + " (ayt/studies/engine/schema.py)")
         if dataclasses.is_dataclass(declared[key]) and isinstance(value, Mapping):
             _no_unknown_keys(value, declared[key], f"{prefix}{key}.")
 

@@ -36,11 +36,11 @@ from omegaconf import DictConfig
 
 from ayt.eval.metrics import MIN, direction, ranked
 from ayt.errors import ConfigError
-from ayt.studies.group import Group
-from ayt.studies.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
-from ayt.studies.schema import TuneStage  # the stage's fields, defaults and grid: declared once
-from ayt.studies.space import StudySpace
-from ayt.studies.stats import paired
+from ayt.studies.engine.group import Group
+from ayt.studies.engine.schema import PROTOCOLS  # noqa: F401  (declared once, in the schema)
+from ayt.studies.engine.schema import TuneStage  # the stage's fields, defaults and grid: declared once
+from ayt.studies.engine.space import StudySpace
+from ayt.studies.report.stats import paired
 
 TUNING_FILE = "tuning.json"          # stage-1 outcome, next to the stage-2 report
 
@@ -129,7 +129,7 @@ def tune_edit(space: StudySpace, stage: TuneStage, group: Mapping[str, Any]) -> 
         study.search = stage.search
         study.num_samples = stage.trials if stage.search != "grid" else None
         study.target.fid, study.target.reference = None, None
-        # Field by field: the study block is typed (ayt/studies/schema.py); its tune settings stay.
+        # Field by field: the study block is typed (ayt/studies/engine/schema.py); its tune settings stay.
         study.protocol.name, study.protocol.stage, study.protocol.group = "single", "tune", label
     return edit
 

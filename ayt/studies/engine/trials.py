@@ -15,8 +15,8 @@ from typing import Iterable
 from ayt.eval.metrics import MIN, at_least_as_good, best, direction
 from ayt.metrics import EVAL, TRAIN, TRAIN_SECONDS, VS_IMAGES, short
 from ayt.provenance import CODE_VERSIONS_TAG, tag_list
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.group import Group
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.engine.group import Group
 
 DIVERGED_RISE = 0.10   # an FID more than 10% above its first evaluation, to the end, is a divergence
 # (a higher-is-better metric: more than 10% below it)
@@ -66,7 +66,7 @@ class Trial:
         return self.curves[key][-1][1] if self.curves.get(key) else math.nan
 
     def score(self, key: str, endpoint: Endpoint) -> float:
-        """The trial's one number at the study's endpoint (ayt/studies/endpoint.py): what every
+        """The trial's one number at the study's endpoint (ayt/studies/protocols/endpoint.py): what every
         verdict, ranking and choice of the study reads."""
         return endpoint.score(self.curves.get(key) or [])
 

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ayt.errors import ConfigError
 
 CONFIG_GROUPS = ("dataset", "network", "schedule", "loss", "augment", "scaling", "feature_map")
-from ayt.studies.schema import BUDGET_UNITS, SCHEDULERS, SEARCHES  # noqa: F401  (declared once, in the schema)
+from ayt.studies.engine.schema import BUDGET_UNITS, SCHEDULERS, SEARCHES  # noqa: F401  (declared once, in the schema)
 LABEL_PREFIXES = {"batch_size": "b", "seed": "s"}      # the axes a trial label abbreviates most
 # The axis whose values are named configurations (`study.candidates`: name -> {key: value}):
-# how search_then_confirm runs its best found and a baseline side by side (ayt/studies/confirm.py).
+# how search_then_confirm runs its best found and a baseline side by side (ayt/studies/protocols/search_then_confirm.py).
 CANDIDATE_AXIS = "candidate"
 # The keys a study sets on every trial from its budget (`StudySpace.schedule_overrides`).
 SCHEDULE_KEYS = ("training.iterations", "training.eval_every", "training.checkpoint_every", "training.log_every")

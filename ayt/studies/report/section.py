@@ -3,7 +3,7 @@
 the `ReportContext` every section reads: the plan, the trials (loaded once, every history),
 where files go, and what more than one section needs (targets, the group table's rows).
 
-The report is `ayt.studies.report.SECTIONS`, a list of sections in the order report.md shows
+The report is `ayt.studies.report.write.SECTIONS`, a list of sections in the order report.md shows
 them; a new section is one subclass and its entry there, e.g.
 
     class LossCurves(Section):
@@ -17,7 +17,7 @@ them; a new section is one subclass and its entry there, e.g.
                                 ylabel="loss")
             return SectionOutput(files=[path])      # before Figures in SECTIONS: listed under "## Figures"
 
-Every history a trial logged is in `t.curves` (`ayt.studies.trials`): a section reads the
+Every history a trial logged is in `t.curves` (`ayt.studies.engine.trials`): a section reads the
 metrics it shows, and nothing else has to name them.
 """
 
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ayt.studies import decision as decisions
-from ayt.studies.decision import Decision
-from ayt.studies.group import Group
-from ayt.studies.report_table import group_rows, targets
-from ayt.studies.trials import Trial
+from ayt.studies.protocols import decision as decisions
+from ayt.studies.protocols.decision import Decision
+from ayt.studies.engine.group import Group
+from ayt.studies.report.table import group_rows, targets
+from ayt.studies.engine.trials import Trial
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ReportContext:
 
     @property
     def decision(self) -> Decision:
-        """The study's endpoint and the level its comparisons are made at (ayt/studies/decision.py)."""
+        """The study's endpoint and the level its comparisons are made at (ayt/studies/protocols/decision.py)."""
         return decisions.of(self.plan.study)
 
     @property

@@ -17,11 +17,11 @@ seed's luck), and a search alone never says whether it beats the defaults. So:
                      confirmation seeds) and the winner's own drop (the rest: how much of its
                      lead over the baseline was its seed's luck, the winner's curse).
 
-Every trial is scored at the study's endpoint (ayt/studies/endpoint.py): the search's ranking,
+Every trial is scored at the study's endpoint (ayt/studies/protocols/endpoint.py): the search's ranking,
 the candidates' search scores, the verdicts.
 
 Stage 2 is an ordinary grid study on the shared runner, named `<name>-confirm`, with one axis,
-`candidate`, whose values are named configurations (`study.candidates`, ayt.studies.space);
+`candidate`, whose values are named configurations (`study.candidates`, ayt.studies.engine.space);
 its reference is the baseline, so the group table already compares each candidate with it.
 `ConfirmSection` states the verdicts (paired t, Holm-adjusted over the k comparisons) and the
 winner's curse in the confirm report, and links to it from the search report. Both stages
@@ -44,15 +44,15 @@ from ayt.eval.metrics import better as better_than
 from ayt.eval.metrics import direction, ranked, words
 from ayt.errors import ConfigError
 from ayt.metrics import short
-from ayt.studies.report_plots import pyplot, save_figure
-from ayt.studies.report_search import value_of
-from ayt.studies.endpoint import Endpoint
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.report_table import fmt
-from ayt.studies.schema import ConfirmStage  # its fields and defaults: declared once
-from ayt.studies.space import CANDIDATE_AXIS, Axis, StudySpace
-from ayt.studies.stats import LEVEL, holm, mean_ci, paired
-from ayt.studies.trials import Trial
+from ayt.studies.report.plots import pyplot, save_figure
+from ayt.studies.report.search import value_of
+from ayt.studies.protocols.endpoint import Endpoint
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.report.table import fmt
+from ayt.studies.engine.schema import ConfirmStage  # its fields and defaults: declared once
+from ayt.studies.engine.space import CANDIDATE_AXIS, Axis, StudySpace
+from ayt.studies.report.stats import LEVEL, holm, mean_ci, paired
+from ayt.studies.engine.trials import Trial
 
 CONFIRM_FILE = "confirmation.json"     # what stage 2 was built from, next to its report
 BASELINE = "baseline"

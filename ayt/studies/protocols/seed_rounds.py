@@ -11,7 +11,7 @@ Looking after every round and stopping at the first significant result would mak
 more likely than the 5% a single test allows, so the rounds decide at a level split over the
 planned looks (Bonferroni: 0.05 / looks), which keeps the chance of any false decision at 5%.
 The report's tables and findings state their intervals and p at that level too
-(ayt/studies/decision.py); the Seed rounds section states the rule, how many seeds each
+(ayt/studies/protocols/decision.py); the Seed rounds section states the rule, how many seeds each
 comparison used and why it stopped.
 
 Each round is an ordinary study on the shared runner under the study's one MLflow parent run
@@ -31,12 +31,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ayt.eval.metrics import direction
 from ayt.errors import ConfigError
-from ayt.studies import decision as decisions
-from ayt.studies.decision import rounds_enabled as enabled, schedule  # noqa: F401  (declared there)
-from ayt.studies.group import Group
-from ayt.studies.protocol import parse_group_label
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.stats import Comparison, paired
+from ayt.studies.protocols import decision as decisions
+from ayt.studies.protocols.decision import rounds_enabled as enabled, schedule  # noqa: F401  (declared there)
+from ayt.studies.engine.group import Group
+from ayt.studies.protocols.tune_then_repeat import parse_group_label
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.report.stats import Comparison, paired
 
 ROUNDS_FILE = "seed_rounds.json"
 

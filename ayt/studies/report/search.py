@@ -34,12 +34,12 @@ import numpy as np
 from ayt.eval.metrics import MIN, best_index, direction, optuna_direction, sign, words
 from ayt.eval.metrics import ranked as best_first
 from ayt.metrics import short
-from ayt.studies import decision as decisions
-from ayt.studies.report_plots import pyplot, save_figure
-from ayt.studies.report_section import ReportContext, Section, SectionOutput
-from ayt.studies.sampler import optuna_sampler, startup_trials
-from ayt.studies.space import Axis
-from ayt.studies.trials import Trial
+from ayt.studies.protocols import decision as decisions
+from ayt.studies.report.plots import pyplot, save_figure
+from ayt.studies.report.section import ReportContext, Section, SectionOutput
+from ayt.studies.engine.sampler import optuna_sampler, startup_trials
+from ayt.studies.engine.space import Axis
+from ayt.studies.engine.trials import Trial
 
 TOP_K = 10
 # A search with more groups than this leaves its group table to groups.csv and trials.csv:

@@ -1,0 +1,1 @@
+"""The study report: its sections (`section.Section`), tables, plots and statistics."""
