@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_fidelity import register_feature_extractor
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ayt.errors import ConfigError
+from ayt.eval.extractor import LocalFeatureExtractor
 
 DINOV2_EXTRACTOR = "ayt-dinov2"
 INPUT_SIZE = 224                    # torch-fidelity's FeatureExtractorDinoV2.INPUT_IMAGE_SIZE
@@ -132,7 +132,7 @@ def write_random_dinov2_weights(path: str | os.PathLike, dim: int = HEAD_DIM, de
     return str(path)
 
 
-class DinoV2FeatureExtractor(FeatureExtractorBase):
+class DinoV2FeatureExtractor(LocalFeatureExtractor):
     """torch-fidelity extractor `ayt-dinov2` around `load_dinov2(feature_extractor_weights_path)`."""
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs):
@@ -150,17 +150,8 @@ class DinoV2FeatureExtractor(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return "dinov2"
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> Tensor:
-        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
-        vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {x.shape}")
+        self.check_input(x)
         h = interpolate_bilinear_2d_like_tensorflow1x(x.to(torch.float32), size=(INPUT_SIZE, INPUT_SIZE),
                                                       align_corners=False)
         mean = torch.tensor(MEAN, device=h.device).view(1, 3, 1, 1) * 255

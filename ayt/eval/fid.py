@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity import KEY_METRIC_FID, calculate_metrics, register_feature_extractor
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
@@ -39,6 +38,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 
 from ayt.data import ImageData
 from ayt.errors import ConfigError
+from ayt.eval.extractor import LocalFeatureExtractor
 from ayt.eval.classifier import load_classifier
 from ayt.eval.dinov2 import DINOV2_EXTRACTOR
 from ayt.eval.metrics import FeatureSet
@@ -47,7 +47,7 @@ CLASSIFIER_EXTRACTOR = "ayt-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 
 
-class ClassifierFeatureExtractor(FeatureExtractorBase):
+class ClassifierFeatureExtractor(LocalFeatureExtractor):
     """torch-fidelity extractor around a `DigitClassifier` saved by `save_classifier`.
 
     torch-fidelity feeds uint8 [B, 3, H, W]; the classifier wants its own channel count and
@@ -74,17 +74,8 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return {"fid": "embedding", "kid": "embedding", "prc": "embedding", "isc": "logits"}[metric]
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> Tensor:
-        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
-        vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {x.shape}")
+        self.check_input(x)
         h = x.to(torch.float32) / 127.5 - 1.0
         if self.classifier.in_channels == 1:
             h = h.mean(dim=1, keepdim=True)  # exact inverse of the grey -> RGB repeat in `to_uint8_rgb`
