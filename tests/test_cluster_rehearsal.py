@@ -160,6 +160,10 @@ def test_trials_that_do_not_fit_on_the_head_make_the_autoscaler_add_nodes(rehear
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.params["seed"] for c in children} == {"0", "1"}
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    # Each trial, on a worker node without the driver's AYT_* variables, found the driver's
+    # tracking server and its child run there: its own system metrics are in it.
+    assert all(any(k.startswith("system/") for k in c.data.metrics) for c in children), \
+        [sorted(c.data.metrics) for c in children]
 
 
 def test_a_reclaimed_trial_resumes_from_its_checkpoint_on_another_node(rehearsal, stack):

@@ -30,7 +30,8 @@ STUDY = "batch_size_sweep"
 STUDY_NAME = "rehearsal"
 STUDY_ARGS = [f"study.name={STUDY_NAME}", "study.axes.batch_size=[16]", "study.axes.loss=[pseudo_huber]",
               "study.seeds=[0,1]", "study.preset=smoke", "fid.num_samples=100", "study.budget.amount=4800",
-              "study.budget.evals=3", "progress=false"]
+              "study.budget.evals=3", "progress=false",
+              "tracking.system_metrics_interval_s=2"]   # several samples in a trial of ~30 s
 
 
 def _parser() -> argparse.ArgumentParser:
