@@ -37,6 +37,9 @@ def test_built_wheel_carries_conf_and_composes(tmp_path):
                    check=True, cwd=tmp_path)
     assert (target / "ayt" / "conf" / "config.yaml").exists()
     assert (target / "ayt" / "conf" / "experiment" / "smoke.yaml").exists()
+    # Every package of the source tree ships (pyproject lists them by hand).
+    source = {p.parent.relative_to(REPO) for p in (REPO / "ayt").rglob("__init__.py")}
+    assert not [str(p) for p in source if not (target / p / "__init__.py").exists()]
     # PYTHONPATH puts the wheel's copy ahead of the editable install; run from another directory.
     out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "out")], cwd=elsewhere, check=True,
                          capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
