@@ -257,7 +257,7 @@ def _free(device: torch.device) -> None:
 
 
 def time_evaluation(opts: Options, device: torch.device, workdir: Path) -> dict[str, Any]:
-    """Wall time of one evaluation of FID_SAMPLES samples (after a small warm-up evaluation),
+    """Wall time of one evaluation of FID_SAMPLES samples (after a small warm-up evaluation on a GPU),
     the loop's `EvalProbe` under the preset's precision, random Inception and reference statistics."""
     from ayt.eval.fid import write_random_inception_weights
     from ayt.eval.probe import EvalProbe, ensure_references
@@ -279,8 +279,9 @@ def time_evaluation(opts: Options, device: torch.device, workdir: Path) -> dict[
         cfg = compose_config(overrides + [f"fid.num_samples={samples}"])
         net = build_denoiser(cfg.network, cfg.edm, 32, 3).to(device).eval()
         ensure_references(cfg, weights, cache, data, device)
-        warm = compose_config(overrides + [f"fid.num_samples={min(samples, 1000)}"])
-        EvalProbe(warm, weights, cache, data, device)(net)         # kernels, autotuning, extractor
+        if device.type == "cuda":                                  # kernels, autotuning, extractor
+            warm = compose_config(overrides + [f"fid.num_samples={min(samples, 1000)}"])
+            EvalProbe(warm, weights, cache, data, device)(net)
         probe = EvalProbe(cfg, weights, cache, data, device)
         total = _timed(lambda: probe(net), device)
     return {"num_samples": samples, "total_s": total, "phases_s": dict(probe.timings), "precision": precision,
