@@ -39,7 +39,7 @@ ENDPOINT_NAMES = tuple(ENDPOINTS)
 def spec(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None, minimum: float | None = None,
          above: float | None = None, nonempty: bool = False, defines: bool = True, factory: Any = None,
          internal: bool = False, new: bool = False, legacy: Any = dataclasses.MISSING,
-         only_with: tuple[str, Any] | None = None) -> Any:
+         only_with: tuple[str, Any] | None = None, id_unused: Any = dataclasses.MISSING) -> Any:
     """A schema field: its default and what the type cannot say (see the module docstring).
     `minimum` is inclusive, `above` exclusive; `internal` fields are set by a protocol, not a
     user, and stay out of the study id while unset; `new` fields (added after studies were
@@ -47,13 +47,16 @@ def spec(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None 
     field whose default for new studies differs from what earlier studies computed names that
     value as `legacy`: it stays out of the id while at it (an earlier study's yaml pins it). A
     field that means something only while another has one value, `only_with=(path, value)`,
-    stays out of the id otherwise."""
+    stays out of the id otherwise, or, where earlier studies hashed it, counts there as
+    `id_unused` whatever it is set to (its default may then change)."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "above": above, "nonempty": nonempty,
             "defines": defines, "internal": internal, "new": new or legacy is not dataclasses.MISSING}
     if legacy is not dataclasses.MISSING:
         meta["legacy"] = legacy
     if only_with is not None:
         meta["only_with"] = only_with
+    if id_unused is not dataclasses.MISSING:
+        meta["id_unused"] = id_unused
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -92,10 +95,11 @@ class TuneStage:
     points: int = spec(4, doc="values of a grid tuning stage", minimum=1)
     trials: int = spec(6, doc="samples of a tpe/random tuning stage", minimum=1)
     # tune_then_repeat refuses fewer than 2 (`allow_one_seed`). A study of another protocol
-    # hashes this key as its old default, [1000] (`identity`): committed studies keep their ids.
+    # hashes this key as its old default, [1000]: committed studies keep their ids.
     seeds: List[int] = spec(doc="tuning seeds, apart from study.seeds (no selection bias in stage 2); "
                                 "tune_then_repeat needs >= 2 to tell its candidates apart",
-                            factory=lambda: [1000, 1001], minimum=0, nonempty=True)
+                            factory=lambda: [1000, 1001], minimum=0, nonempty=True,
+                            only_with=("protocol.name", "tune_then_repeat"), id_unused=[1000])
     allow_one_seed: bool = spec(False, doc="tune on a single seed anyway (the winner cannot be told apart from "
                                            "the runner-up)", new=True)
     max_extensions: int = spec(2, doc="grid rounds that extend the range one step past an edge winner, until it "
@@ -282,32 +286,28 @@ def volatile_keys() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(StudySchema) if not f.metadata.get("defines", True))
 
 
-# What `protocol.tune.seeds` hashes as in a study whose protocol does not tune: its default
-# before it became [1000, 1001], so the ids of studies run before stay what they were.
-UNTUNED_SEEDS_ID = [1000]
-
-
 def identity(study: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved study block that defines the study (its id hashes this); a copy,
     `study` is left as it is."""
     out = copy.deepcopy({k: v for k, v in study.items() if k not in volatile_keys()})
     for info in fields():
-        unset = None if info.meta.get("internal") else info.meta.get("legacy", info.default) \
-            if info.meta.get("new") else ...
-        if unset is ...:
-            continue
         parent, _, leaf = info.path.rpartition(".")
         node = _get(out, parent) if parent else out
         condition = info.meta.get("only_with")
         meaningless = condition is not None and str(_get(study, condition[0])) != condition[1]
+        if "id_unused" in info.meta:
+            if meaningless and isinstance(node, dict) and leaf in node:
+                node[leaf] = copy.deepcopy(info.meta["id_unused"])
+            continue
+        unset = None if info.meta.get("internal") else info.meta.get("legacy", info.default) \
+            if info.meta.get("new") else ...
+        if unset is ...:
+            continue
         if isinstance(node, dict) and leaf in node and (node[leaf] == unset or meaningless):
             node.pop(leaf)
             if parent and not node:                 # a block of only new fields at their defaults
                 grand, _, name = parent.rpartition(".")
                 (_get(out, grand) if grand else out).pop(name, None)
-    tune = out.get("protocol", {}).get("tune")
-    if isinstance(tune, dict) and "seeds" in tune and out["protocol"].get("name") != "tune_then_repeat":
-        tune["seeds"] = UNTUNED_SEEDS_ID            # unused by the trials: hashed as the old default
     return out
 
 
