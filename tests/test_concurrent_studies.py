@@ -3,24 +3,36 @@ the first runs) each run on a Ray of their own, finish cleanly and leave nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
+import psutil
 from mlflow.tracking import MlflowClient
 
 
-def _gcs_addresses() -> set[str]:
-    from ray._private.services import find_gcs_addresses
-    return set(find_gcs_addresses())
+def _rays_started_by(procs: list[subprocess.Popen]) -> set[psutil.Process]:
+    """The GCS servers the drivers started (their own local Rays): other test processes on
+    this machine may start and stop Rays of their own meanwhile."""
+    found = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            found |= {p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "gcs_server"}
+    return found
+
+
+def _alive(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def test_two_studies_at_once_each_finish_on_their_own_ray(shared_out_dir, tmp_path):
     """Mutation caught: starting the local Ray without pinning `RAY_ADDRESS` for its
     processes (`start_local_ray`), where Ray's state API inside the cluster finds two local
     Rays and fails; or a study joining the other's Ray and taking its resources."""
-    before = _gcs_addresses()
     procs, logs = [], []
     for name in ("first", "second"):
         out = tmp_path / name
@@ -34,7 +46,11 @@ def test_two_studies_at_once_each_finish_on_their_own_ray(shared_out_dir, tmp_pa
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}))
         time.sleep(2)                                                 # overlap, not lockstep
-    codes = [p.wait(timeout=600) for p in procs]
+    rays, deadline = set(), time.monotonic() + 600
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        rays |= _rays_started_by(procs)
+        time.sleep(0.5)
+    codes = [p.wait(timeout=30) for p in procs]
     for log in logs:
         log.close()
     texts = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
@@ -45,7 +61,8 @@ def test_two_studies_at_once_each_finish_on_their_own_ray(shared_out_dir, tmp_pa
         exp = client.get_experiment_by_name("batch_size_sweep")
         runs = client.search_runs([exp.experiment_id])
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]       # parent + 1 child
+    assert len(rays) == 2                                                    # a Ray each
     deadline = time.monotonic() + 30
-    while _gcs_addresses() != before and time.monotonic() < deadline:        # their Rays shut down
+    while any(_alive(r) for r in rays) and time.monotonic() < deadline:      # their Rays shut down
         time.sleep(1)
-    assert _gcs_addresses() == before
+    assert not [r for r in rays if _alive(r)]
