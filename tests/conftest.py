@@ -1,12 +1,16 @@
-"""Shared test set-up: no Ray token auth, one local Ray per session. The test process keeps
-torch's default threads (it builds the shared artifacts while nothing else runs); Ray gives
-each worker as many threads as CPUs it reserved.
+"""Shared test set-up: no Ray token auth, one local Ray per test process.
 
-`AYT_TEST_TORCH_THREADS=N python -m pytest` runs the test process at N torch threads: other
-kernels and summation orders, so the shared artifacts it builds (pretrained denoiser, feature
+The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml; `-n 0` runs it in one
+process). Under xdist every test process and every process it starts keeps one torch thread;
+in one process the test process keeps torch's default threads. Ray trials keep one thread
+per reserved CPU either way.
+
+`AYT_TEST_TORCH_THREADS=N python -m pytest` runs the test processes at N torch threads: other
+kernels and summation orders, so the shared artifacts they build (pretrained denoiser, feature
 map, FID classifier) and every trial trained from them come out at other numbers. No test may
-depend on those numbers; running the suite at 1 and at 2 threads is how that is checked.
-Modules that ask for `one_torch_thread` keep 1; Ray trials keep one thread per reserved CPU.
+depend on those numbers; running the suite at 1 and at 2 threads is how that is checked
+(at 2, with `-n 0`: two workers of two threads each oversubscribe two cores).
+Modules that ask for `one_torch_thread` keep 1.
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TEST_THREADS = os.environ.get("AYT_TEST_TORCH_THREADS")
+# pytest-xdist runs the suite in several worker processes (`-n`, see pytest_xdist_auto_num_workers).
+# Each one, and every process it starts (study drivers, Ray), keeps one torch/OpenMP thread: on
+# cores the other workers keep busy, spinning OpenMP threads run many times slower (a 10 s
+# artifact build took over 300 s at 2 threads beside one busy core).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER and not TEST_THREADS:
+    TEST_THREADS = "1"
+if TEST_THREADS:
+    os.environ["OMP_NUM_THREADS"] = TEST_THREADS
+MAX_XDIST_WORKERS = 4
 
 import pytest  # noqa: E402
 
@@ -39,7 +53,26 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     if TEST_THREADS:
-        return f"torch threads in the test process: {TEST_THREADS} (AYT_TEST_TORCH_THREADS)"
+        return f"torch threads in each test process: {TEST_THREADS} (AYT_TEST_TORCH_THREADS, else 1 under -n)"
+
+
+END_TO_END_FIXTURES = {"shared_out_dir", "ray_session"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with end-to-end tests (a Ray, a trained run) first, the rest in their order:
+    xdist hands whole modules to workers as they free up, and short modules last keep the
+    workers' loads even at the end. Each module's tests keep their order."""
+    heavy = {item.module.__name__ for item in items
+             if hasattr(item, "module") and END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in heavy)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default addopts): one worker per core, at most MAX_XDIST_WORKERS; each
+    starts its own local Ray and servers, so more would trade memory for little."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_XDIST_WORKERS))
 
 
 @pytest.fixture(scope="session")
@@ -91,19 +124,26 @@ def stand_in_metric(monkeypatch):
 
 @pytest.fixture(scope="session")
 def shared_out_dir(tmp_path_factory):
-    """One out_dir per test session: its artifact cache (pretrained model, feature map,
-    FID extractor and statistics) is built once and shared by every end-to-end test."""
-    return tmp_path_factory.mktemp("ayt-out")
+    """One out_dir per test process: its artifact cache (pretrained model, feature map,
+    FID extractor and statistics) is built once and shared by every end-to-end test. Under
+    pytest-xdist the workers' caches are one directory (the cache's file locks let one worker
+    build what another waits for), so each artifact is built once per session."""
+    out = tmp_path_factory.mktemp("ayt-out")
+    if XDIST_WORKER:
+        common = tmp_path_factory.getbasetemp().parent / "ayt-cache"
+        common.mkdir(exist_ok=True)
+        (out / "cache").symlink_to(common, target_is_directory=True)
+    return out
 
 
 @pytest.fixture
 def ray_session():
-    """The test session's one local Ray (dashboard and state API on 127.0.0.1), started on
-    first use; tests that need their own cluster shut it down and it starts again here."""
+    """The test process's one local Ray, started on first use; tests that need their own
+    cluster shut it down and it starts again here. No dashboard: no test reads it, and its
+    processes cost CPU at every start (the cluster rehearsal checks a real dashboard)."""
     import ray
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
 
 
