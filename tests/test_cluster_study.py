@@ -58,10 +58,10 @@ def test_two_workers_on_two_nodes_complete(three_node_cluster, shared_out_dir):
     name = "two-nodes"
     code = main(["experiment=smoke", "scaling.backend=ray", "progress=false", f"out_dir={shared_out_dir}",
                  f"name={name}", "scaling.num_workers=2", f"ray.address={cluster.address}",
-                 "training.iterations=40", "training.eval_every=40", "training.checkpoint_every=20",
-                 "fid.num_samples=100"])
+                 "training.iterations=20", "training.eval_every=20", "training.checkpoint_every=20",
+                 "fid.num_samples=50"])                            # placement is what is tested
     assert code == 0
-    final = shared_out_dir / "ray" / name / "iter_000000040"
+    final = shared_out_dir / "ray" / name / "iter_000000020"
     workers = [json.loads((final / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["rank"] for w in workers] == [0, 1]
     assert workers[0]["node_id"] != workers[1]["node_id"]

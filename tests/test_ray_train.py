@@ -3,6 +3,7 @@ driver restart, and clear errors instead of hung worker groups."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -95,18 +96,37 @@ def _pretrained(overrides: list[str]) -> dict:
 
 
 def test_worker_death_restarts_from_checkpoint_with_one_clean_fid_curve(ray_session, shared_out_dir):
+    """Two workers from scratch; one dies at iteration 30 and the group restarts from the
+    checkpoint at 20: one MLflow run, every metric logged once, the final result reported
+    again by the same command.
+
+    The same run checks that the ranks start in step: init=scratch with a Fourier embedding (a
+    random buffer DDP does not broadcast), and at the checkpoint before the death every rank's
+    network and EMA are bit-identical (each rank writes their digests into the checkpoint).
+    Mutation caught: the EMA copied before the DDP wrap while each rank builds its network from
+    its own dropout seed. It also logs MLflow's system metrics from each rank."""
     name = "worker-dies"
     # 40 iterations: a checkpoint at 20 to restart from, the death at 30, iterations 21-30
     # trained by both attempts (each step must still reach MLflow once), one evaluation after.
     args = SMOKE + [f"out_dir={shared_out_dir}", f"name={name}", "scaling.num_workers=2", "training.iterations=40",
                     "training.eval_every=20", "training.checkpoint_every=20", "training.log_every=10",
-                    "fid.num_samples=100"]
+                    "fid.num_samples=100", "training.init=scratch", "network.embedding=fourier",
+                    "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.5"]
     code = main(args + ["training.fail_at_iteration=30", "ray.max_failures=1"])
     assert code == 0
     assert (shared_out_dir / f".failed-once-{name}-30").exists()     # the worker really died
+    before_death = shared_out_dir / "ray" / name / "iter_000000020"   # written by the first worker group
+    ranks = [json.loads((before_death / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
+    assert ranks[0]["net_sha256"] == ranks[1]["net_sha256"]
     client, runs = _run(shared_out_dir, name)
     assert len(runs) == 1
     run_ = runs[0]
+    metrics = run_.data.metrics
+    for rank in (0, 1):
+        assert f"system/rank{rank}/cpu_utilization_percentage" in metrics, sorted(metrics)
+        assert f"system/rank{rank}/system_memory_usage_megabytes" in metrics
     assert run_.info.status == "FINISHED"
     assert run_.data.tags["ayt.resumed_from_iteration"] == "20"
     for key in ("eval/fid_1step", "eval/fid_2step", "train/loss", "images_seen"):
@@ -188,29 +208,3 @@ def test_gpu_workers_whose_torch_cannot_use_cuda_fail_before_training(shared_out
         assert refused.value.field == "scaling.use_gpu"
     finally:
         ray.shutdown()              # the ray_session fixture starts the session's Ray again
-
-
-def test_two_workers_from_scratch_hold_the_same_weights_and_ema(ray_session, shared_out_dir):
-    """init=scratch with a Fourier embedding (a random buffer DDP no longer broadcasts): after
-    the first step every rank's network and EMA are bit-identical (each rank writes their
-    digests into the checkpoint). Mutation caught: the EMA copied before the DDP wrap while
-    each rank builds its network from its own dropout seed. The same run logs MLflow's system
-    metrics from each rank (tracking.system_metrics)."""
-    import json
-    name = "same-ema"
-    args = ["experiment=smoke", "progress=false", f"out_dir={shared_out_dir}", f"name={name}",
-            "scaling.backend=ray", "scaling.num_workers=2", "training.init=scratch", "loss=pseudo_huber",
-            "network.embedding=fourier", "batch_size=16", "training.iterations=2", "training.checkpoint_every=1",
-            "training.eval_every=2", "fid.num_samples=50", "diagnostics.tangent.enabled=false",
-            "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.5"]
-    assert main(args) == 0
-    checkpoint = shared_out_dir / "ray" / name / "iter_000000001"
-    ranks = [json.loads((checkpoint / f"worker_rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["pid"] != ranks[1]["pid"]
-    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
-    assert ranks[0]["net_sha256"] == ranks[1]["net_sha256"]
-    client, runs = _run(shared_out_dir, name)
-    metrics = runs[0].data.metrics
-    for rank in (0, 1):
-        assert f"system/rank{rank}/cpu_utilization_percentage" in metrics, sorted(metrics)
-        assert f"system/rank{rank}/system_memory_usage_megabytes" in metrics
