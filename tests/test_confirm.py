@@ -130,7 +130,7 @@ def test_search_then_confirm_reruns_the_best_and_the_baseline_on_fresh_seeds(ray
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=confirm-huber", "study.search=random", "study.startup_trials=null",
             "study.num_samples=3", "study.scheduler=none", "study.protocol.confirm.k=2",
-            "study.protocol.confirm.seeds=[5,6]", "study.budget.amount=128", "study.max_concurrent_trials=2",
+            "study.protocol.confirm.seeds=[5,6]", "study.budget.amount=128", "study.max_concurrent_trials=1",
             "study.protocol.confirm.baseline_on_search_seeds=true", *TINY]
     assert study_main("huber_sweep", args) == 0
     printed = capsys.readouterr().out

@@ -247,7 +247,7 @@ def test_an_edge_winner_extends_the_range_and_a_resume_reruns_no_round(ray_sessi
     args = [f"out_dir={out}", "study.name=ttr_ext", "study.protocol.name=tune_then_repeat",
             "study.axes.loss=[pseudo_huber]", "study.seeds=[0]", "study.protocol.tune.low=1e-4",
             "study.protocol.tune.high=1e-3", "study.protocol.tune.points=2", "study.protocol.tune.seeds=[7,8]",
-            "study.protocol.tune.max_extensions=1", "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
+            "study.protocol.tune.max_extensions=1", "study.budget.amount=40", "study.max_concurrent_trials=1", *TINY]
     assert study_main("speed", args) == 0
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
 

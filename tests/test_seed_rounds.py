@@ -127,7 +127,7 @@ def test_seed_rounds_on_real_ray_add_a_round_and_a_resume_reruns_nothing(ray_ses
     out = shared_out_dir
     args = [f"out_dir={out}", "study.name=rounds", "study.axes.batch_size=[16]", "study.axes.loss=[pseudo_huber,mfd]",
             "study.seeds=[0,1,2]", "study.seed_rounds.first=2", "study.seed_rounds.step=1", "study.budget.amount=320",
-            "study.max_concurrent_trials=2", "study.preset=smoke", "fid.num_samples=100", "progress=false",
+            "study.max_concurrent_trials=1", "study.preset=smoke", "fid.num_samples=100", "progress=false",
             "study.budget.evals=1"]
     assert study_main("batch_size_sweep", args) == 0
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")

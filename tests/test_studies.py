@@ -369,7 +369,7 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     out = shared_out_dir
     plain = ["study.protocol.name=single", "study.scheduler=none"]       # the search alone, every trial to the end
     assert study_main("huber_sweep", [f"out_dir={out}", "study.name=random-huber", "study.search=random",
-                                      "study.num_samples=2", "study.budget.amount=128", "study.max_concurrent_trials=2",
+                                      "study.num_samples=2", "study.budget.amount=128", "study.max_concurrent_trials=1",
                                       "batch_size=32", *plain, *TINY]) == 0
     # progress=false (TINY) drops the bar, not the one line per trial start and end.
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
@@ -399,7 +399,7 @@ def test_random_search_samples_the_range_and_a_diverging_trial_fails_with_its_re
     other = "0" * 40
     client.set_tag(parents[0].info.run_id, "ayt.code_versions", other)
     args = [f"out_dir={out}", "study.name=random-huber", "study.search=random", "study.num_samples=2",
-            "study.budget.amount=128", "study.max_concurrent_trials=2", "batch_size=32", *plain, *TINY, "resume=true"]
+            "study.budget.amount=128", "study.max_concurrent_trials=1", "batch_size=32", *plain, *TINY, "resume=true"]
     capsys.readouterr()
     assert study_main("huber_sweep", args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -437,7 +437,7 @@ def test_tune_then_repeat_runs_each_group_at_its_own_best_lr(ray_session, shared
             "study.protocol.tune.low=1e-3", "study.protocol.tune.high=8e-3", "study.protocol.tune.points=2",
             "study.protocol.tune.seeds=[7]", "study.protocol.tune.allow_one_seed=true",
             "study.protocol.tune.max_extensions=0",          # extension rounds: tests/test_protocol.py
-            "study.budget.amount=40", "study.max_concurrent_trials=2", *TINY]
+            "study.budget.amount=40", "study.max_concurrent_trials=1", *TINY]
     assert study_main("speed", args) == 0
     _, _, tuning = _children(out, "ttr-tune")
     for loss in ("pseudo_huber", "mfd"):
