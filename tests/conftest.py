@@ -2,7 +2,7 @@
 
 The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml; `-n 0` runs it in one
 process). Under xdist every test process and every process it starts keeps one torch thread;
-in one process the test process keeps torch's default threads. Ray trials keep one thread
+in one process the test process keeps torch's default threads. Tune trials keep one thread
 per reserved CPU either way.
 
 `AYT_TEST_TORCH_THREADS=N python -m pytest` runs the test processes at N torch threads: other
