@@ -43,7 +43,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 @pytest.fixture(autouse=True)
-def _no_bootstrap_config(monkeypatch, tmp_path):
+def _nothing_to_discover(monkeypatch, tmp_path):
     """Discovery must not pick up a ~/ray_bootstrap_config.yaml of the machine running the tests,
     nor the session's Ray that an earlier test in this process started (the `ray_session`
     fixture starts it again where a test needs it): whichever tests ran before, these see the
