@@ -326,10 +326,11 @@ def test_a_killed_driver_resumes_from_s3_without_rerunning_finished_trials(stack
 
 
 def test_orphan_requeue_reads_tune_state_on_s3(stack, tmp_path, monkeypatch):
-    """The re-queue before a resume (ayt.studies.engine.resume) finds Tune's saved searcher on S3, as
+    """The re-queue before a resume (ayt.studies.engine.resume) finds Tune's saved state on S3, as
     it does in a local directory (tests/test_studies.py): the Optuna trial the killed driver
     had asked for but Tune never saved is queued again."""
     import optuna
+    import ray.cloudpickle as cloudpickle
     from optuna.trial import TrialState
 
     from pyarrow import fs as pafs
@@ -351,6 +352,10 @@ def test_orphan_requeue_reads_tune_state_on_s3(stack, tmp_path, monkeypatch):
     s3.create_dir(inner)
     with s3.open_output_stream(f"{inner}/{local.name}") as f:
         f.write(local.read_bytes())
+    with s3.open_output_stream(f"{inner}/experiment_state-2026-01-01_00-00-00.json") as f:   # Tune's trial list
+        f.write(json.dumps({"trial_data": [[json.dumps({"trial_id": "tune-a"}), "{}"]], "runner_data": {}}).encode())
+    with s3.open_output_stream(f"{inner}/search_gen_state-2026-01-01_00-00-00.json") as f:    # its search generator
+        f.write(cloudpickle.dumps({"counter": 1, "total_samples": 4, "finished": False, "experiment": None}))
     searcher.suggest("tune-b")                                # asked for, then the driver died
     assert s3.get_file_info(f"{inner}/tuner.pkl").type == pafs.FileType.NotFound   # Tune saved no Tuner yet
     assert requeue_orphaned_trials(plan) == 1

@@ -145,6 +145,25 @@ def test_sweep_killed_then_resumed_gives_one_clean_study(ray_session, shared_out
     assert "report/report.md" in logged
 
 
+def _save_tune_state(plan, searcher, *trial_ids: str, stamp: str = "2026-01-01_00-00-00",
+                     trial_list: bool = True) -> Path:
+    """What Tune saves of a study after a step: its trial list (unless `trial_list` is false),
+    its search generator and its searcher (whose path this returns)."""
+    import json
+
+    import ray.cloudpickle as cloudpickle
+    root = Path(plan.experiment_path)
+    root.mkdir(parents=True, exist_ok=True)
+    if trial_list:
+        trial_data = [[json.dumps({"trial_id": i, "status": "RUNNING"}), {}] for i in trial_ids]
+        (root / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": trial_data, "runner_data": {}}))
+    generator = {"counter": len(trial_ids), "total_samples": plan.space.trial_count(), "finished": False,
+                 "experiment": None}
+    (root / f"search_gen_state-{stamp}.json").write_bytes(cloudpickle.dumps(generator))
+    searcher.save(str(root / f"searcher-state-{stamp}.pkl"))
+    return root / f"searcher-state-{stamp}.pkl"
+
+
 def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     """The race a killed driver can leave behind (the kill-and-resume test hit it): Optuna
     handed out a grid point, then the driver died before Tune saved the trial. Without the
@@ -157,8 +176,7 @@ def test_resume_requeues_an_optuna_trial_that_tune_never_saved(tmp_path):
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     searcher = optuna_searcher(plan)
     first = searcher.suggest("tune-a")                     # a trial Tune owns and saved
-    Path(plan.experiment_path).mkdir(parents=True)
-    searcher.save(str(Path(plan.experiment_path) / "searcher-state-2026-01-01_00-00-00.pkl"))
+    _save_tune_state(plan, searcher, "tune-a")
     orphan = searcher.suggest("tune-b")                    # asked for, then the driver died
 
     assert requeue_orphaned_trials(plan) == 1
@@ -223,10 +241,7 @@ def test_a_trial_optuna_finished_after_tunes_last_save_resumes_without_reporting
     plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
     searcher = optuna_searcher(plan)
     searcher.suggest("tune-a")
-    root = Path(plan.experiment_path)
-    root.mkdir(parents=True)
-    saved = root / "searcher-state-2026-01-01_00-00-00.pkl"
-    searcher.save(str(saved))                               # Tune's last save: tune-a running
+    saved = _save_tune_state(plan, searcher, "tune-a")      # Tune's last save: tune-a running
     study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
     study.tell(study.trials[0].number, 120.0)               # then Optuna heard it finish; the driver died
 
@@ -237,6 +252,88 @@ def test_a_trial_optuna_finished_after_tunes_last_save_resumes_without_reporting
     restored.on_trial_complete("tune-a", {plan.metric: 118.0})
     assert [t.value for t in optuna.load_study(study_name=plan.study_id,
                                                storage=f"sqlite:///{plan.out_dir / 'optuna.db'}").trials] == [120.0]
+
+
+@pytest.mark.parametrize("cut, older_list, requeued", [("experiment_state-", False, 2), ("experiment_state-", True, 1),
+                                                       ("searcher-state-", False, 2)])
+def test_resume_sets_aside_a_state_file_a_killed_copy_cut_short(tmp_path, cut, older_list, requeued):
+    """Tune copies its state files to storage without an atomic rename: a driver killed
+    mid-copy left `experiment_state-*.json` cut short, and the resume died in a
+    JSONDecodeError (seen once in a 2-thread run of the kill-and-resume test). The file is set
+    aside, and the resume goes on from an older complete trial list (an earlier driver's,
+    listing tune-a: only tune-b is an orphan) or, with none, as a driver killed before Tune
+    saved (both are orphans, and a new Tuner runs the rest); a searcher cut short leaves Tune
+    nothing to restore either. Mutation caught: reading the newest file as it is (the
+    resume raises)."""
+    import json
+
+    import optuna
+
+    from ayt.studies.engine.resume import TuneOptunaState, requeue_orphaned_trials
+    from ayt.studies.engine.tune_backend import optuna_searcher
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
+    searcher = optuna_searcher(plan)
+    searcher.suggest("tune-a")
+    searcher.suggest("tune-b")
+    root = Path(plan.experiment_path)
+    _save_tune_state(plan, searcher, "tune-a", "tune-b", stamp="2026-01-02_00-00-00")
+    if older_list:
+        (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(
+            {"trial_data": [[json.dumps({"trial_id": "tune-a", "status": "RUNNING"}), {}]], "runner_data": {}}))
+    (newest,) = root.glob(f"{cut}2026-01-02_00-00-00.*")
+    newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])        # the copy the kill cut short
+
+    assert requeue_orphaned_trials(plan) == requeued
+    assert not newest.exists() and newest.with_name(newest.name + ".unreadable").exists()
+    assert TuneOptunaState(plan).has_experiment_state() == older_list
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == sorted(
+        ["RUNNING"] * (2 - requeued) + ["FAIL", "WAITING"] * requeued)
+    assert requeue_orphaned_trials(plan) == 0                  # idempotent
+
+
+def test_resume_closes_the_run_of_a_trial_optuna_finished_and_deletes_the_others(tmp_path):
+    """Tune tells the searcher (Optuna) that a trial completed before its callbacks close the
+    trial's MLflow run. A driver killed in between, before Tune saved its state, left the
+    resume deleting that run as one of a trial Tune never saved, and Optuna, which had it
+    COMPLETE, never ran it again: the study finished with 3 of its 4 children, exit code 0
+    (seen once in a 2-thread run of the test below). The searcher writes the Tune trial on the
+    Optuna trial, so the resume closes the finished trial's run (FINISHED, with its metrics)
+    and deletes only the run of the trial it queues again. Mutation caught: deleting every
+    RUNNING child whose trial Tune did not save, as before."""
+    from types import SimpleNamespace
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from ayt.studies.engine.resume import requeue_orphaned_trials
+    from ayt.studies.engine.tracker import StudyTracker
+    from ayt.studies.engine.tune_backend import optuna_searcher
+    from ayt.tracking import start_or_resume_run
+    plan = plan_study("batch_size_sweep", [f"out_dir={tmp_path}", "study.preset=smoke", "study.axes.batch_size=[16,32]"])
+    uri, experiment = str(plan.base.tracking.uri), str(plan.base.tracking.experiment)
+    parent_id, _ = start_or_resume_run(uri, experiment, plan.study_id, {})
+    killed = StudyTracker(uri, experiment, parent_id, plan.name, plan.describe)     # the first driver's
+    searcher = optuna_searcher(plan)
+    trials = {t: SimpleNamespace(trial_id=t, config=searcher.suggest(t), last_result=None) for t in ("tune-a", "tune-b")}
+    for trial in trials.values():
+        killed.on_trial_start(0, [], trial)
+    planned = killed.planned["tune-a"]
+    killed.on_trial_result(0, [], trials["tune-a"], {"iteration": planned, "images_seen": planned,
+                                                     "eval/fid_1step": 100.0, plan.tune_metric: 100.0})
+    searcher.on_trial_complete("tune-a", result={plan.tune_metric: 100.0})   # Optuna: COMPLETE; then the kill
+    client = MlflowClient(uri)
+    run_a, run_b = (killed.loggers[t].run_id for t in ("tune-a", "tune-b"))
+    assert client.get_run(run_a).info.status == "RUNNING"
+
+    resumed = StudyTracker(uri, experiment, parent_id, plan.name, plan.describe)    # the resumed driver's
+    assert requeue_orphaned_trials(plan, parent_id, close_run=resumed.close_run) == 1       # tune-b
+    assert client.get_run(run_a).info.status == "FINISHED"
+    assert client.get_run(run_a).info.lifecycle_stage == "active"
+    assert [m.step for m in client.get_metric_history(run_a, "eval/fid_1step")] == [planned]
+    assert client.get_run(run_b).info.lifecycle_stage == "deleted"
+    study = optuna.load_study(study_name=plan.study_id, storage=f"sqlite:///{plan.out_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
 
 
 def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,

@@ -14,7 +14,7 @@ import logging
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ayt.errors import ConfigError
 from ayt.studies.engine.plan import StudyPlan
@@ -38,8 +38,17 @@ class TuneOptunaState:
     - Tune's trial list, `experiment_state-<time>.json` (`trial_data`: each trial's JSON with
       its `trial_id`), and its search generator's `search_gen_state-<time>.json` (a cloudpickled
       dict: `counter`, the trials it created; `finished`; `name:ConcurrencyLimiter` with its
-      `live_trials`), which `SearchGenerator.restore_from_dir` reads back.
+      `live_trials`), which `SearchGenerator.restore_from_dir` reads back;
+    - these three files are copied to storage without an atomic rename, so a driver killed
+      mid-copy leaves one cut short, which Tune's restore would fail to read;
+    - the Optuna user attribute `ayt.tune_trial_id` that the study's searcher
+      (ayt.studies.engine.searcher, which reads OptunaSearch's `_ot_trials`) writes.
     """
+
+    # Tune's saved state, (prefix, suffix, parser) of each kind of file: `Tuner.restore` needs all three.
+    STATE_FILES = (("experiment_state-", ".json", json.loads),
+                   ("searcher-state-", ".pkl", pickle.loads),
+                   ("search_gen_state-", ".json", lambda data: _cloudpickle().loads(data)))
 
     def __init__(self, plan: StudyPlan):
         self.study_id = plan.study_id
@@ -56,10 +65,12 @@ class TuneOptunaState:
         return (Path(path) / "tuner.pkl").exists()
 
     def has_experiment_state(self) -> bool:
-        """Whether an `experiment_state-*.json` (what `Tuner.restore` resumes from) reached the
-        experiment's storage: Tune writes `tuner.pkl` at once but syncs its experiment state
-        from the driver's staging directory afterwards, so a driver killed early leaves none."""
-        return self._newest("experiment_state-", ".json") is not None
+        """Whether Tune's saved state can be restored: its trial list (`experiment_state-*.json`),
+        searcher and search generator all reached the experiment's storage. Tune writes
+        `tuner.pkl` at once but copies these from the driver's staging directory after its
+        steps, one after another, so a driver killed early leaves none or only some, and
+        `Tuner.restore` fails without any one of them."""
+        return all(self._newest(prefix, suffix) is not None for prefix, suffix, _ in self.STATE_FILES)
 
     def saved_trial_ids(self) -> set[str] | None:
         """The Tune trials in Tune's newest saved trial list (what `Tuner.restore` resumes);
@@ -109,6 +120,40 @@ class TuneOptunaState:
         with fs.open_output_stream(path) as f:       # one object, replaced whole
             f.write(cloudpickle.dumps(state))
         return lost
+
+    def set_aside_unreadable(self) -> list[str]:
+        """Rename each of Tune's newest state files that does not parse to `<name>.unreadable`,
+        until the newest of each kind parses or none is left; returns the names set aside.
+
+        A driver killed while Tune copied its state to storage leaves the file cut short
+        (`JSONDecodeError` in the middle of `experiment_state-*.json`), and `Tuner.restore`,
+        which reads the newest, fails. Set aside, the file no longer matches Tune's pattern:
+        the resume goes on from the newest complete state, or, with none left, as a driver
+        killed before Tune saved anything (the Optuna study says what finished)."""
+        moved = []
+        for prefix, suffix, parse in self.STATE_FILES:
+            while (newest := self._newest(prefix, suffix)) is not None:
+                fs, path = newest
+                try:
+                    with fs.open_input_stream(path) as f:
+                        parse(f.read())
+                    break
+                except Exception:                  # any parse error: truncated or corrupt
+                    fs.move(path, path + ".unreadable")
+                    moved.append(path.rsplit("/", 1)[-1])
+        return moved
+
+    def finished_by_tune_trial(self) -> dict[str, Any]:
+        """Tune trial id -> the Optuna trial (FrozenTrial) Optuna finished (COMPLETE or PRUNED)
+        for it, from the attribute the study's searcher writes (`TUNE_TRIAL_ATTR`)."""
+        if not self.has_study():
+            return {}
+        from optuna.trial import TrialState
+
+        from ayt.studies.engine.searcher import TUNE_TRIAL_ATTR
+        return {t.user_attrs[TUNE_TRIAL_ATTR]: t
+                for t in self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if TUNE_TRIAL_ATTR in t.user_attrs}
 
     def has_study(self) -> bool:
         """Whether Optuna created the study (OptunaSearch does when the Tuner starts)."""
@@ -218,23 +263,39 @@ class TuneOptunaState:
         return (fs, found[-1]) if found else None
 
 
-def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -> int:
+def _cloudpickle():
+    import ray.cloudpickle
+    return ray.cloudpickle
+
+
+def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None,
+                            close_run: Callable[[Any], None] | None = None) -> int:
     """Before a resume: Optuna trials the killed driver had asked for but Tune never saved.
 
     Tune saves its searcher after each step; a driver killed between the searcher's `ask`
     and that save leaves an Optuna trial RUNNING that no Tune trial owns. The resumed study
     would never finish it, and Optuna's GridSampler would hand out a duplicate instead. Each
-    such trial is failed and queued again with its grid point (Optuna's own
-    retry callback), so the resumed study runs every point exactly once; an MLflow
-    child run that such a trial had opened is deleted (soft: `mlflow runs restore` undoes it),
-    since its retry opens its own. Returns the number of trials re-queued."""
+    such trial is failed and queued again with its grid point (Optuna's own retry callback),
+    so the resumed study runs every point exactly once. Returns the number of trials re-queued.
+
+    The MLflow child runs still RUNNING of trials Tune did not save: a trial Optuna finished
+    (the driver died between telling Optuna and closing the run) keeps its run, closed by
+    `close_run` (the tracker's), as it has no retry to open another; any other such run is
+    deleted (soft: `mlflow runs restore` undoes it), since its trial's retry opens its own.
+    Tune's state files a killed copy left unreadable are set aside first."""
     state = TuneOptunaState(plan)
-    owned = state.tune_owned_trials()
-    if owned is None:
-        if state.has_experiment_state() or not state.has_study():
-            return 0
-        owned = {}          # Tune saved no state at all: every running Optuna trial is an orphan
+    unreadable = state.set_aside_unreadable()
+    if unreadable:
+        log.warning("study %s: set aside Tune state files a killed driver left unreadable: %s", plan.study_id,
+                    ", ".join(unreadable))
+    if not state.has_study():
+        return 0
+    if not state.has_experiment_state():
+        owned: dict[str, int] = {}   # nothing for Tune to restore: every running Optuna trial is an orphan
     else:
+        owned = state.tune_owned_trials()
+        if owned is None:
+            return 0
         saved = state.saved_trial_ids()
         if saved is not None:
             # A trial the searcher asked for but Tune's saved trial list lost (the two were
@@ -255,12 +316,32 @@ def requeue_orphaned_trials(plan: StudyPlan, parent_run_id: str | None = None) -
         log.warning("study %s: Optuna trial %d was asked for but never saved by Tune; queued again (%s)",
                     plan.study_id, trial.number, point)
     if parent_run_id:
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(str(plan.base.tracking.uri))
-        for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-            if run.data.tags.get("ayt.trial_id") not in owned:
-                client.delete_run(run.info.run_id)
-                log.warning("study %s: deleted MLflow run %s of a trial Tune never saved", plan.study_id,
-                            run.info.run_id)
+        _settle_child_runs(plan, state, parent_run_id, owned, close_run)
     return len(orphans)
+
+
+def _settle_child_runs(plan: StudyPlan, state: TuneOptunaState, parent_run_id: str, owned: dict[str, int],
+                       close_run: Callable[[Any], None] | None) -> None:
+    """Close or delete the RUNNING child runs of trials Tune will not resume (see
+    `requeue_orphaned_trials`)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+    from ray.tune.utils.util import unflatten_dict
+    client = MlflowClient(str(plan.base.tracking.uri))
+    finished = state.finished_by_tune_trial()
+    for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        tune_id = run.data.tags.get("ayt.trial_id")
+        if tune_id in owned:
+            continue
+        done = finished.get(tune_id)
+        if done is not None and close_run is not None:
+            # As the Tune trial OptunaSearch built: its config is the Optuna trial's parameters.
+            close_run(SimpleNamespace(trial_id=tune_id, config=unflatten_dict(dict(done.params)), last_result=None))
+            log.warning("study %s: closed MLflow run %s of a trial Optuna finished before the driver stopped",
+                        plan.study_id, run.info.run_id)
+        else:
+            client.delete_run(run.info.run_id)
+            log.warning("study %s: deleted MLflow run %s of a trial Tune never saved", plan.study_id,
+                        run.info.run_id)

@@ -88,6 +88,12 @@ class StudyTracker(Callback):
             logger.set_tags({RESUMED_FROM_TAG: int(result[RESUMED_FROM])})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.close_run(trial)
+
+    def close_run(self, trial) -> None:
+        """Finish a trial's child run (FINISHED, or KILLED when stopped before its planned
+        iterations) with the files its trial wrote. `trial` needs `trial_id`, `config` and
+        `last_result` (None when a resume closes a run whose driver was killed first)."""
         logger = self.child(trial)
         if trial.trial_id in self.finished:
             return

@@ -111,11 +111,12 @@ def optuna_searcher(plan: StudyPlan):
     """Tune's OptunaSearch over the plan's space; its Optuna study lives in `plan.optuna_db`,
     where a resume reads it again (ayt.studies.engine.resume)."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from ayt.studies.engine.searcher import StudySearch
     space, sampler = plan.space, optuna_sampler(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{plan.optuna_db}")
-    return OptunaSearch(space=space.define_by_run, metric=plan.tune_metric, mode=plan.mode, sampler=sampler,
+    return StudySearch(space=space.define_by_run, metric=plan.tune_metric, mode=plan.mode, sampler=sampler,
                         study_name=plan.study_id, storage=storage)
 
 
@@ -188,15 +189,16 @@ def _fit(plan: StudyPlan, parent_id: str, tracker, console) -> list:
     state = TuneOptunaState(plan)
     if not state.experiment_exists():
         return list(_new_tuner(plan, trainable, callbacks=[tracker, console]).fit())
-    requeue_orphaned_trials(plan, parent_id)
+    requeue_orphaned_trials(plan, parent_id, close_run=tracker.close_run)
     if not state.has_experiment_state():
-        # A driver killed before Tune's first experiment state reached storage left a Tuner and
-        # nothing to restore: Tune would start over with one trial per unvisited grid point and
-        # stop. The Optuna study knows what finished; a new Tuner runs the rest (orphans re-queued).
+        # A driver killed before all of Tune's state reached storage (or while copying it) left
+        # a Tuner and nothing to restore: Tune would start over with one trial per unvisited grid
+        # point and stop. The Optuna study knows what finished; a new Tuner runs the rest
+        # (orphans re-queued).
         finished = state.finished_trials()
         remaining = plan.space.trial_count() - finished
-        log.warning("study %s: Tune saved no experiment state before the driver stopped; running the %d "
-                    "trials the Optuna study has not finished", plan.study_id, remaining)
+        log.warning("study %s: Tune's saved state is missing or incomplete (the driver stopped before it was "
+                    "saved); running the %d trials the Optuna study has not finished", plan.study_id, remaining)
         console.done += finished
         if remaining <= 0:
             return []
