@@ -53,7 +53,8 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[s
                         tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                         reopen_finished: bool = True, display_name: str | None = None) -> tuple[str, bool]:
     """Return (run_id, resumed). A new run gets its params and tags; an old one is reopened
-    (a FINISHED one only if `reopen_finished`: a study's completed trial stays as it was).
+    (a FINISHED one only if `reopen_finished`: a study's completed trial stays as it was) and
+    given the params it lacks.
     `run_name` finds the run again; `display_name` (default: the same) is what the UI shows."""
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
@@ -61,16 +62,23 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[s
     if existing is not None:
         if reopen_finished or existing.info.status != "FINISHED":
             client.update_run(existing.info.run_id, status="RUNNING")
+        # A process killed between creating the run and logging its params left some out.
+        _log_params(client, existing.info.run_id,
+                    {k: v for k, v in params.items() if k not in existing.data.params})
         return existing.info.run_id, True
     shown = display_name or run_name
     all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": shown, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=shown, tags=all_tags)
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id, False
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):          # MLflow caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return run.info.run_id, False
+        client.log_batch(run_id, params=items[i:i + 100])
 
 
 def _param_value(value: Any) -> str:

@@ -336,6 +336,22 @@ def test_resume_closes_the_run_of_a_trial_optuna_finished_and_deletes_the_others
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
 
 
+def test_a_run_a_killed_driver_created_without_its_params_gets_them_when_reopened(tmp_path):
+    """The tracker creates a trial's MLflow run, then logs its params: a driver killed in
+    between (a 1-thread run of the kill-and-resume test above hit it) left a child run with no
+    params, which the resume reopened as it was, with no axis values for the report or the
+    MLflow UI. Reopening logs the params a run lacks and leaves those it has. Mutation caught:
+    reopening as before (the run keeps only `seed`)."""
+    from ayt.tracking import RUN_NAME_TAG, get_or_create_experiment, start_or_resume_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    killed = client.create_run(get_or_create_experiment(client, "study"), tags={RUN_NAME_TAG: "study-tune-a"})
+    client.log_param(killed.info.run_id, "seed", "0")                 # then the kill
+    run_id, resumed = start_or_resume_run(uri, "study", "study-tune-a", {"batch_size": 16, "loss": "mfd", "seed": 0})
+    assert (run_id, resumed) == (killed.info.run_id, True)
+    assert client.get_run(run_id).data.params == {"batch_size": "16", "loss": "mfd", "seed": "0"}
+
+
 def test_a_driver_killed_before_tune_saved_its_state_still_resumes_every_trial(ray_session, shared_out_dir,
                                                                              monkeypatch, first_finished_child):
     """Tune writes tuner.pkl at once but syncs its experiment state to storage only after its
