@@ -43,6 +43,24 @@ def test_digits_shapes_range_labels():
     assert x.shape == (1, 16, 16) and int(y) == int(train.labels[3])
 
 
+def test_digits_are_scikit_learns_read_without_importing_its_datasets():
+    """The digits file is read directly (importing sklearn.datasets costs 0.7 s per process):
+    the arrays are load_digits' own, and reading them imports no sklearn module. Mutations
+    caught: a transposed reshape, labels off by a column, a fallback that imports anyway."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ayt.data import digits_arrays
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(labels, bunch.target)
+    code = "import sys; from ayt.data import digits_arrays; digits_arrays(); print(any(m.startswith('sklearn') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_digits_split_is_deterministic_and_disjoint():
     a, b = load_dataset(_cfg("digits")), load_dataset(_cfg("digits"))
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
