@@ -59,13 +59,23 @@ def pytest_report_header(config):
 END_TO_END_FIXTURES = {"shared_out_dir", "ray_session"}
 
 
+def pytest_configure(config):
+    """xdist hands out modules in the order `pytest_collection_modifyitems` leaves them, not
+    sorted by its own count of tests per module (the default since pytest-xdist 3.7)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with end-to-end tests (a Ray, a trained run) first, the rest in their order:
-    xdist hands whole modules to workers as they free up, and short modules last keep the
-    workers' loads even at the end. Each module's tests keep their order."""
-    heavy = {item.module.__name__ for item in items
-             if hasattr(item, "module") and END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in heavy)
+    """Modules by their end-to-end tests (a Ray, a trained run), most first, the rest after in
+    their order: xdist hands whole modules to workers as they free up, so the longest start
+    first and the short ones last keep the workers' loads even at the end. Each module's tests
+    keep their order."""
+    heavy: dict[str, int] = {}
+    for item in items:
+        if hasattr(item, "module") and END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            heavy[item.module.__name__] = heavy.get(item.module.__name__, 0) + 1
+    items.sort(key=lambda item: -heavy.get(getattr(getattr(item, "module", None), "__name__", ""), 0))
 
 
 def pytest_xdist_auto_num_workers(config):
