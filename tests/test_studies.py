@@ -265,8 +265,6 @@ def test_resume_sets_aside_a_state_file_a_killed_copy_cut_short(tmp_path, cut, o
     saved (both are orphans, and a new Tuner runs the rest); a searcher cut short leaves Tune
     nothing to restore either. Mutation caught: reading the newest file as it is (the
     resume raises)."""
-    import json
-
     import optuna
 
     from ayt.studies.engine.resume import TuneOptunaState, requeue_orphaned_trials
@@ -277,9 +275,8 @@ def test_resume_sets_aside_a_state_file_a_killed_copy_cut_short(tmp_path, cut, o
     searcher.suggest("tune-b")
     root = Path(plan.experiment_path)
     _save_tune_state(plan, searcher, "tune-a", "tune-b", stamp="2026-01-02_00-00-00")
-    if older_list:
-        (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(
-            {"trial_data": [[json.dumps({"trial_id": "tune-a", "status": "RUNNING"}), {}]], "runner_data": {}}))
+    if older_list:                                          # an earlier driver's state, complete
+        _save_tune_state(plan, searcher, "tune-a", stamp="2026-01-01_00-00-00")
     (newest,) = root.glob(f"{cut}2026-01-02_00-00-00.*")
     newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])        # the copy the kill cut short
 
