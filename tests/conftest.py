@@ -45,12 +45,6 @@ MAX_XDIST_WORKERS = 4
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    if TEST_THREADS:
-        import torch
-        torch.set_num_threads(int(TEST_THREADS))
-
-
 def pytest_report_header(config):
     if TEST_THREADS:
         return f"torch threads in each test process: {TEST_THREADS} (AYT_TEST_TORCH_THREADS, else 1 under -n)"
@@ -60,8 +54,12 @@ END_TO_END_FIXTURES = {"shared_out_dir", "ray_session"}
 
 
 def pytest_configure(config):
-    """xdist hands out modules in the order `pytest_collection_modifyitems` leaves them, not
-    sorted by its own count of tests per module (the default since pytest-xdist 3.7)."""
+    """Torch at TEST_THREADS in this process; and xdist hands out modules in the order
+    `pytest_collection_modifyitems` leaves them, not sorted by its own count of tests per
+    module (the default since pytest-xdist 3.7)."""
+    if TEST_THREADS:
+        import torch
+        torch.set_num_threads(int(TEST_THREADS))
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
