@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from ayt.config import compose_config, load_config, resolve_paths, validate_config
 from ayt.errors import ConfigError
@@ -75,3 +76,33 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "name: l2" in proc.stdout and str(tmp_path) in proc.stdout
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["experiment=smoke", "loss=pseudo_huber", "loss.huber_c=0.03", "batch_size=16", "seed=3"],
+    ["+study=batch_size_sweep", "study.seeds=[0,1]", "study.metric=fid_mfd", "name=s-1"],
+    ["loss={name: l2}"],                                       # a dict value for a group: a value override
+    ["~fid.inception_weights", "++extra.note=x", "+added=1"],   # delete, force-add, add
+    ["augment=idt", "feature_map=small", "feature_map.iterations=7"],
+    ["los=mfd"], ["loss=foo"], ["batch_size=[1"], ["+batch_size=3"], ["~no_such_key"],   # Hydra's errors
+])
+def test_the_remembered_compose_gives_what_hydra_composes(overrides):
+    """`_compose` builds from the group choices (remembered), then applies the value overrides
+    with Hydra's own function: the result, its flags and its errors are those of one compose."""
+    from ayt import config
+
+    def outcome(compose):
+        try:
+            cfg = compose()
+        except Exception as err:                                 # noqa: BLE001: the error is the outcome
+            return type(err).__name__, str(err), type(err.__cause__).__name__
+        return OmegaConf.to_yaml(cfg), OmegaConf.is_struct(cfg)
+
+    for _ in range(2):                                          # the second: from what is remembered
+        assert outcome(lambda: config._compose(list(overrides), "config")) == \
+            outcome(lambda: config._compose_uncached(tuple(overrides), "config"))
+    first = config._compose(list(overrides), "config") if overrides[:1] == ["experiment=smoke"] else None
+    if first is not None:                                       # each caller changes its own copy
+        first.lr, first.loss.huber_c = 999.0, 999.0
+        assert config._compose(list(overrides), "config") == config._compose_uncached(tuple(overrides), "config")
