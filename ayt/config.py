@@ -74,7 +74,7 @@ def _compose(overrides: list[str], config_name: str) -> DictConfig:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)
 def _parse_override(override: str) -> Override:
     return OverridesParser.create().parse_overrides([override])[0]
 
