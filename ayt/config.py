@@ -3,6 +3,7 @@ work (or any Ray actor) starts. Errors are one line: ``field: problem; allowed: 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -11,10 +12,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from hydra import compose, initialize_config_module
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.hydra import Hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -82,12 +84,8 @@ def _parse_override(override: str) -> Override:
 @functools.lru_cache(maxsize=None)
 def _is_config_group(key: str) -> bool:
     """Hydra's own test for an override that chooses a group option (hydra/_internal/defaults_list.py)."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return GlobalHydra.instance().hydra.config_loader.repository.group_exists(key)
-    finally:
-        GlobalHydra.instance().clear()
+    with _package_hydra() as hydra:
+        return hydra.config_loader.repository.group_exists(key)
 
 
 @functools.lru_cache(maxsize=128)
@@ -96,10 +94,18 @@ def _compose_remembered(overrides: tuple[str, ...], config_name: str) -> DictCon
 
 
 def _compose_uncached(overrides: tuple[str, ...], config_name: str) -> DictConfig:
+    with _package_hydra():
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@contextlib.contextmanager
+def _package_hydra() -> Iterator[Hydra]:
+    """Hydra initialised on the package's configs for one use, and cleared after it (whatever
+    another caller in this process left initialised is cleared first)."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return compose(config_name=config_name, overrides=list(overrides))
+            yield GlobalHydra.instance().hydra
     finally:
         GlobalHydra.instance().clear()
 

@@ -198,11 +198,12 @@ class StandIns:
         raw.mkdir(parents=True, exist_ok=True)
         if digits:
             import torch
-            from sklearn.datasets import load_digits
-            bunch = load_digits()
-            big = torch.nn.functional.interpolate(torch.from_numpy(bunch.images).float()[:, None] * 16,
+
+            from ayt.data import digits_arrays
+            digit_images, labels = digits_arrays()
+            big = torch.nn.functional.interpolate(torch.from_numpy(digit_images).float()[:, None] * 16,
                                                   size=(size, size), mode="bilinear", align_corners=False)
-            images, labels = big[:, 0].clamp(0, 255).round().numpy(), bunch.target
+            images = big[:, 0].clamp(0, 255).round().numpy()
             assert n_train + n_test <= len(labels)
         else:
             rng = np.random.default_rng(seed)
